@@ -1,0 +1,38 @@
+# Two commands matter: `make quickstart` and `make test`. Both work on a fresh clone with Python 3.11.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned first so pip takes the CPU build on this disk instead of a multi-GB CUDA build;
+# pyproject.toml stays at torch>=2.4 so GPU machines keep theirs.
+TORCH := torch==2.13.0
+
+.PHONY: install dev quickstart test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+
+dev: $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+
+quickstart: install
+	$(BIN)/python examples/quickstart.py
+
+test: dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+lint: dev
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: dev
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .phitune .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""phitune API process (never imports torch)."""

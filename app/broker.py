@@ -1,0 +1,47 @@
+"""The Celery app as the API sees it: a producer of training messages (no task code, no torch)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.config import Settings
+
+TRAINING_QUEUE = "training"
+TRAIN_TASK = "phitune.train_job"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app on the configured broker: the embedded filesystem transport by default, or Redis."""
+    url = settings.resolved_broker_url
+    celery = Celery("phitune", broker=url, set_as_current=False)
+    options: dict[str, object] = {}
+    if url.startswith("filesystem://"):
+        queue_dir, control_dir = settings.broker_dir / "queue", settings.broker_dir / "control"
+        queue_dir.mkdir(parents=True, exist_ok=True)
+        control_dir.mkdir(parents=True, exist_ok=True)
+        options = {
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "control_folder": str(control_dir),
+        }
+    elif url.startswith(("redis://", "rediss://")) and settings.broker_key_prefix:
+        options = {"global_keyprefix": settings.broker_key_prefix}
+    celery.conf.update(
+        broker_transport_options=options,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=TRAINING_QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # One training job at a time per worker; a job is never prefetched behind a running one.
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        # The embedded transport has no broadcast worth paying for; Redis keeps `celery inspect` working.
+        worker_enable_remote_control=not url.startswith("filesystem://"),
+    )
+    return celery
+
+
+def enqueue_training(celery: Celery, job_id: str) -> None:
+    """Send the one message a job needs: its id. Everything else the worker fetches through the API."""
+    celery.send_task(TRAIN_TASK, args=[job_id], queue=TRAINING_QUEUE)

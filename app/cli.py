@@ -1,0 +1,148 @@
+"""The `phitune` command: run the processes, migrate the database, manage keys, make the tiny model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from app.config import get_settings
+
+STOP_GRACE_SECONDS = 15
+
+
+@click.group()
+def main() -> None:
+    """phitune: LoRA fine-tuning of Phi-3 behind an OpenAI-compatible API."""
+
+
+@main.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (Alembic)."""
+    import migrations
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrations.upgrade(settings.resolved_database_url)
+    click.echo("database is at the latest schema")
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="Tenant name; created if it does not exist.")
+def create_key(tenant: str) -> None:
+    """Create an API key; it is printed once, alone on the last line."""
+    from app.auth import create_api_key
+    from app.db import session_scope
+
+    with session_scope(get_settings().resolved_database_url) as session:
+        key = create_api_key(session, tenant)
+    click.echo(f"Created an API key for tenant '{tenant}'. Store it now; it cannot be shown again:")
+    click.echo(key)
+
+
+@main.command("make-tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True)
+def make_tiny_model_command(directory: Path, seed: int) -> None:
+    """Write a small random Phi-3 with a locally trained tokenizer to DIRECTORY."""
+    from worker.tiny_model import make_tiny_model
+
+    make_tiny_model(directory, seed=seed)
+    click.echo(f"tiny Phi-3 written to {directory}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+def api(host: str, port: int) -> None:
+    """Run the API server (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+
+
+@main.command()
+def worker() -> None:
+    """Run a Celery training worker (queue `training`, one job at a time)."""
+    from worker.bootstrap import ensure_tiny_model
+
+    ensure_tiny_model(get_settings())
+    from worker.celery_app import celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            "--pool=solo",  # one job per process, one process per GPU
+            "--queues=training",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--hostname=phitune-worker@%h",
+        ]
+    )
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+def serve(host: str, port: int) -> None:
+    """All in one: migrate, then run the API and a worker as child processes until Ctrl-C / SIGTERM."""
+    from worker.bootstrap import ensure_tiny_model
+
+    settings = get_settings()
+    click.get_current_context().invoke(migrate)
+    ensure_tiny_model(settings)
+    reachable = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    env = {**os.environ, "PHITUNE_API_URL": f"http://{reachable}:{port}"}
+    children = [
+        _spawn(["api", "--host", host, "--port", str(port)], env),
+        _spawn(["worker"], env),
+    ]
+    stopping = False
+
+    def _request_stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _request_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
+    click.echo(f"phitune is serving on http://{reachable}:{port} (Ctrl-C stops it)")
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    crashed = [child for child in children if child.poll() not in (None, 0)]
+    _stop_all(children)
+    if crashed and not stopping:
+        raise SystemExit(f"a phitune process exited with status {crashed[0].returncode}; stopped the others")
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    # A new session each, so a terminal's Ctrl-C reaches only `serve`, which stops them in order.
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, start_new_session=True)
+
+
+def _stop_all(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
+if __name__ == "__main__":
+    main()

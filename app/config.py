@@ -1,0 +1,90 @@
+"""Settings, read from `PHITUNE_*` environment variables.
+
+The defaults make an embedded deployment that needs no server: SQLite and a filesystem Celery transport
+under the data directory, and the locally generated tiny Phi-3 as the only base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TINY_MODEL_ID = "tiny-phi3"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PHITUNE_", extra="ignore")
+
+    data_dir: Path = Field(
+        Path(".phitune"), description="Where the embedded database, broker and storage live."
+    )
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
+    broker_url: str | None = Field(
+        None, description="Celery broker; default: filesystem transport in data_dir."
+    )
+    broker_key_prefix: str = Field("", description="Prefix for every Redis key the broker writes.")
+    base_models: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON map of model id -> local path or hub id, e.g. {"phi-3-mini": "/models/phi3"}.',
+    )
+    max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0, description="Largest accepted dataset file.")
+    api_url: str = Field("http://127.0.0.1:8000", description="Where workers reach the API.")
+    worker_token: str | None = Field(None, description="Shared secret workers use to claim jobs.")
+    lease_seconds: int = Field(
+        120, gt=0, description="A running job whose worker is silent this long is failed."
+    )
+    heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker renews its lease.")
+    outbox_relay_seconds: float = Field(5.0, gt=0, description="How often unsent job messages are re-sent.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'phitune.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def storage_dir(self) -> Path:
+        return (self.data_dir / "storage").resolve()
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return (self.data_dir / "models" / TINY_MODEL_ID).resolve()
+
+    @property
+    def resolved_base_models(self) -> dict[str, str]:
+        """Configured base models; the generated tiny Phi-3 when none are configured."""
+        return self.base_models or {TINY_MODEL_ID: str(self.tiny_model_dir)}
+
+    @cached_property
+    def resolved_worker_token(self) -> str:
+        """The configured worker secret, else one kept in the data dir (shared by embedded processes)."""
+        if self.worker_token:
+            return self.worker_token
+        path = self.data_dir / "worker_token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{secrets.token_hex(4)}")
+            tmp.write_text(secrets.token_urlsafe(32))
+            tmp.chmod(0o600)
+            # link() fails if another process won the race, so every process reads the same secret.
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+            tmp.unlink()
+        return path.read_text().strip()
+
+
+def get_settings() -> Settings:
+    """A fresh read of the environment (tests and child processes change it)."""
+    return Settings()

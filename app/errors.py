@@ -1,0 +1,129 @@
+"""API errors and their OpenAI-shaped HTTP responses.
+
+    APIError                        any error the API answers with (status, message, type, param, code)
+    ├── InvalidRequest              400 invalid_request_error
+    │   └── ModelNotAvailable       400 model_not_available
+    ├── Unauthorized                401 authentication_error
+    ├── NotFound                    404 invalid_request_error
+    ├── Conflict                    409 invalid_request_error
+    ├── PayloadTooLarge             413 invalid_request_error
+    └── InvalidFile                 422 invalid_file, with line-numbered details
+
+Services raise these; one exception handler turns them into
+`{"error": {"message", "type", "param", "code", "details"?}}` so services never build responses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class APIError(Exception):
+    status_code = 500
+    error_type = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.error_type,
+            "param": self.param,
+            "code": self.code,
+        }
+        if self.details is not None:
+            error["details"] = self.details
+        return {"error": error}
+
+
+class InvalidRequest(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotAvailable(InvalidRequest):
+    default_code = "model_not_available"
+
+
+class Unauthorized(APIError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NotFound(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class Conflict(APIError):
+    status_code = 409
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "file_too_large"
+
+
+class InvalidFile(APIError):
+    status_code = 422
+    error_type = "invalid_request_error"
+    default_code = "invalid_file"
+
+
+def _param_from_location(loc: tuple[Any, ...]) -> str | None:
+    """`("body", "training_config", "r")` → `"training_config.r"`."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequest:
+    """The first pydantic problem, naming the field, as a 400."""
+    first = exc.errors()[0]
+    param = _param_from_location(tuple(first.get("loc", ())))
+    message = first.get("msg", "Invalid request")
+    if first.get("type") == "extra_forbidden":
+        message = f"Unknown field '{param}'"
+    elif param:
+        message = f"Invalid '{param}': {message}"
+    code = "unknown_parameter" if first.get("type") == "extra_forbidden" else "invalid_value"
+    return InvalidRequest(message, param=param, code=code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        error = validation_error(exc)
+        return JSONResponse(error.body(), status_code=error.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = APIError(str(exc.detail))
+        error.status_code = exc.status_code
+        error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error.body(), status_code=exc.status_code)

@@ -1,0 +1,141 @@
+"""/v1/fine_tuning/jobs: create, list, get, cancel, events (paged or live), adapter download."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from app.errors import Conflict
+from app.jobs import service
+from app.jobs.schemas import JobCreate, render_event, render_job
+from app.models import Job, JobEvent, JobStatus
+from app.pagination import ListPage, check_limit, paginate
+
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+STREAM_POLL_SECONDS = 0.5
+STREAM_KEEPALIVE_SECONDS = 15
+
+
+@router.post("")
+def create_job(
+    body: JobCreate, request: Request, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep
+):
+    job = service.create_job(session, tenant.id, body, settings)
+    session.commit()
+    request.app.state.relay.send_now(job.id)
+    return render_job(job)
+
+
+@router.get("", response_model=ListPage)
+def list_jobs(
+    request: Request,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    limit: int = 20,
+    after: str | None = None,
+):
+    # `?metadata[team]=search` filters; FastAPI cannot declare bracketed names, so read them directly.
+    metadata = {
+        key[len("metadata[") : -1]: value
+        for key, value in request.query_params.items()
+        if key.startswith("metadata[") and key.endswith("]")
+    }
+    query = service.list_jobs_query(tenant.id, metadata)
+    return paginate(session, query, Job, limit=limit, after=after, newest_first=True, render=render_job)
+
+
+@router.get("/{fine_tuning_job_id}")
+def get_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
+    return render_job(service.get_job(session, tenant.id, fine_tuning_job_id))
+
+
+@router.post("/{fine_tuning_job_id}/cancel")
+def cancel_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
+    job = service.cancel_job(session, service.get_job(session, tenant.id, fine_tuning_job_id))
+    return render_job(job)
+
+
+@router.get("/{fine_tuning_job_id}/events")
+def list_events(
+    fine_tuning_job_id: str,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: int = 20,
+    after: str | None = None,
+    stream: bool = False,
+    accept: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+):
+    """Events oldest first, so `after` continues where the reader stopped; `?stream=true` follows live."""
+    job = service.get_job(session, tenant.id, fine_tuning_job_id)
+    if stream or "text/event-stream" in (accept or ""):
+        cursor = after or last_event_id
+        after_seq = service.event_seq(session, job.id, cursor) if cursor else 0
+        return StreamingResponse(
+            _stream_events(settings.resolved_database_url, job.id, after_seq),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return paginate(
+        session,
+        service.events_query(job.id),
+        JobEvent,
+        limit=check_limit(limit),
+        after=after,
+        newest_first=False,
+        render=render_event,
+    )
+
+
+def _stream_events(database_url: str, job_id: str, after_seq: int) -> Iterator[str]:
+    """Server-sent events until the job is final and every event has been sent."""
+    last_sent = time.monotonic()
+    while True:
+        with session_scope(database_url) as session:
+            finished = JobStatus(session.scalar(select(Job.status).where(Job.id == job_id))).is_final
+            events = service.events_after(session, job_id, after_seq)
+            rendered = [(event.seq, render_event(event)) for event in events]
+        for seq, event in rendered:
+            after_seq = seq
+            yield _sse(event)
+            last_sent = time.monotonic()
+        if finished and not rendered:
+            yield "event: done\ndata: {}\n\n"
+            return
+        if not rendered:
+            if time.monotonic() - last_sent > STREAM_KEEPALIVE_SECONDS:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            time.sleep(STREAM_POLL_SECONDS)
+
+
+def _sse(event: dict[str, Any]) -> str:
+    return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+@router.get("/{fine_tuning_job_id}/adapter")
+def download_adapter(
+    fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep
+):
+    """The trained adapter as a .tar.gz that `peft.PeftModel.from_pretrained` loads once extracted."""
+    job = service.get_job(session, tenant.id, fine_tuning_job_id)
+    if job.status != JobStatus.SUCCEEDED or not job.adapter_key:
+        raise Conflict(
+            f"Job {job.id} is {job.status}; its adapter exists once it has succeeded",
+            code="adapter_not_ready",
+        )
+    return FileResponse(
+        storage.path(job.adapter_key),
+        media_type="application/gzip",
+        filename=f"{job.fine_tuned_model or job.id}.tar.gz".replace(":", "_"),
+        headers={"ETag": f'"{job.adapter_sha256}"'},
+    )

@@ -1,0 +1,96 @@
+"""Request bodies of the jobs API and the rendering of jobs and events as OpenAI objects."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.models import Job, JobEvent
+from app.specs import Hyperparameters, PeftConfig, TrainingConfig
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod | None = None
+
+
+class JobCreate(BaseModel):
+    """`POST /v1/fine_tuning/jobs`. training_config / peft_config are the recipe's two dictionaries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    suffix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    metadata: dict[str, str] | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    training_config: TrainingConfig | None = None
+    peft_config: PeftConfig | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None:
+            if len(value) > 16:
+                raise ValueError("at most 16 metadata pairs")
+            if any(len(k) > 64 or len(v) > 512 for k, v in value.items()):
+                raise ValueError("metadata keys are at most 64 characters, values at most 512")
+        return value
+
+
+def progress_of(job: Job) -> dict[str, Any]:
+    progress = job.progress or {}
+    step, total = progress.get("step", 0), progress.get("total_steps")
+    percent = 100.0 if job.status == "succeeded" else (round(100.0 * step / total, 1) if total else 0.0)
+    return {"step": step, "total_steps": total, "epoch": progress.get("epoch"), "percent": percent}
+
+
+def render_job(job: Job) -> dict[str, Any]:
+    """The OpenAI fine_tuning.job object, phitune's extensions after the OpenAI fields."""
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "model": job.model,
+        "fine_tuned_model": job.fine_tuned_model,
+        "organization_id": job.tenant_id,
+        "status": job.status,
+        "hyperparameters": job.hyperparameters,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "result_files": [],
+        "trained_tokens": job.trained_tokens,
+        "seed": job.seed,
+        "estimated_finish": None,
+        "metadata": job.job_metadata,
+        "error": job.error,
+        "training_config": job.training_config,
+        "peft_config": job.peft_config,
+        "progress": progress_of(job),
+        "attempt": job.attempt,
+        "cancel_requested": job.cancel_requested,
+    }
+
+
+def render_event(event: JobEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "object": "fine_tuning.job.event",
+        "created_at": event.created_at,
+        "level": event.level,
+        "message": event.message,
+        "type": event.type,
+        "data": event.data,
+    }

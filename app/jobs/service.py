@@ -1,0 +1,178 @@
+"""Jobs: create (with the recipe's two dictionaries resolved), read, list, cancel, and their events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import Conflict, InvalidRequest, ModelNotAvailable, NotFound
+from app.files.service import get_file
+from app.jobs.schemas import JobCreate
+from app.models import Job, JobEvent, JobStatus, Outbox
+from app.models.base import new_id, now
+from app.specs import (
+    DEFAULT_LEARNING_RATE,
+    HYPERPARAMETER_FIELDS,
+    Hyperparameters,
+    PeftConfig,
+    TrainingConfig,
+)
+
+
+def _shorthand(request: JobCreate) -> tuple[Hyperparameters | None, str]:
+    """OpenAI hyperparameters from either place they may be given, and the name of that place."""
+    via_method = (
+        request.method.supervised.hyperparameters if request.method and request.method.supervised else None
+    )
+    if request.hyperparameters and via_method and request.hyperparameters != via_method:
+        raise InvalidRequest(
+            "'hyperparameters' and 'method.supervised.hyperparameters' disagree; give one of them",
+            param="method.supervised.hyperparameters",
+            code="conflicting_parameters",
+        )
+    if request.hyperparameters:
+        return request.hyperparameters, "hyperparameters"
+    return via_method, "method.supervised.hyperparameters"
+
+
+def resolve_training_config(request: JobCreate) -> TrainingConfig:
+    """training_config with OpenAI's shorthand and the job seed folded in; a contradiction is a 400."""
+    explicit = request.training_config.model_dump(exclude_unset=True) if request.training_config else {}
+    hyperparameters, where = _shorthand(request)
+    merged = dict(explicit)
+    for field, value in (hyperparameters.as_training_config() if hyperparameters else {}).items():
+        if field in explicit and explicit[field] != value:
+            short = HYPERPARAMETER_FIELDS[field]
+            raise InvalidRequest(
+                f"'{where}.{short}' gives {field}={value} but 'training_config.{field}' is {explicit[field]}",
+                param=f"{where}.{short}",
+                code="conflicting_parameters",
+            )
+        merged[field] = value
+    if request.seed is not None:
+        if "seed" in explicit and explicit["seed"] != request.seed:
+            raise InvalidRequest(
+                f"'seed' is {request.seed} but 'training_config.seed' is {explicit['seed']}",
+                param="seed",
+                code="conflicting_parameters",
+            )
+        merged["seed"] = request.seed
+    return TrainingConfig(**merged)
+
+
+def hyperparameters_of(config: TrainingConfig) -> dict[str, Any]:
+    """The OpenAI view of a resolved training_config."""
+    return {
+        "n_epochs": config.num_train_epochs,
+        "batch_size": config.per_device_train_batch_size,
+        "learning_rate_multiplier": config.learning_rate / DEFAULT_LEARNING_RATE,
+    }
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: Any = None,
+) -> JobEvent:
+    event = JobEvent(id=new_id("ftevent"), job_id=job_id, level=level, type=type, message=message, data=data)
+    session.add(event)
+    return event
+
+
+def create_job(session: Session, tenant_id: str, request: JobCreate, settings: Settings) -> Job:
+    """Validate and store a job plus its outbox row; the caller sends the message after commit."""
+    if request.model not in settings.resolved_base_models:
+        available = ", ".join(sorted(settings.resolved_base_models))
+        raise ModelNotAvailable(
+            f"Model '{request.model}' is not configured on this server; available: {available}", param="model"
+        )
+    get_file(session, tenant_id, request.training_file, param="training_file")
+    if request.validation_file:
+        get_file(session, tenant_id, request.validation_file, param="validation_file")
+    training_config = resolve_training_config(request)
+    peft_config = request.peft_config or PeftConfig()
+    job = Job(
+        id=new_id("ftjob"),
+        tenant_id=tenant_id,
+        model=request.model,
+        training_file=request.training_file,
+        validation_file=request.validation_file,
+        suffix=request.suffix,
+        seed=training_config.seed,
+        job_metadata=request.metadata,
+        hyperparameters=hyperparameters_of(training_config),
+        training_config=training_config.model_dump(mode="json"),
+        peft_config=peft_config.model_dump(mode="json"),
+        status=JobStatus.QUEUED,
+    )
+    session.add(job)
+    session.flush()
+    session.add(Outbox(job_id=job.id))
+    add_event(session, job.id, f"Created fine-tuning job {job.id}")
+    return job
+
+
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise NotFound(f"No fine-tuning job '{job_id}'", param="fine_tuning_job_id", code="job_not_found")
+    return job
+
+
+def list_jobs_query(tenant_id: str, metadata: dict[str, str]):
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    for key, value in metadata.items():
+        query = query.where(Job.job_metadata[key].as_string() == value)
+    return query
+
+
+def finish_job(session: Session, job: Job, status: JobStatus, message: str, **fields: Any) -> None:
+    """Move a job to a final status with an event; the attempt's token stops working."""
+    job.status = status
+    job.finished_at = now()
+    job.lease_expires_at = None
+    for name, value in fields.items():
+        setattr(job, name, value)
+    level = {JobStatus.FAILED: "error", JobStatus.CANCELLED: "warn"}.get(status, "info")
+    add_event(session, job.id, message, level=level)
+
+
+def cancel_job(session: Session, job: Job) -> Job:
+    """Cancel at once when queued; a running job is asked to stop and does so within one logging step."""
+    if job.status == JobStatus.CANCELLED:
+        return job
+    if JobStatus(job.status).is_final:
+        raise Conflict(
+            f"Job {job.id} already {job.status}; it cannot be cancelled", code="job_not_cancellable"
+        )
+    if job.status == JobStatus.RUNNING:
+        if not job.cancel_requested:
+            job.cancel_requested = True
+            add_event(session, job.id, "Cancellation requested; the worker stops at its next step")
+        return job
+    job.cancel_requested = True
+    finish_job(session, job, JobStatus.CANCELLED, "Job cancelled before it started")
+    return job
+
+
+def events_query(job_id: str):
+    return select(JobEvent).where(JobEvent.job_id == job_id)
+
+
+def events_after(session: Session, job_id: str, after_seq: int, limit: int = 100) -> list[JobEvent]:
+    query = events_query(job_id).where(JobEvent.seq > after_seq).order_by(JobEvent.seq).limit(limit)
+    return list(session.scalars(query))
+
+
+def event_seq(session: Session, job_id: str, event_id: str) -> int:
+    seq = session.scalar(select(JobEvent.seq).where(JobEvent.job_id == job_id, JobEvent.id == event_id))
+    if seq is None:
+        raise InvalidRequest(f"No event '{event_id}' in job {job_id}", param="after", code="invalid_cursor")
+    return seq

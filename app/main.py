@@ -1,0 +1,57 @@
+"""create_app(): the FastAPI application with its routers, error handlers and background relay."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from app.config import Settings, get_settings
+from app.db import get_engine
+from app.errors import install_error_handlers
+from app.files.routes import router as files_router
+from app.internal.routes import router as internal_router
+from app.jobs.outbox import OutboxRelay
+from app.jobs.routes import router as jobs_router
+from app.storage import Storage
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    relay = OutboxRelay(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        relay.start()
+        try:
+            yield
+        finally:
+            relay.stop()
+
+    app = FastAPI(
+        title="phitune",
+        version="0.1.0",
+        summary="LoRA fine-tuning of Phi-3 and other causal LMs behind an OpenAI-compatible API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.storage = Storage(settings.storage_dir)
+    app.state.relay = relay
+    install_error_handlers(app)
+    app.include_router(files_router, prefix="/v1")
+    app.include_router(jobs_router, prefix="/v1")
+    app.include_router(internal_router, prefix="/internal/v1", include_in_schema=False)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> dict[str, str]:
+        with get_engine(settings.resolved_database_url).connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return {"status": "ready"}
+
+    return app

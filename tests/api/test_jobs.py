@@ -1,0 +1,191 @@
+"""The jobs API on a real database: validation, defaults, tenancy, pagination, cancel, events."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.utils import CHAT_LINES, upload_file
+
+
+@pytest.fixture
+def training_file(client: TestClient, auth: dict[str, str]) -> str:
+    return upload_file(client, auth, CHAT_LINES)
+
+
+def create(client: TestClient, auth: dict[str, str], **body):
+    return client.post("/v1/fine_tuning/jobs", json={"model": "tiny-phi3", **body}, headers=auth)
+
+
+def assert_error(response, status: int, *, param: str | None = None, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def test_create_fills_documented_defaults(client, auth, training_file):
+    response = create(client, auth, training_file=training_file, suffix="bot", metadata={"team": "search"})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["id"].startswith("ftjob-") and job["object"] == "fine_tuning.job"
+    assert job["status"] == "queued" and job["fine_tuned_model"] is None and job["error"] is None
+    assert job["training_config"]["learning_rate"] == 2e-4
+    assert job["training_config"]["num_train_epochs"] == 3
+    assert job["peft_config"] == {
+        "r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05, "bias": "none", "task_type": "CAUSAL_LM",
+        "target_modules": "all-linear", "modules_to_save": None, "use_rslora": False,
+    }  # fmt: skip
+    assert job["hyperparameters"] == {"n_epochs": 3.0, "batch_size": 4, "learning_rate_multiplier": 1.0}
+    assert job["progress"] == {"step": 0, "total_steps": None, "epoch": None, "percent": 0.0}
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=auth).json() == job
+
+
+def test_hyperparameters_shorthand_maps_onto_training_config(client, auth, training_file):
+    job = create(
+        client,
+        auth,
+        training_file=training_file,
+        hyperparameters={"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 0.5},
+    ).json()
+    config = job["training_config"]
+    assert (config["num_train_epochs"], config["per_device_train_batch_size"]) == (2, 8)
+    assert config["learning_rate"] == pytest.approx(1e-4)
+
+    via_method = create(
+        client,
+        auth,
+        training_file=training_file,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 5}}},
+    ).json()
+    assert via_method["training_config"]["num_train_epochs"] == 5
+
+
+def test_shorthand_conflicting_with_training_config_is_400(client, auth, training_file):
+    response = create(
+        client,
+        auth,
+        training_file=training_file,
+        hyperparameters={"n_epochs": 2},
+        training_config={"num_train_epochs": 3},
+    )
+    assert_error(response, 400, param="hyperparameters.n_epochs", code="conflicting_parameters")
+    agreeing = create(
+        client,
+        auth,
+        training_file=training_file,
+        hyperparameters={"n_epochs": 3},
+        training_config={"num_train_epochs": 3},
+    )
+    assert agreeing.status_code == 200
+    seeds = create(client, auth, training_file=training_file, seed=1, training_config={"seed": 2})
+    assert_error(seeds, 400, param="seed", code="conflicting_parameters")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"training_config": {"learning_rte": 1e-4}}, "training_config.learning_rte"),
+        ({"peft_config": {"rank": 8}}, "peft_config.rank"),
+        ({"peft_config": {"r": 0}}, "peft_config.r"),
+        ({"peft_config": {"r": -4}}, "peft_config.r"),
+        ({"training_config": {"learning_rate": -1e-4}}, "training_config.learning_rate"),
+        ({"peft_config": {"lora_dropout": 1.0}}, "peft_config.lora_dropout"),
+        ({"peft_config": {"lora_dropout": -0.1}}, "peft_config.lora_dropout"),
+        ({"training_config": {"max_steps": 0}}, "training_config"),
+        ({"suffix": "has spaces"}, "suffix"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
+def test_invalid_configs_are_400_naming_the_field(client, auth, training_file, body, param):
+    error = assert_error(create(client, auth, training_file=training_file, **body), 400, param=param)
+    assert param.split(".")[-1] in error["message"] or param == "training_config"
+
+
+def test_unknown_model_is_model_not_available(client, auth, training_file):
+    error = assert_error(
+        create(client, auth, training_file=training_file, model="gpt-4o"),
+        400,
+        param="model",
+        code="model_not_available",
+    )
+    assert "tiny-phi3" in error["message"]
+
+
+def test_missing_or_foreign_files_are_404(client, auth, other_auth, training_file):
+    assert_error(
+        create(client, auth, training_file="file-nope"), 404, param="training_file", code="file_not_found"
+    )
+    assert_error(create(client, other_auth, training_file=training_file), 404, param="training_file")
+    assert_error(
+        create(client, auth, training_file=training_file, validation_file="file-nope"),
+        404,
+        param="validation_file",
+    )
+
+
+def test_auth_is_required_and_tenants_are_isolated(client, auth, other_auth, training_file):
+    job_id = create(client, auth, training_file=training_file).json()["id"]
+    assert_error(client.get("/v1/fine_tuning/jobs"), 401)
+    assert_error(client.get("/v1/fine_tuning/jobs", headers={"Authorization": "Bearer pt-wrong"}), 401)
+    assert_error(client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=other_auth), 404, code="job_not_found")
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=other_auth), 404)
+    assert_error(client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=other_auth), 404)
+    assert_error(client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter", headers=other_auth), 404)
+    assert client.get("/v1/fine_tuning/jobs", headers=other_auth).json()["data"] == []
+
+
+def test_list_is_newest_first_with_stable_cursors(client, auth, training_file):
+    ids = [create(client, auth, training_file=training_file).json()["id"] for _ in range(5)]
+    first = client.get("/v1/fine_tuning/jobs?limit=2", headers=auth).json()
+    assert [j["id"] for j in first["data"]] == ids[::-1][:2] and first["has_more"]
+    create(client, auth, training_file=training_file)  # a new job must not shift the next page
+    second = client.get(f"/v1/fine_tuning/jobs?limit=2&after={first['last_id']}", headers=auth).json()
+    assert [j["id"] for j in second["data"]] == ids[::-1][2:4]
+    last = client.get(f"/v1/fine_tuning/jobs?limit=2&after={second['last_id']}", headers=auth).json()
+    assert [j["id"] for j in last["data"]] == ids[:1] and not last["has_more"]
+    assert_error(client.get("/v1/fine_tuning/jobs?limit=0", headers=auth), 400, param="limit")
+    assert_error(client.get("/v1/fine_tuning/jobs?limit=101", headers=auth), 400, param="limit")
+
+
+def test_list_filters_by_metadata(client, auth, training_file):
+    search = create(client, auth, training_file=training_file, metadata={"team": "search"}).json()["id"]
+    create(client, auth, training_file=training_file, metadata={"team": "ads"})
+    page = client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "search"}, headers=auth).json()
+    assert [j["id"] for j in page["data"]] == [search]
+
+
+def test_cancel_queued_job_at_once_and_idempotently(client, auth, training_file):
+    job_id = create(client, auth, training_file=training_file).json()["id"]
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["finished_at"] is not None
+    again = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth)
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    assert_error(
+        client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter", headers=auth), 409, code="adapter_not_ready"
+    )
+
+
+def test_events_page_oldest_first_and_stream_ends_with_the_job(client, auth, training_file):
+    job_id = create(client, auth, training_file=training_file).json()["id"]
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth)
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=auth).json()
+    messages = [e["message"] for e in events["data"]]
+    assert messages[0].startswith("Created fine-tuning job") and "cancelled" in messages[-1]
+    assert all(e["object"] == "fine_tuning.job.event" for e in events["data"])
+    after_first = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?after={events['first_id']}", headers=auth)
+    assert [e["id"] for e in after_first.json()["data"]] == [e["id"] for e in events["data"][1:]]
+
+    with client.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events?stream=true", headers=auth) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = "".join(response.iter_text())
+    streamed = [json.loads(line[6:]) for line in body.splitlines() if line.startswith('data: {"')]
+    assert [e["id"] for e in streamed] == [e["id"] for e in events["data"]]
+    assert body.rstrip().endswith("data: {}")

@@ -1,0 +1,99 @@
+"""Shared fixtures: real databases migrated by Alembic, an app client, API keys of two tenants.
+
+API tests run on SQLite and, when PHITUNE_TEST_DATABASE_URL is set, on that PostgreSQL server too (in CI,
+CI=true, a missing server is an error rather than a skip).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+import migrations
+from app.auth import create_api_key
+from app.config import Settings
+from app.db import get_engine, session_scope
+from app.main import create_app
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+POSTGRES_URL = os.environ.get("PHITUNE_TEST_DATABASE_URL")
+REDIS_URL = os.environ.get("PHITUNE_TEST_REDIS_URL")
+
+if IN_CI and not (POSTGRES_URL and REDIS_URL):
+    raise RuntimeError("CI=true needs PHITUNE_TEST_DATABASE_URL and PHITUNE_TEST_REDIS_URL (see .ci/run)")
+
+
+def _database_backends() -> list[str]:
+    return ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
+
+
+@pytest.fixture(scope="session")
+def postgresql_database() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session, dropped afterwards."""
+    assert POSTGRES_URL, "PHITUNE_TEST_DATABASE_URL is not set"
+    server = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
+    name = f"phitune_test_{secrets.token_hex(4)}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = server.set(database=name).render_as_string(hide_password=False)
+    migrations.upgrade(url)
+    yield url
+    get_engine(url).dispose()
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'phitune.db'}"
+    migrations.upgrade(url)
+    return url
+
+
+@pytest.fixture(params=_database_backends())
+def database_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue(f"{request.param}_database")
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        broker_url="memory://",
+        worker_token="test-worker-token",
+        max_upload_bytes=1024 * 1024,
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def make_key(database_url: str, tenant: str | None = None) -> str:
+    with session_scope(database_url) as session:
+        return create_api_key(session, tenant or f"tenant-{secrets.token_hex(4)}")
+
+
+@pytest.fixture
+def auth(database_url: str) -> dict[str, str]:
+    """Authorization header of a fresh tenant."""
+    return {"Authorization": f"Bearer {make_key(database_url)}"}
+
+
+@pytest.fixture
+def other_auth(database_url: str) -> dict[str, str]:
+    """Authorization header of a second, unrelated tenant."""
+    return {"Authorization": f"Bearer {make_key(database_url)}"}
