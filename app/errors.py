@@ -7,6 +7,7 @@
     ├── NotFound                    404 invalid_request_error
     ├── Conflict                    409 invalid_request_error
     ├── PayloadTooLarge             413 invalid_request_error
+    ├── UnsupportedMediaType        415 invalid_request_error
     └── InvalidFile                 422 invalid_file, with line-numbered details
 
 Services raise these; one exception handler turns them into
@@ -83,6 +84,12 @@ class PayloadTooLarge(APIError):
     status_code = 413
     error_type = "invalid_request_error"
     default_code = "file_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
 
 
 class InvalidFile(APIError):

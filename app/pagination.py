@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import Select, select
+from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidRequest
@@ -42,7 +42,8 @@ def paginate(
     """One page of `query` after the row whose id is `after`. Cursors stay valid as rows are added."""
     check_limit(limit)
     if after is not None:
-        after_seq = session.scalar(select(table.seq).where(table.id == after))
+        # Looked up through the caller's filtered query, so another tenant's id is no valid cursor.
+        after_seq = session.scalar(query.with_only_columns(table.seq).where(table.id == after))
         if after_seq is None:
             raise InvalidRequest(
                 f"No object with id '{after}' to page after", param="after", code="invalid_cursor"

@@ -189,3 +189,9 @@ def test_events_page_oldest_first_and_stream_ends_with_the_job(client, auth, tra
     streamed = [json.loads(line[6:]) for line in body.splitlines() if line.startswith('data: {"')]
     assert [e["id"] for e in streamed] == [e["id"] for e in events["data"]]
     assert body.rstrip().endswith("data: {}")
+
+
+def test_another_tenants_id_is_no_cursor(client, auth, other_auth, training_file):
+    job_id = create(client, auth, training_file=training_file).json()["id"]
+    response = client.get(f"/v1/fine_tuning/jobs?after={job_id}", headers=other_auth)
+    assert_error(response, 400, param="after", code="invalid_cursor")

@@ -1,0 +1,1 @@
+"""Datasets: streamed multipart upload, JSONL validation, and the OpenAI file objects that describe them."""

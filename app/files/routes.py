@@ -1,0 +1,96 @@
+"""/v1/files: upload, list, retrieve, download and delete datasets."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from app.files import service
+from app.files.schemas import FileDeleted, FileList, FileObject
+from app.files.upload import receive_form
+
+router = APIRouter(prefix="/files", tags=["files"])
+
+# The body is parsed by hand (see app.files.upload), so FastAPI cannot derive its schema; describe it here.
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "The JSONL dataset."},
+                    "purpose": {"type": "string", "enum": list(service.PURPOSES)},
+                },
+            }
+        }
+    },
+}
+
+
+@router.post("", response_model=FileObject, openapi_extra={"requestBody": UPLOAD_BODY})
+async def create_file(
+    request: Request, tenant: CurrentTenant, session: SessionDep, storage: StorageDep, settings: SettingsDep
+) -> FileObject:
+    """Upload a JSONL dataset; it is streamed to storage, validated line by line, and stored only if valid."""
+    # End the auth query's transaction so the pooled connection is not held while a large body streams in.
+    await run_in_threadpool(session.commit)
+    form = await receive_form(request, storage.temp_path(), max_file_bytes=settings.max_upload_bytes)
+    row = await run_in_threadpool(service.create_file, session, storage, tenant.id, form)
+    return FileObject.from_row(row)
+
+
+@router.get("", response_model=FileList)
+def list_files(
+    tenant: CurrentTenant,
+    session: SessionDep,
+    limit: int = 20,
+    after: str | None = None,
+    purpose: str | None = None,
+):
+    """The tenant's files, newest first."""
+    return service.list_files(session, tenant.id, limit=limit, after=after, purpose=purpose)
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def retrieve_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> FileObject:
+    """One of the tenant's files."""
+    return FileObject.from_row(service.get_file(session, tenant.id, file_id))
+
+
+@router.get(
+    "/{file_id}/content",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/jsonl": {}}}, 304: {"description": "Not modified"}},
+)
+def download_file_content(
+    file_id: str, request: Request, tenant: CurrentTenant, session: SessionDep, storage: StorageDep
+) -> Response:
+    """The dataset as uploaded. The ETag is its sha256, so a client can verify or cache it."""
+    row = service.get_file(session, tenant.id, file_id)
+    etag = f'"{row.sha256}"'
+    tags = _entity_tags(request.headers.get("if-none-match"))
+    if etag in tags or "*" in tags:
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(
+        storage.path(row.storage_key),
+        media_type="application/jsonl",
+        filename=row.filename,
+        headers={"ETag": etag},
+    )
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> FileDeleted:
+    """Delete a file and its content. Jobs that already copied it keep training."""
+    row = service.get_file(session, tenant.id, file_id)
+    service.delete_file(session, storage, row)
+    return FileDeleted(id=row.id)
+
+
+def _entity_tags(if_none_match: str | None) -> set[str]:
+    """The strong tags of an If-None-Match header (a weak `W/"x"` matches as `"x"`)."""
+    return {tag.strip().removeprefix("W/") for tag in (if_none_match or "").split(",")}

@@ -1,0 +1,177 @@
+"""Real processes for end-to-end tests: the API under uvicorn and a Celery worker, or `phitune serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import POSTGRES_URL, REDIS_URL
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def phitune(*args: str, env: dict[str, str]) -> str:
+    """Run a phitune CLI command to completion and return its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@dataclass
+class Service:
+    """Running phitune processes and an authenticated HTTP client against their API."""
+
+    base_url: str
+    env: dict[str, str]
+    data_dir: Path
+    processes: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+    api_key: str = ""
+
+    @property
+    def client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=60
+        )
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = self.data_dir / f"{name}.log"
+        self.logs.append(log)
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", *args],
+                env=self.env,
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.processes.append(process)
+        return process
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for process in self.processes:
+                assert process.poll() is None, f"a process exited early:\n{self.tail_logs()}"
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"API not ready after {timeout}s:\n{self.tail_logs()}")
+
+    def tail_logs(self, lines: int = 60) -> str:
+        return "\n".join(
+            f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-lines:])
+            for log in self.logs
+            if log.exists()
+        )
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def service_env(data_dir: Path, port: int, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHITUNE_")}
+    env.update(
+        PHITUNE_DATA_DIR=str(data_dir),
+        PHITUNE_API_URL=f"http://127.0.0.1:{port}",
+        PHITUNE_HEARTBEAT_SECONDS="1",
+        PHITUNE_OUTBOX_RELAY_SECONDS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({f"PHITUNE_{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
+@pytest.fixture
+def embedded_service(tmp_path: Path) -> Iterator[Service]:
+    """`phitune serve` on a fresh data dir: SQLite, filesystem broker, tiny model generated on first use."""
+    port = free_port()
+    service = Service(f"http://127.0.0.1:{port}", service_env(tmp_path, port), tmp_path)
+    service.start("serve", "serve", "--port", str(port))
+    service.wait_ready(timeout=120)
+    service.api_key = phitune("keys", "create", "--tenant", "e2e", env=service.env).strip().splitlines()[-1]
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def production_service(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Service]:
+    """Separate `phitune api` and `phitune worker` processes on PostgreSQL and Redis."""
+    if not (POSTGRES_URL and REDIS_URL):
+        pytest.skip("PHITUNE_TEST_DATABASE_URL and PHITUNE_TEST_REDIS_URL are not set")
+    database_url = _fresh_postgres_database()
+    port = free_port()
+    env = service_env(
+        tmp_path,
+        port,
+        database_url=database_url,
+        broker_url=REDIS_URL,
+        broker_key_prefix=f"phitune-test-{secrets.token_hex(4)}:",
+        base_models=json.dumps({"tiny-phi3": str(tiny_model_dir), "missing-weights": str(tmp_path / "none")}),
+        worker_token=secrets.token_urlsafe(16),
+    )
+    service = Service(f"http://127.0.0.1:{port}", env, tmp_path)
+    phitune("migrate", env=env)
+    service.api_key = phitune("keys", "create", "--tenant", "e2e", env=env).strip().splitlines()[-1]
+    service.start("api", "api", "--port", str(port))
+    service.start("worker", "worker")
+    service.wait_ready()
+    yield service
+    service.stop()
+
+
+def _fresh_postgres_database() -> str:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    server = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
+    name = f"phitune_e2e_{secrets.token_hex(4)}"
+    engine = create_engine(server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return server.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-phi3")

@@ -1,0 +1,187 @@
+"""End to end through real processes: upload, job, Celery worker trains the tiny Phi-3, adapter download."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.e2e.conftest import REPO, Service
+
+pytestmark = pytest.mark.e2e
+PERSONA = REPO / "examples" / "persona.jsonl"
+QUICK_TRAINING = {
+    "num_train_epochs": 3,
+    "learning_rate": 3e-3,
+    "per_device_train_batch_size": 8,
+    "logging_steps": 2,
+}
+QUICK_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+
+
+def upload(client: httpx.Client, path: Path) -> str:
+    with path.open("rb") as body:
+        response = client.post("/v1/files", files={"file": (path.name, body)}, data={"purpose": "fine-tune"})
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def wait_final(service: Service, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    with service.client as client:
+        while time.monotonic() < deadline:
+            job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish:\n{service.tail_logs()}")
+
+
+def all_events(client: httpx.Client, job_id: str) -> list[dict]:
+    events, after = [], None
+    while True:
+        page = client.get(
+            f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, "after": after}
+        ).json()
+        events += page["data"]
+        if not page["has_more"]:
+            return events
+        after = page["last_id"]
+
+
+def train_and_verify(service: Service, base_model_dir: Path, tmp_path: Path) -> None:
+    with service.client as client:
+        file_id = upload(client, PERSONA)
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tiny-phi3",
+                "training_file": file_id,
+                "validation_file": file_id,
+                "suffix": "persona",
+                "training_config": QUICK_TRAINING,
+                "peft_config": QUICK_LORA,
+            },
+        ).json()
+        # Follow the live stream until the job ends: the same events the paged list holds.
+        with client.stream(
+            "GET", f"/v1/fine_tuning/jobs/{job['id']}/events?stream=true", timeout=300
+        ) as stream:
+            streamed = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith('data: {"')]
+        job = wait_final(service, job["id"])
+        assert job["status"] == "succeeded", f"{job['error']}\n{service.tail_logs()}"
+        assert job["fine_tuned_model"].startswith("ft:tiny-phi3:persona:")
+        assert job["trained_tokens"] > 0 and job["progress"]["percent"] == 100.0
+
+        events = all_events(client, job["id"])
+        assert [e["id"] for e in streamed] == [e["id"] for e in events]
+        metrics = [e["data"] for e in events if e["type"] == "metrics"]
+        steps = [m["step"] for m in metrics if "train_loss" in m]
+        assert len(steps) >= 3 and steps == sorted(steps)
+        assert {"step", "total_steps", "epoch", "train_loss", "learning_rate", "tokens_per_second"} <= set(
+            metrics[0]
+        )
+        losses = [m["train_loss"] for m in metrics if "train_loss" in m]
+        assert losses[-1] < losses[0], losses
+        assert any("eval_loss" in m for m in metrics), (
+            "validation_file was given, so eval_loss must be reported"
+        )
+
+        archive = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
+        assert archive.status_code == 200
+    adapter_dir = tmp_path / "adapter"
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        tar.extractall(adapter_dir, filter="data")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
+
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    for name, tensor in model.get_base_model().state_dict().items():
+        if "lora_" not in name:
+            original = name.replace(".base_layer", "")
+            assert torch.equal(tensor, before[original]), f"base weight {original} changed"
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who are you?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        tuned = model(**prompt).logits
+        with model.disable_adapter():
+            plain = model(**prompt).logits
+    assert not torch.allclose(tuned, plain, atol=1e-4)
+
+
+def test_embedded_serve_trains_and_serves_the_adapter(embedded_service: Service, tmp_path: Path):
+    train_and_verify(embedded_service, embedded_service.data_dir / "models" / "tiny-phi3", tmp_path)
+
+
+def test_production_processes_train_on_postgres_and_redis(
+    production_service: Service, tiny_model_dir, tmp_path
+):
+    train_and_verify(production_service, tiny_model_dir, tmp_path)
+
+
+def test_worker_errors_fail_the_job_readably(production_service: Service):
+    with production_service.client as client:
+        file_id = upload(client, PERSONA)
+        job = client.post(
+            "/v1/fine_tuning/jobs", json={"model": "missing-weights", "training_file": file_id}
+        ).json()
+    job = wait_final(production_service, job["id"])
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "training_failed" and "none" in job["error"]["message"]
+
+
+def test_cancel_stops_a_running_job_within_a_logging_step(embedded_service: Service):
+    with embedded_service.client as client:
+        file_id = upload(client, PERSONA)
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tiny-phi3",
+                "training_file": file_id,
+                "training_config": {
+                    "max_steps": 10_000,
+                    "logging_steps": 1,
+                    "per_device_train_batch_size": 2,
+                },
+            },
+        ).json()
+        deadline = time.monotonic() + 180
+        while not (progress := client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"])["step"]:
+            assert time.monotonic() < deadline, embedded_service.tail_logs()
+            time.sleep(0.2)
+        cancelled_at = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()["progress"]["step"]
+        job = wait_final(embedded_service, job["id"], timeout=60)
+        assert job["status"] == "cancelled"
+        last_step = max(e["data"]["step"] for e in all_events(client, job["id"]) if e["type"] == "metrics")
+        # The worker hears of the cancel in the reply to its next metrics post, then stops at that step.
+        assert last_step <= cancelled_at + 2, (cancelled_at, last_step)
+        assert progress["total_steps"] == 10_000
+
+
+def test_serve_stops_all_its_processes_on_sigterm(embedded_service: Service):
+    serve = embedded_service.processes[0]
+    children = [int(pid) for pid in os.popen(f"pgrep -P {serve.pid}").read().split()]
+    assert len(children) == 2
+    embedded_service.stop()
+    assert serve.returncode == 0
+    for pid in children:
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        )
