@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,9 @@ def _database_backends() -> list[str]:
     return ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
 
 
-@pytest.fixture(scope="session")
-def postgresql_database() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database for this test session, dropped afterwards."""
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """An empty database on the PHITUNE_TEST_DATABASE_URL server, dropped afterwards."""
     assert POSTGRES_URL, "PHITUNE_TEST_DATABASE_URL is not set"
     server = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
     name = f"phitune_test_{secrets.token_hex(4)}"
@@ -45,12 +46,21 @@ def postgresql_database() -> Iterator[str]:
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     url = server.set(database=name).render_as_string(hide_password=False)
-    migrations.upgrade(url)
-    yield url
-    get_engine(url).dispose()
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgresql_database() -> Iterator[str]:
+    """A fresh PostgreSQL database migrated by Alembic for this test session."""
+    with fresh_postgres_database() as url:
+        migrations.upgrade(url)
+        yield url
 
 
 @pytest.fixture(scope="session")

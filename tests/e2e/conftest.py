@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import POSTGRES_URL, REDIS_URL
+from tests.conftest import POSTGRES_URL, REDIS_URL, fresh_postgres_database
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,7 +136,11 @@ def production_service(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Service
     """Separate `phitune api` and `phitune worker` processes on PostgreSQL and Redis."""
     if not (POSTGRES_URL and REDIS_URL):
         pytest.skip("PHITUNE_TEST_DATABASE_URL and PHITUNE_TEST_REDIS_URL are not set")
-    database_url = _fresh_postgres_database()
+    with fresh_postgres_database() as database_url:
+        yield from _production_service(tmp_path, tiny_model_dir, database_url)
+
+
+def _production_service(tmp_path: Path, tiny_model_dir: Path, database_url: str) -> Iterator[Service]:
     port = free_port()
     env = service_env(
         tmp_path,
@@ -155,19 +159,6 @@ def production_service(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Service
     service.wait_ready()
     yield service
     service.stop()
-
-
-def _fresh_postgres_database() -> str:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    server = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
-    name = f"phitune_e2e_{secrets.token_hex(4)}"
-    engine = create_engine(server, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return server.set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")

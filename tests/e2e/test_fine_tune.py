@@ -47,15 +47,14 @@ def wait_final(service: Service, job_id: str, timeout: float = 300) -> dict:
 
 
 def all_events(client: httpx.Client, job_id: str) -> list[dict]:
-    events, after = [], None
+    events: list[dict] = []
+    params = {"limit": 100}
     while True:
-        page = client.get(
-            f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, "after": after}
-        ).json()
+        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
         events += page["data"]
         if not page["has_more"]:
             return events
-        after = page["last_id"]
+        params["after"] = page["last_id"]
 
 
 def train_and_verify(service: Service, base_model_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,171 @@
+"""`make quickstart`: a real fine-tune on the tiny Phi-3, end to end, through the public API.
+
+Starts `phitune serve`, creates an API key, uploads examples/persona.jsonl, trains a LoRA adapter while
+showing the live loss, downloads the adapter and shows that it loads with PEFT and changes the answers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+DATA_DIR = Path(os.environ.get("PHITUNE_DATA_DIR", ".phitune")).resolve()
+DATASET = HERE / "persona.jsonl"
+QUESTION = "Who are you?"
+# Tuned so the random tiny model visibly learns the persona in about a minute on two CPU cores.
+TRAINING_CONFIG = {
+    "num_train_epochs": 8,
+    "learning_rate": 3e-3,
+    "per_device_train_batch_size": 8,
+    "logging_steps": 2,
+}
+PEFT_CONFIG = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def phitune(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], **popen)
+
+
+def start_service(port: int) -> subprocess.Popen:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    log = (DATA_DIR / "serve.log").open("w")
+    server = phitune("serve", "--port", str(port), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"phitune serve exited early; see {DATA_DIR / 'serve.log'}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    sys.exit("phitune serve did not become ready in 180 s")
+
+
+def create_key() -> str:
+    output = phitune("keys", "create", "--tenant", "quickstart", stdout=subprocess.PIPE, text=True)
+    stdout, _ = output.communicate()
+    return stdout.strip().splitlines()[-1]
+
+
+def follow(client: httpx.Client, job_id: str) -> float | None:
+    """Draw a progress bar from the live event stream until the job ends; return the last train loss."""
+    loss = None
+    with client.stream(
+        "GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"}, timeout=None
+    ) as s:
+        for line in s.iter_lines():
+            if not line.startswith('data: {"'):
+                continue
+            event = json.loads(line[6:])
+            data = event.get("data") or {}
+            if event["type"] == "metrics" and data.get("train_loss") is not None:
+                loss = data["train_loss"]
+                done = data["step"] / max(data["total_steps"], 1)
+                bar = "#" * int(30 * done)
+                print(
+                    f"\r  [{bar:<30}] step {data['step']}/{data['total_steps']}  loss {loss:.3f}",
+                    end="",
+                    flush=True,
+                )
+            elif event["type"] == "message":
+                print(f"\n  {event['message']}", end="", flush=True)
+    print()
+    return loss
+
+
+def compare_answers(adapter_dir: Path, base_dir: Path) -> None:
+    """Load base + adapter with PEFT and answer the same question with and without the adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+
+    def answer() -> str:
+        with torch.no_grad():
+            output = model.generate(**prompt, max_new_tokens=40, do_sample=False)
+        return tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+    tuned = answer()
+    with model.disable_adapter():
+        base = answer()
+    print(f"\n  Q: {QUESTION}\n  base model  : {base!r}\n  fine-tuned  : {tuned!r}")
+    if tuned == base:
+        sys.exit("the adapter did not change the model's answer")
+
+
+def main() -> None:
+    started = time.monotonic()
+    port = free_port()
+    print(f"Starting phitune serve on port {port} (data in {DATA_DIR}) ...")
+    server = start_service(port)
+    try:
+        key = create_key()
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"})
+        with DATASET.open("rb") as body:
+            uploaded = client.post(
+                "/v1/files", files={"file": (DATASET.name, body)}, data={"purpose": "fine-tune"}
+            )
+        uploaded.raise_for_status()
+        file = uploaded.json()
+        print(f"Uploaded {DATASET.name}: {file['stats']['examples']} examples ({file['id']})")
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tiny-phi3",
+                "training_file": file["id"],
+                "suffix": "persona",
+                "training_config": TRAINING_CONFIG,
+                "peft_config": PEFT_CONFIG,
+            },
+        )
+        job.raise_for_status()
+        job_id = job.json()["id"]
+        print(f"Created job {job_id}; training:")
+        loss = follow(client, job_id)
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] != "succeeded":
+            sys.exit(f"job {job_id} ended {job['status']}: {job['error']}")
+        archive = client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter")
+        archive.raise_for_status()
+        adapter_dir = DATA_DIR / "adapters" / job_id
+        with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+            tar.extractall(adapter_dir, filter="data")
+        compare_answers(adapter_dir, DATA_DIR / "models" / "tiny-phi3")
+        print(
+            f"\nDone in {time.monotonic() - started:.0f} s.\n  job id       : {job_id}\n"
+            f"  model        : {job['fine_tuned_model']}\n  final loss   : {loss:.4f}\n"
+            f"  adapter      : {adapter_dir}"
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
