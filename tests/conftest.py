@@ -7,6 +7,9 @@ CI=true, a missing server is an error rather than a skip).
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +26,6 @@ from app.config import Settings
 from app.db import get_engine, session_scope
 from app.main import create_app
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 POSTGRES_URL = os.environ.get("PHITUNE_TEST_DATABASE_URL")
 REDIS_URL = os.environ.get("PHITUNE_TEST_REDIS_URL")

@@ -1,0 +1,1 @@
+"""The training side of phitune: data preparation and the LoRA recipe the Celery worker runs."""
