@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0, description="Largest accepted dataset file.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where workers reach the API.")
+    inference_url: str = Field(
+        "http://127.0.0.1:8001", description="Where the API reaches the inference server."
+    )
+    inference_timeout_seconds: float = Field(600.0, gt=0, description="Longest wait for one completion.")
+    max_loaded_adapters: int = Field(8, gt=0, description="Adapters the inference server keeps in memory.")
     worker_token: str | None = Field(None, description="Shared secret workers use to claim jobs.")
     lease_seconds: int = Field(
         120, gt=0, description="A running job whose worker is silent this long is failed."

@@ -4,11 +4,13 @@
     ├── InvalidRequest              400 invalid_request_error
     │   └── ModelNotAvailable       400 model_not_available
     ├── Unauthorized                401 authentication_error
+    ├── Forbidden                   403 permission_error
     ├── NotFound                    404 invalid_request_error
     ├── Conflict                    409 invalid_request_error
     ├── PayloadTooLarge             413 invalid_request_error
     ├── UnsupportedMediaType        415 invalid_request_error
-    └── InvalidFile                 422 invalid_file, with line-numbered details
+    ├── InvalidFile                 422 invalid_file, with line-numbered details
+    └── ServiceUnavailable          503 server_error (the inference server is unreachable)
 
 Services raise these; one exception handler turns them into
 `{"error": {"message", "type", "param", "code", "details"?}}` so services never build responses.
@@ -70,6 +72,11 @@ class Unauthorized(APIError):
     default_code = "invalid_api_key"
 
 
+class Forbidden(APIError):
+    status_code = 403
+    error_type = "permission_error"
+
+
 class NotFound(APIError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -96,6 +103,12 @@ class InvalidFile(APIError):
     status_code = 422
     error_type = "invalid_request_error"
     default_code = "invalid_file"
+
+
+class ServiceUnavailable(APIError):
+    status_code = 503
+    error_type = "server_error"
+    default_code = "service_unavailable"
 
 
 def _param_from_location(loc: tuple[Any, ...]) -> str | None:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI
 from sqlalchemy import text
 
+from app.chat.routes import router as chat_router
 from app.config import Settings, get_settings
 from app.db import get_engine
 from app.errors import install_error_handlers
 from app.files.routes import router as files_router
+from app.internal.routes import adapters_router as internal_adapters_router
 from app.internal.routes import router as internal_router
 from app.jobs.outbox import OutboxRelay
 from app.jobs.routes import router as jobs_router
+from app.models_api.routes import router as models_router
 from app.storage import Storage
 
 
@@ -25,9 +29,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         relay.start()
+        app.state.inference = httpx.AsyncClient(
+            base_url=settings.inference_url, timeout=settings.inference_timeout_seconds
+        )
         try:
             yield
         finally:
+            await app.state.inference.aclose()
             relay.stop()
 
     app = FastAPI(
@@ -42,7 +50,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(files_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
+    app.include_router(models_router, prefix="/v1")
+    app.include_router(chat_router, prefix="/v1")
     app.include_router(internal_router, prefix="/internal/v1", include_in_schema=False)
+    app.include_router(internal_adapters_router, prefix="/internal/v1", include_in_schema=False)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -7,9 +7,9 @@ are refused (`extra="forbid"`) so a typo never silently trains with a default.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_LEARNING_RATE = 2e-4
 DEFAULT_EPOCHS = 3
@@ -42,12 +42,20 @@ class TrainingConfig(_Closed):
     eval_steps: PositiveInt | None = Field(
         None, description="Evaluate on validation_file every N steps (default: logging_steps)."
     )
-    save_steps: PositiveInt | None = Field(None, description="Store a checkpoint every N steps.")
+    save_steps: PositiveInt | None = Field(
+        None,
+        description="Store a checkpoint every N steps, evaluated on validation_file when there is one "
+        "(default: none, or every eval_steps with load_best_model_at_end).",
+    )
     save_total_limit: PositiveInt | None = Field(None, description="Keep at most N checkpoints.")
     seed: int = Field(42, ge=0, le=2**32 - 1)
     bf16: bool | None = Field(None, description="None: bf16 where the GPU supports it, fp32 elsewhere.")
     gradient_checkpointing: bool | None = Field(None, description="None: on for GPUs, off on CPU.")
     train_on_inputs: bool = Field(False, description="Also train on system/user tokens, not only replies.")
+    load_best_model_at_end: bool = Field(
+        False,
+        description="Ship the checkpoint (or final step) with the lowest eval loss; needs validation_file.",
+    )
     # Accepted so the recipe's dictionary can be pasted as is; the server owns output and logging.
     output_dir: str | None = Field(None, description="Ignored: the server stores every artifact.")
     overwrite_output_dir: bool | None = Field(None, description="Ignored.")
@@ -65,10 +73,44 @@ class TrainingConfig(_Closed):
             raise ValueError("max_steps must be -1 (use num_train_epochs) or a positive number")
         return self
 
+    def evaluation_interval(self) -> int:
+        """Steps between evaluations on the validation file."""
+        return self.eval_steps or self.logging_steps
+
+    def checkpoint_interval(self) -> int | None:
+        """Steps between checkpoints: save_steps, else every evaluation when the best one is shipped."""
+        if self.save_steps is None and self.load_best_model_at_end:
+            return self.evaluation_interval()
+        return self.save_steps
+
+
+QkvSlice = Literal["q", "k", "v"]
+
+LORALIB_TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+"""The Phi-3 projections the loralib backend adapts; its "all-linear" means all four."""
+
+RECIPE_FIELDS = frozenset({"backend", "qkv_slices", "quantization"})
+"""PeftConfig fields that choose how phitune trains; the others are `peft.LoraConfig`'s."""
+
 
 class PeftConfig(_Closed):
-    """LoRA settings. Field names follow `peft.LoraConfig`."""
+    """LoRA settings. Field names follow `peft.LoraConfig`, except the RECIPE_FIELDS."""
 
+    backend: Literal["peft", "loralib"] = Field(
+        "peft",
+        description="peft: PEFT's LoRA layers. loralib: Microsoft's loralib layers, with one LoRA per "
+        "slice of Phi-3's fused qkv_proj (lora.MergedLinear).",
+    )
+    qkv_slices: Annotated[list[QkvSlice], Field(min_length=1)] | None = Field(
+        None,
+        description="loralib only: the slices of the fused qkv_proj that get a LoRA (default all three; "
+        'the LoRA paper adapts ["q", "v"]).',
+    )
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None,
+        description="QLoRA: train over a base quantised by bitsandbytes (4bit: NF4, double quantisation, "
+        "bf16 compute). The adapter serves over the unquantised base.",
+    )
     r: PositiveInt = Field(16, le=1024, description="LoRA rank.")
     lora_alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -77,6 +119,83 @@ class PeftConfig(_Closed):
     target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
+
+    @field_validator("qkv_slices")
+    @classmethod
+    def _slices_in_qkv_order(cls, slices: list[str] | None) -> list[str] | None:
+        if slices is not None and len(set(slices)) != len(slices):
+            raise ValueError(f"qkv_slices lists a slice twice: {slices}")
+        return None if slices is None else sorted(slices, key="qkv".index)
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> PeftConfig:
+        if self.backend == "peft":
+            if self.qkv_slices is not None:
+                raise ValueError(
+                    "peft_config.qkv_slices needs backend 'loralib': PEFT adapts a fused qkv_proj as one "
+                    "layer"
+                )
+            return self
+        unsupported = {
+            "quantization": "loralib trains over an unquantised base; use backend 'peft' for QLoRA",
+            "use_rslora": "loralib scales by lora_alpha / r",
+            "modules_to_save": "loralib saves LoRA weights (and biases) only",
+        }
+        for name, reason in unsupported.items():
+            if getattr(self, name):
+                raise ValueError(f"peft_config.{name} is not supported with backend 'loralib': {reason}")
+        unknown = [name for name in self.loralib_targets() if name not in LORALIB_TARGET_MODULES]
+        if unknown:
+            raise ValueError(
+                f"peft_config.target_modules: backend 'loralib' adapts {', '.join(LORALIB_TARGET_MODULES)}; "
+                f"not {', '.join(unknown)}"
+            )
+        if self.qkv_slices is not None and "qkv_proj" not in self.loralib_targets():
+            raise ValueError("peft_config.qkv_slices is set but target_modules leaves out qkv_proj")
+        return self
+
+    def loralib_targets(self) -> list[str]:
+        """The module names the loralib backend adapts, "all-linear" spelled out."""
+        if self.target_modules == "all-linear":
+            return list(LORALIB_TARGET_MODULES)
+        return list(self.target_modules)
+
+    def enabled_qkv_slices(self) -> list[str]:
+        """The slices of qkv_proj that get a LoRA under the loralib backend (all three by default)."""
+        return self.qkv_slices or ["q", "k", "v"]
+
+
+# The linear layers of the model types whose names are known without loading the model.
+_LINEAR_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}}
+
+
+def check_against_model(peft_config: PeftConfig, model_config: dict[str, Any]) -> None:
+    """Raise ValueError, naming the field, when `peft_config` cannot train the model of `model_config`
+    (the base model's config.json): unknown target modules, or loralib on a qkv_proj it cannot split."""
+    model_type = model_config.get("model_type")
+    known = _LINEAR_MODULES.get(model_type)
+    if peft_config.backend == "loralib" and known is None:
+        raise ValueError(
+            f"peft_config.backend: 'loralib' adapts Phi-3's fused projections (model_type 'phi3'); "
+            f"this base model is '{model_type}'"
+        )
+    if known is not None and peft_config.target_modules != "all-linear":
+        # PEFT also matches dotted suffixes such as "self_attn.qkv_proj"; the last part names the layer.
+        missing = [name for name in peft_config.target_modules if name.rsplit(".", 1)[-1] not in known]
+        if missing:
+            raise ValueError(
+                f"peft_config.target_modules: {model_type} models have no {', '.join(missing)}; "
+                f"their linear layers are {', '.join(sorted(known))}"
+            )
+    if peft_config.backend == "loralib" and "qkv_proj" in peft_config.loralib_targets():
+        query_heads = model_config["num_attention_heads"]
+        kv_heads = model_config.get("num_key_value_heads") or query_heads
+        if kv_heads != query_heads:
+            raise ValueError(
+                "peft_config.qkv_slices: lora.MergedLinear splits qkv_proj into three equal slices, but "
+                f"this model's q slice is {query_heads} heads wide and its k and v slices {kv_heads} "
+                "(grouped-query attention); leave qkv_proj out of target_modules or use backend 'peft'"
+            )
 
 
 class Hyperparameters(BaseModel):

@@ -15,6 +15,7 @@ from app.files.service import get_file
 from app.internal import service
 
 router = APIRouter(prefix="/jobs")
+adapters_router = APIRouter(prefix="/adapters")
 Authorization = Annotated[str | None, Header()]
 
 
@@ -105,3 +106,16 @@ def complete(job_id: str, body: Outcome, session: SessionDep, authorization: Aut
     job = service.attempt_job(session, job_id, authorization)
     service.complete_job(session, job, body.model_dump())
     return {"status": job.status}
+
+
+@adapters_router.get("/{job_id}")
+def download_adapter(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    authorization: Authorization = None,
+):
+    """The inference server fetches a fine-tuned model's adapter here; deleted models are gone."""
+    job = service.servable_job(session, settings, job_id, authorization)
+    return FileResponse(storage.path(job.adapter_key), media_type="application/gzip")

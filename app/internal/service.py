@@ -36,10 +36,23 @@ def _job(session: Session, job_id: str) -> Job:
     return job
 
 
-def claim_job(session: Session, settings: Settings, job_id: str, authorization: str | None) -> dict[str, Any]:
-    """Start a new attempt of a queued job and hand its spec and attempt token to the worker."""
+def check_worker_token(settings: Settings, authorization: str | None) -> None:
     if not hmac.compare_digest(_bearer(authorization), settings.resolved_worker_token):
         raise Unauthorized("Invalid worker token")
+
+
+def servable_job(session: Session, settings: Settings, job_id: str, authorization: str | None) -> Job:
+    """A succeeded job whose model was not deleted, for the inference server (worker token)."""
+    check_worker_token(settings, authorization)
+    job = session.scalar(select(Job).where(Job.id == job_id))
+    if job is None or job.status != JobStatus.SUCCEEDED or job.model_deleted_at or not job.adapter_key:
+        raise NotFound(f"No servable adapter for '{job_id}'", code="model_not_found")
+    return job
+
+
+def claim_job(session: Session, settings: Settings, job_id: str, authorization: str | None) -> dict[str, Any]:
+    """Start a new attempt of a queued job and hand its spec and attempt token to the worker."""
+    check_worker_token(settings, authorization)
     job = _job(session, job_id)
     if job.status != JobStatus.QUEUED:
         raise Conflict(f"Job {job_id} is {job.status}, not queued", code="job_not_claimable")

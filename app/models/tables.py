@@ -85,6 +85,7 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     adapter_key: Mapped[str | None] = mapped_column(String(512), nullable=True)
     adapter_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_deleted_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[int] = mapped_column(Integer, default=now)
     started_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -1,0 +1,1 @@
+"""/v1/chat/completions: OpenAI chat requests routed to the inference server."""

@@ -1,0 +1,151 @@
+"""POST /v1/chat/completions: resolve the model, forward to the inference server, answer as OpenAI."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.chat.schemas import ChatCompletionRequest
+from app.deps import CurrentTenant, SessionDep, SettingsDep
+from app.errors import APIError, ServiceUnavailable
+from app.models_api.service import resolve_model
+
+router = APIRouter(prefix="/chat", tags=["chat"])
+
+
+@router.post("/completions")
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    settings: SettingsDep,
+):
+    resolved = await run_in_threadpool(resolve_model, session, settings, tenant.id, body.model)
+    await run_in_threadpool(session.commit)  # hold no connection while the model generates
+    inference: httpx.AsyncClient = request.app.state.inference
+    generation = body.generation_request(resolved.base_model, resolved.adapter_id)
+    completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+    if not body.stream:
+        result = await _call(inference, generation)
+        return _completion(completion_id, created, body.model, result)
+    upstream = await _open_stream(inference, generation)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(
+        _chunks(upstream, completion_id, created, body.model, include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _call(inference: httpx.AsyncClient, generation: dict[str, Any]) -> dict[str, Any]:
+    try:
+        response = await inference.post("/generate", json=generation)
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailable(f"The inference server is unreachable: {exc}") from exc
+    if response.status_code != 200:
+        raise _upstream_error(response.status_code, response.content)
+    return response.json()
+
+
+async def _open_stream(inference: httpx.AsyncClient, generation: dict[str, Any]) -> httpx.Response:
+    """Open the upstream stream before answering, so errors (e.g. context too long) keep their status."""
+    try:
+        upstream = await inference.send(
+            inference.build_request("POST", "/generate", json=generation), stream=True
+        )
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailable(f"The inference server is unreachable: {exc}") from exc
+    if upstream.status_code != 200:
+        content = await upstream.aread()
+        await upstream.aclose()
+        raise _upstream_error(upstream.status_code, content)
+    return upstream
+
+
+def _upstream_error(status: int, content: bytes) -> APIError:
+    """The inference server's OpenAI-shaped error, kept as it is."""
+    try:
+        error = json.loads(content)["error"]
+    except (ValueError, KeyError, TypeError):
+        return ServiceUnavailable(f"The inference server failed with status {status}")
+    result = APIError(
+        error.get("message", "inference failed"), param=error.get("param"), code=error.get("code")
+    )
+    result.status_code = status
+    result.error_type = error.get("type", "invalid_request_error")
+    return result
+
+
+def _usage(result: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = result["prompt_tokens"], result["completion_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _completion(completion_id: str, created: int, model: str, result: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result["text"], "refusal": None},
+                    "finish_reason": result["finish_reason"],
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(result),
+        }
+    )
+
+
+async def _chunks(
+    upstream: httpx.Response, completion_id: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[str]:
+    """Re-emit the inference server's deltas as chat.completion.chunk events, ending with [DONE].
+
+    If the client goes away, Starlette cancels this generator and closing `upstream` tells the inference
+    server to free the request's slot in its batch.
+    """
+
+    def envelope(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
+        if include_usage:  # OpenAI sends usage: null on every chunk but the last when usage is asked for
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    def delta(content: dict[str, Any], finish_reason: str | None = None) -> str:
+        return envelope([{"index": 0, "delta": content, "finish_reason": finish_reason, "logprobs": None}])
+
+    try:
+        yield delta({"role": "assistant", "content": ""})
+        async for line in upstream.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if "delta" in event:
+                yield delta({"content": event["delta"]})
+            elif "finish_reason" in event:
+                yield delta({}, event["finish_reason"])
+                if include_usage:
+                    yield envelope([], usage=_usage(event))
+        yield "data: [DONE]\n\n"
+    finally:
+        await upstream.aclose()

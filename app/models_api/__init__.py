@@ -1,0 +1,1 @@
+"""/v1/models: the configured base models and a tenant's fine-tuned models."""
