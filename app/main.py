@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.chat.routes import router as chat_router
@@ -60,9 +61,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", include_in_schema=False)
-    def readyz() -> dict[str, str]:
-        with get_engine(settings.resolved_database_url).connect() as connection:
-            connection.execute(text("SELECT 1"))
-        return {"status": "ready"}
+    def readyz() -> JSONResponse:
+        """200 when the database, the broker and storage all answer; 503 naming the ones that do not."""
+        checks = {
+            "database": lambda: _check_database(settings),
+            "broker": relay.check_broker,
+            "storage": lambda: _check_storage(settings),
+        }
+        failures = {}
+        for name, check in checks.items():
+            try:
+                check()
+            except Exception as exc:  # any failure means not ready; say which and why
+                failures[name] = f"{type(exc).__name__}: {exc}"
+        if failures:
+            return JSONResponse({"status": "unavailable", "failures": failures}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     return app
+
+
+def _check_database(settings: Settings) -> None:
+    with get_engine(settings.resolved_database_url).connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
+def _check_storage(settings: Settings) -> None:
+    probe = Storage(settings.storage_dir).temp_path()
+    probe.write_bytes(b"ok")
+    probe.unlink()

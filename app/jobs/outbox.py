@@ -93,6 +93,11 @@ class OutboxRelay:
         except Exception:
             log.exception("could not send job %s now; the relay will retry", job_id)
 
+    def check_broker(self) -> None:
+        """Raise unless the broker accepts a connection (for /readyz)."""
+        with self.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+
     def run_once(self) -> None:
         with session_scope(self.settings.resolved_database_url) as session:
             recover_expired_leases(session)
