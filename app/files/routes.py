@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -33,13 +35,20 @@ UPLOAD_BODY = {
 
 @router.post("", response_model=FileObject, openapi_extra={"requestBody": UPLOAD_BODY})
 async def create_file(
-    request: Request, tenant: CurrentTenant, session: SessionDep, storage: StorageDep, settings: SettingsDep
+    request: Request,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
 ) -> FileObject:
     """Upload a JSONL dataset; it is streamed to storage, validated line by line, and stored only if valid."""
     # End the auth query's transaction so the pooled connection is not held while a large body streams in.
     await run_in_threadpool(session.commit)
     form = await receive_form(request, storage.temp_path(), max_file_bytes=settings.max_upload_bytes)
-    row = await run_in_threadpool(service.create_file, session, storage, tenant.id, form)
+    row = await run_in_threadpool(
+        service.create_file_once, session, storage, tenant.id, form, idempotency_key
+    )
     return FileObject.from_row(row)
 
 

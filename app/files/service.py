@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import idempotency
 from app.errors import InvalidFile, InvalidRequest, NotFound
 from app.files.schemas import FileObject
 from app.files.upload import FILE_FIELD, ReceivedFile, ReceivedForm
@@ -15,6 +17,7 @@ from app.pagination import ListPage, paginate
 from app.storage import Storage
 
 PURPOSES = ("fine-tune",)
+IDEMPOTENCY_ROUTE = "files"
 
 
 def get_file(session: Session, tenant_id: str, file_id: str, *, param: str = "file_id") -> File:
@@ -39,6 +42,40 @@ def create_file(session: Session, storage: Storage, tenant_id: str, form: Receiv
         return _store(session, storage, tenant_id, received, purpose, report)
     finally:
         form.discard()
+
+
+def create_file_once(
+    session: Session, storage: Storage, tenant_id: str, form: ReceivedForm, idempotency_key: str | None
+) -> File:
+    """`create_file`, except that a retried upload with the same Idempotency-Key returns the first file."""
+    if idempotency_key is None:
+        return create_file(session, storage, tenant_id, form)
+    try:
+        key = idempotency.check_key(idempotency_key)
+        digest = idempotency.request_hash(
+            {
+                "sha256": form.file.sha256 if form.file else None,
+                "filename": form.file.filename if form.file else None,
+                "purpose": form.fields.get("purpose"),
+            }
+        )
+        existing = idempotency.replayed_object_id(session, tenant_id, IDEMPOTENCY_ROUTE, key, digest)
+    except BaseException:
+        form.discard()
+        raise
+    if existing:
+        form.discard()
+        return get_file(session, tenant_id, existing)
+    row = create_file(session, storage, tenant_id, form)
+    idempotency.remember(session, tenant_id, IDEMPOTENCY_ROUTE, key, digest, row.id)
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent upload with the same key won: keep its file, drop this one
+        session.rollback()
+        delete_file(session, storage, row)
+        existing = idempotency.replayed_object_id(session, tenant_id, IDEMPOTENCY_ROUTE, key, digest)
+        return get_file(session, tenant_id, existing)
+    return row
 
 
 def validate_file(received: ReceivedFile) -> Report:

@@ -10,7 +10,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
+from app import idempotency
 from app.db import session_scope
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from app.errors import Conflict
@@ -20,16 +22,37 @@ from app.models import Job, JobEvent, JobStatus
 from app.pagination import ListPage, check_limit, paginate
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+IDEMPOTENCY_ROUTE = "fine_tuning.jobs"
 STREAM_POLL_SECONDS = 0.5
 STREAM_KEEPALIVE_SECONDS = 15
 
 
 @router.post("")
 def create_job(
-    body: JobCreate, request: Request, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep
+    body: JobCreate,
+    request: Request,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
 ):
+    """Create a job; with an Idempotency-Key a retried request returns the job the first one created."""
+    if idempotency_key is not None:
+        key, digest = (
+            idempotency.check_key(idempotency_key),
+            idempotency.request_hash(body.model_dump(mode="json")),
+        )
+        if existing := idempotency.replayed_object_id(session, tenant.id, IDEMPOTENCY_ROUTE, key, digest):
+            return render_job(service.get_job(session, tenant.id, existing))
     job = service.create_job(session, tenant.id, body, settings)
-    session.commit()
+    if idempotency_key is not None:
+        idempotency.remember(session, tenant.id, IDEMPOTENCY_ROUTE, key, digest, job.id)
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same key won; answer with its job
+        session.rollback()
+        existing = idempotency.replayed_object_id(session, tenant.id, IDEMPOTENCY_ROUTE, key, digest)
+        return render_job(service.get_job(session, tenant.id, existing))
     request.app.state.relay.send_now(job.id)
     return render_job(job)
 

@@ -1,6 +1,27 @@
 """SQL tables. Public ids are prefixed strings; an integer `seq` gives stable cursor order."""
 
 from app.models.base import Base
-from app.models.tables import ApiKey, Checkpoint, File, Job, JobEvent, JobStatus, Outbox, Tenant
+from app.models.tables import (
+    ApiKey,
+    Checkpoint,
+    File,
+    IdempotencyKey,
+    Job,
+    JobEvent,
+    JobStatus,
+    Outbox,
+    Tenant,
+)
 
-__all__ = ["ApiKey", "Base", "Checkpoint", "File", "Job", "JobEvent", "JobStatus", "Outbox", "Tenant"]
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Checkpoint",
+    "File",
+    "IdempotencyKey",
+    "Job",
+    "JobEvent",
+    "JobStatus",
+    "Outbox",
+    "Tenant",
+]
