@@ -94,8 +94,9 @@ def download_file_content(
 
 @router.delete("/{file_id}", response_model=FileDeleted)
 def delete_file(file_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> FileDeleted:
-    """Delete a file and its content. Jobs that already copied it keep training."""
+    """Delete a file and its content; refused (409) while a queued or running job still needs it."""
     row = service.get_file(session, tenant.id, file_id)
+    service.check_not_in_use(session, row)
     service.delete_file(session, storage, row)
     return FileDeleted(id=row.id)
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import idempotency
-from app.errors import InvalidFile, InvalidRequest, NotFound
+from app.errors import Conflict, InvalidFile, InvalidRequest, NotFound
 from app.files.schemas import FileObject
 from app.files.upload import FILE_FIELD, ReceivedFile, ReceivedForm
 from app.files.validation import Report, read_lines, validate_lines
-from app.models import File
+from app.models import File, Job, JobStatus
 from app.models.base import new_id
 from app.pagination import ListPage, paginate
 from app.storage import Storage
@@ -94,6 +94,23 @@ def list_files(
     return paginate(
         session, query, File, limit=limit, after=after, newest_first=True, render=FileObject.from_row
     )
+
+
+def check_not_in_use(session: Session, row: File) -> None:
+    """409 while an unfinished job will still download this file."""
+    job_id = session.scalar(
+        select(Job.id).where(
+            Job.tenant_id == row.tenant_id,
+            or_(Job.training_file == row.id, Job.validation_file == row.id),
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+        )
+    )
+    if job_id is not None:
+        raise Conflict(
+            f"File {row.id} is an input of job {job_id}, which has not finished; cancel it or wait",
+            param="file_id",
+            code="file_in_use",
+        )
 
 
 def delete_file(session: Session, storage: Storage, row: File) -> None:
