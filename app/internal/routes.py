@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, SettingsDep, StorageDep
 from app.errors import NotFound
 from app.files.service import get_file
 from app.internal import service
+from app.jobs import artifacts, checkpoints
+from app.models import Artifact
 
 router = APIRouter(prefix="/jobs")
 adapters_router = APIRouter(prefix="/adapters")
@@ -38,6 +40,10 @@ class WorkerError(BaseModel):
 class Outcome(BaseModel):
     status: Literal["succeeded", "failed", "cancelled"]
     trained_tokens: int | None = None
+    shipped_step: int | None = Field(
+        None, description="The step whose adapter shipped (load_best_model_at_end)."
+    )
+    peft_unavailable_reason: str | None = Field(None, max_length=4000)
     error: WorkerError | None = None
 
 
@@ -81,24 +87,69 @@ async def upload_adapter(
     request: Request,
     session: SessionDep,
     storage: StorageDep,
+    format: artifacts.Format = "peft",
     authorization: Authorization = None,
 ):
-    """The adapter archive, streamed to storage; replaces any earlier upload of the same attempt."""
-    job = service.attempt_job(session, job_id, authorization)
-    session.commit()  # release the row lock while the body streams in
-    temp, digest, size = storage.temp_path(), hashlib.sha256(), 0
+    """The final adapter archive in one format, streamed to storage; a re-upload replaces it."""
+    return await _receive(request, session, storage, job_id, authorization, Artifact.FINAL, format)
+
+
+@router.put("/{job_id}/checkpoints/{step}/adapter")
+async def upload_checkpoint_adapter(
+    job_id: str,
+    step: int,
+    request: Request,
+    session: SessionDep,
+    storage: StorageDep,
+    format: artifacts.Format = "peft",
+    authorization: Authorization = None,
+):
+    """A checkpoint's adapter archive; the checkpoint is listed once published (POST …/checkpoints)."""
+    return await _receive(
+        request, session, storage, job_id, authorization, artifacts.checkpoint_scope(step), format
+    )
+
+
+async def _receive(request, session, storage, job_id, authorization, scope, fmt) -> dict[str, Any]:
+    await run_in_threadpool(service.attempt_job, session, job_id, authorization)
+    await run_in_threadpool(session.commit)  # release the row lock while the body streams in
+    temp, sha256, size = await artifacts.receive_archive(request, storage)
     try:
-        with temp.open("wb") as out:
-            async for chunk in request.stream():
-                digest.update(chunk)
-                size += len(chunk)
-                out.write(chunk)
-        job.adapter_key = f"adapters/{job.id}/attempt-{job.attempt}.tar.gz"
-        storage.commit(temp, job.adapter_key)
+        await run_in_threadpool(
+            _save, session, storage, job_id, authorization, scope, fmt, temp, sha256, size
+        )
     finally:
         temp.unlink(missing_ok=True)
-    job.adapter_sha256 = digest.hexdigest()
-    return {"bytes": size, "sha256": job.adapter_sha256}
+    return {"bytes": size, "sha256": sha256}
+
+
+def _save(session, storage, job_id, authorization, scope, fmt, temp, sha256, size) -> None:
+    job = service.attempt_job(session, job_id, authorization)  # again: the attempt may be over by now
+    artifacts.save_artifact(session, storage, job, scope, fmt, temp, sha256, size)
+    session.commit()
+
+
+class CheckpointReport(BaseModel):
+    step: int = Field(gt=0)
+    metrics: dict[str, Any]
+
+
+@router.post("/{job_id}/checkpoints")
+def publish_checkpoint(
+    job_id: str,
+    body: CheckpointReport,
+    session: SessionDep,
+    storage: StorageDep,
+    authorization: Authorization = None,
+):
+    """List a checkpoint whose archive is stored, then prune to save_total_limit."""
+    job = service.attempt_job(session, job_id, authorization)
+    checkpoint = checkpoints.publish(session, job, body.step, body.metrics)
+    doomed = checkpoints.prune(session, job)
+    session.commit()
+    for key in doomed:
+        storage.delete(key)
+    return checkpoints.render(checkpoint)
 
 
 @router.post("/{job_id}/complete")
@@ -108,14 +159,18 @@ def complete(job_id: str, body: Outcome, session: SessionDep, authorization: Aut
     return {"status": job.status}
 
 
-@adapters_router.get("/{job_id}")
+@adapters_router.get("/{adapter_id}")
 def download_adapter(
-    job_id: str,
+    adapter_id: str,
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
     authorization: Authorization = None,
 ):
-    """The inference server fetches a fine-tuned model's adapter here; deleted models are gone."""
-    job = service.servable_job(session, settings, job_id, authorization)
-    return FileResponse(storage.path(job.adapter_key), media_type="application/gzip")
+    """The inference server fetches an adapter here by job or checkpoint id; deleted models are gone."""
+    artifact = service.servable_artifact(session, settings, adapter_id, authorization)
+    return FileResponse(
+        storage.path(artifact.storage_key),
+        media_type="application/gzip",
+        headers={"X-Phitune-Adapter-Format": artifact.format, "ETag": f'"{artifact.sha256}"'},
+    )

@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session
 from app.auth import hash_token
 from app.config import Settings
 from app.errors import Conflict, NotFound, Unauthorized
+from app.jobs import artifacts
 from app.jobs.service import add_event, finish_job
-from app.models import Job, JobStatus
+from app.models import Artifact, Checkpoint, Job, JobStatus
 from app.models.base import now
 
 
@@ -41,13 +42,20 @@ def check_worker_token(settings: Settings, authorization: str | None) -> None:
         raise Unauthorized("Invalid worker token")
 
 
-def servable_job(session: Session, settings: Settings, job_id: str, authorization: str | None) -> Job:
-    """A succeeded job whose model was not deleted, for the inference server (worker token)."""
+def servable_artifact(
+    session: Session, settings: Settings, adapter_id: str, authorization: str | None
+) -> Artifact:
+    """The archive the inference server loads for a job or checkpoint id (worker token). A deleted model,
+    or a job that has not succeeded, has none."""
     check_worker_token(settings, authorization)
+    checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.id == adapter_id))
+    job_id = checkpoint.job_id if checkpoint else adapter_id
+    scope = artifacts.checkpoint_scope(checkpoint.step_number) if checkpoint else Artifact.FINAL
     job = session.scalar(select(Job).where(Job.id == job_id))
-    if job is None or job.status != JobStatus.SUCCEEDED or job.model_deleted_at or not job.adapter_key:
-        raise NotFound(f"No servable adapter for '{job_id}'", code="model_not_found")
-    return job
+    artifact = artifacts.for_serving(session, job_id, scope) if job and not job.model_deleted_at else None
+    if artifact is None or (checkpoint is None and job.status != JobStatus.SUCCEEDED):
+        raise NotFound(f"No servable adapter for '{adapter_id}'", code="model_not_found")
+    return artifact
 
 
 def claim_job(session: Session, settings: Settings, job_id: str, authorization: str | None) -> dict[str, Any]:
@@ -124,16 +132,19 @@ def complete_job(session: Session, job: Job, outcome: dict[str, Any]) -> None:
     """Record the attempt's outcome: succeeded (adapter stored), cancelled, or failed with a message."""
     status = JobStatus(outcome["status"])
     if status == JobStatus.SUCCEEDED:
-        if not job.adapter_key:
+        if not artifacts.formats_of(session, job.id):
             raise Conflict("Upload the adapter before reporting success", code="adapter_missing")
-        tag = f"{job.suffix}:" if job.suffix else ""
+        shipped = outcome.get("shipped_step")
         finish_job(
             session,
             job,
             status,
-            "The job has successfully completed",
-            fine_tuned_model=f"ft:{job.model}:{tag}{job.id.removeprefix('ftjob-')[:12]}",
+            "The job has successfully completed"
+            + (f"; it ships the adapter of step {shipped}, the lowest validation loss" if shipped else ""),
+            fine_tuned_model=artifacts.fine_tuned_model_name(job),
             trained_tokens=outcome.get("trained_tokens"),
+            shipped_step=shipped,
+            peft_unavailable_reason=outcome.get("peft_unavailable_reason"),
         )
     elif status == JobStatus.CANCELLED:
         finish_job(session, job, status, "Job cancelled", trained_tokens=outcome.get("trained_tokens"))

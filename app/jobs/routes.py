@@ -15,10 +15,9 @@ from sqlalchemy.exc import IntegrityError
 from app import idempotency
 from app.db import session_scope
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
-from app.errors import Conflict
-from app.jobs import service
+from app.jobs import artifacts, checkpoints, service
 from app.jobs.schemas import JobCreate, render_event, render_job
-from app.models import Job, JobEvent, JobStatus
+from app.models import Checkpoint, Job, JobEvent, JobStatus
 from app.pagination import ListPage, check_limit, paginate
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
@@ -145,20 +144,45 @@ def _sse(event: dict[str, Any]) -> str:
     return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
 
+@router.get("/{fine_tuning_job_id}/checkpoints")
+def list_checkpoints(
+    fine_tuning_job_id: str,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    limit: int = 10,
+    after: str | None = None,
+):
+    """Checkpoints stored during training, newest first, each with its metrics and callable model id."""
+    job = service.get_job(session, tenant.id, fine_tuning_job_id)
+    return paginate(
+        session,
+        checkpoints.list_query(job.id),
+        Checkpoint,
+        limit=limit,
+        after=after,
+        newest_first=True,
+        render=checkpoints.render,
+    )
+
+
 @router.get("/{fine_tuning_job_id}/adapter")
 def download_adapter(
-    fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep
+    fine_tuning_job_id: str,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    storage: StorageDep,
+    format: str | None = None,
+    checkpoint: str | None = None,
 ):
-    """The trained adapter as a .tar.gz that `peft.PeftModel.from_pretrained` loads once extracted."""
+    """The trained adapter as a .tar.gz: `format=peft` (default; `PeftModel.from_pretrained` loads it once
+    extracted) or `format=loralib`; `checkpoint=ftckpt-…` for an intermediate one. Range and ETag work."""
     job = service.get_job(session, tenant.id, fine_tuning_job_id)
-    if job.status != JobStatus.SUCCEEDED or not job.adapter_key:
-        raise Conflict(
-            f"Job {job.id} is {job.status}; its adapter exists once it has succeeded",
-            code="adapter_not_ready",
-        )
+    artifact = artifacts.for_download(session, job, fmt=format, checkpoint_id=checkpoint)
+    name = (job.fine_tuned_model or job.id).replace(":", "_")
+    suffix = f"-{checkpoint}" if checkpoint else ""
     return FileResponse(
-        storage.path(job.adapter_key),
+        storage.path(artifact.storage_key),
         media_type="application/gzip",
-        filename=f"{job.fine_tuned_model or job.id}.tar.gz".replace(":", "_"),
-        headers={"ETag": f'"{job.adapter_sha256}"'},
+        filename=f"{name}{suffix}.{artifact.format}.tar.gz",
+        headers={"ETag": f'"{artifact.sha256}"'},
     )

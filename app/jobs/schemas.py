@@ -81,6 +81,7 @@ def render_job(job: Job) -> dict[str, Any]:
         "progress": progress_of(job),
         "attempt": job.attempt,
         "cancel_requested": job.cancel_requested,
+        "shipped_step": job.shipped_step,
     }
 
 

@@ -3,6 +3,7 @@
 from app.models.base import Base
 from app.models.tables import (
     ApiKey,
+    Artifact,
     Checkpoint,
     File,
     IdempotencyKey,
@@ -15,6 +16,7 @@ from app.models.tables import (
 
 __all__ = [
     "ApiKey",
+    "Artifact",
     "Base",
     "Checkpoint",
     "File",

@@ -83,8 +83,8 @@ class Job(Base):
     attempt_token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    adapter_key: Mapped[str | None] = mapped_column(String(512), nullable=True)
-    adapter_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    shipped_step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the step whose adapter shipped
+    peft_unavailable_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     model_deleted_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[int] = mapped_column(Integer, default=now)
     started_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -111,8 +111,26 @@ class Checkpoint(Base):
     id: Mapped[str] = mapped_column(String(64), unique=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     step_number: Mapped[int] = mapped_column(Integer)
+    fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(300), unique=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[int] = mapped_column(Integer, default=now)
+
+
+class Artifact(Base):
+    """A stored adapter archive: a job's final adapter or a checkpoint's, in one download format."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "scope", "format", name="uq_artifacts_job_scope_format"),)
+
+    FINAL = "final"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    scope: Mapped[str] = mapped_column(String(64))  # FINAL, or "step-N" for a checkpoint
+    format: Mapped[str] = mapped_column(String(16))  # "peft" or "loralib"
     storage_key: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[int] = mapped_column(Integer, default=now)
 
 

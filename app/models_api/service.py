@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Forbidden, NotFound
+from app.jobs import checkpoints
 from app.models import Job, JobStatus
 from app.models.base import now
 
@@ -47,13 +48,17 @@ def fine_tuned_job(session: Session, tenant_id: str, model_id: str) -> Job | Non
 
 
 def resolve_model(session: Session, settings: Settings, tenant_id: str, model_id: str) -> ResolvedModel:
-    """A base model id serves the base model; a fine-tuned id its adapter. Anything else is a 404."""
+    """A base model id serves the base model; a fine-tuned id (or a checkpoint's) its adapter; else 404."""
     if model_id in settings.resolved_base_models:
         return ResolvedModel(model_id, model_id, None)
     job = fine_tuned_job(session, tenant_id, model_id)
-    if job is None:
+    if job is not None:
+        return ResolvedModel(model_id, job.model, job.id)
+    found = checkpoints.by_model_name(session, tenant_id, model_id)
+    if found is None or found[1].model_deleted_at:
         raise model_not_found(model_id)
-    return ResolvedModel(model_id, job.model, job.id)
+    checkpoint, job = found
+    return ResolvedModel(model_id, job.model, checkpoint.id)
 
 
 def render_base_model(model_id: str) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""Adapter archives of a job (its final adapter and its checkpoints), one per download format."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+from starlette.requests import Request
+
+from app.errors import Conflict, InvalidRequest, NotFound
+from app.models import Artifact, Checkpoint, Job
+from app.storage import Storage
+
+Format = Literal["peft", "loralib"]
+FORMATS: tuple[Format, ...] = ("peft", "loralib")
+
+
+def fine_tuned_model_name(job: Job) -> str:
+    """The model id a job's adapter is called by, e.g. `ft:tiny-phi3:support-bot:3f9a2b1c4d5e`."""
+    tag = f"{job.suffix}:" if job.suffix else ""
+    return f"ft:{job.model}:{tag}{job.id.removeprefix('ftjob-')[:12]}"
+
+
+def checkpoint_model_name(job: Job, step: int) -> str:
+    return f"{fine_tuned_model_name(job)}:ckpt-step-{step}"
+
+
+def checkpoint_scope(step: int) -> str:
+    """Archives of a checkpoint are stored under its step, before the checkpoint itself is published."""
+    return f"step-{step}"
+
+
+async def receive_archive(request: Request, storage: Storage) -> tuple[Path, str, int]:
+    """Stream a request body to a storage temp file; returns its path, sha256 and size."""
+    temp, digest, size = storage.temp_path(), hashlib.sha256(), 0
+    try:
+        with temp.open("wb") as out:
+            async for chunk in request.stream():
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp, digest.hexdigest(), size
+
+
+def save_artifact(
+    session: Session, storage: Storage, job: Job, scope: str, fmt: Format, temp: Path, sha256: str, size: int
+) -> Artifact:
+    """Move an uploaded archive into place as the job's `scope` artifact in `fmt`, replacing an older one."""
+    key = f"adapters/{job.id}/{scope}-attempt-{job.attempt}.{fmt}.tar.gz"
+    storage.commit(temp, key)
+    artifact = find(session, job.id, scope, fmt)
+    if artifact is None:
+        artifact = Artifact(
+            job_id=job.id, scope=scope, format=fmt, storage_key=key, sha256=sha256, bytes=size
+        )
+        session.add(artifact)
+    else:
+        if artifact.storage_key != key:
+            storage.delete(artifact.storage_key)
+        artifact.storage_key, artifact.sha256, artifact.bytes = key, sha256, size
+    return artifact
+
+
+def find(session: Session, job_id: str, scope: str, fmt: str) -> Artifact | None:
+    return session.scalar(
+        select(Artifact).where(Artifact.job_id == job_id, Artifact.scope == scope, Artifact.format == fmt)
+    )
+
+
+def formats_of(session: Session, job_id: str, scope: str = Artifact.FINAL) -> list[str]:
+    query = select(Artifact.format).where(Artifact.job_id == job_id, Artifact.scope == scope)
+    return sorted(session.scalars(query))
+
+
+def for_download(session: Session, job: Job, *, fmt: str | None, checkpoint_id: str | None) -> Artifact:
+    """The archive asked for (PEFT unless `fmt` says otherwise), or a clear error saying why there is none."""
+    if fmt is not None and fmt not in FORMATS:
+        raise InvalidRequest(
+            f"format must be one of {', '.join(FORMATS)}", param="format", code="invalid_value"
+        )
+    scope = Artifact.FINAL
+    if checkpoint_id is not None:
+        checkpoint = session.scalar(
+            select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
+        )
+        if checkpoint is None:
+            raise NotFound(f"Job {job.id} has no checkpoint '{checkpoint_id}'", param="checkpoint")
+        scope = checkpoint_scope(checkpoint.step_number)
+    elif job.status != "succeeded":
+        raise Conflict(
+            f"Job {job.id} is {job.status}; its adapter exists once it has succeeded",
+            code="adapter_not_ready",
+        )
+    wanted = fmt or "peft"
+    artifact = find(session, job.id, scope, wanted)
+    if artifact is None:
+        available = formats_of(session, job.id, scope)
+        reason = job.peft_unavailable_reason if wanted == "peft" and job.peft_unavailable_reason else None
+        raise Conflict(
+            reason or f"No {wanted} form of this adapter; available: {', '.join(available) or 'none'}",
+            param="format",
+            code="format_unavailable",
+        )
+    return artifact
+
+
+def for_serving(session: Session, job_id: str, scope: str) -> Artifact | None:
+    """The archive the inference server loads: PEFT when there is one, else loralib."""
+    return find(session, job_id, scope, "peft") or find(session, job_id, scope, "loralib")
+
+
+def delete_scope(session: Session, job_id: str, scope: str) -> list[str]:
+    """Delete the rows of one scope's archives; returns their storage keys, to remove after commit."""
+    keys = list(
+        session.scalars(
+            select(Artifact.storage_key).where(Artifact.job_id == job_id, Artifact.scope == scope)
+        )
+    )
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.scope == scope))
+    return keys
