@@ -165,16 +165,16 @@ class PeftConfig(_Closed):
         return self.qkv_slices or ["q", "k", "v"]
 
 
-# The linear layers of the model types whose names are known without loading the model.
-_LINEAR_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}}
+# The layers LoRA can adapt, for the model types whose layer names are known without loading the model.
+_ADAPTABLE_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed_tokens"}}
 
 
 def check_against_model(peft_config: PeftConfig, model_config: dict[str, Any]) -> None:
     """Raise ValueError, naming the field, when `peft_config` cannot train the model of `model_config`
     (the base model's config.json): unknown target modules, or loralib on a qkv_proj it cannot split."""
     model_type = model_config.get("model_type")
-    known = _LINEAR_MODULES.get(model_type)
-    if peft_config.backend == "loralib" and known is None:
+    known = _ADAPTABLE_MODULES.get(model_type)
+    if peft_config.backend == "loralib" and model_type != "phi3":
         raise ValueError(
             f"peft_config.backend: 'loralib' adapts Phi-3's fused projections (model_type 'phi3'); "
             f"this base model is '{model_type}'"
@@ -185,7 +185,7 @@ def check_against_model(peft_config: PeftConfig, model_config: dict[str, Any]) -
         if missing:
             raise ValueError(
                 f"peft_config.target_modules: {model_type} models have no {', '.join(missing)}; "
-                f"their linear layers are {', '.join(sorted(known))}"
+                f"LoRA can adapt {', '.join(sorted(known))}"
             )
     if peft_config.backend == "loralib" and "qkv_proj" in peft_config.loralib_targets():
         query_heads = model_config["num_attention_heads"]

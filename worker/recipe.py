@@ -1,39 +1,52 @@
 """The LoRA fine-tuning recipe the worker runs for a job, readable top to bottom.
 
-`run_recipe` loads the base model, tokenises the job's files (see `worker.data`), trains a LoRA adapter with
-TRL's `SFTTrainer` configured from the job's `TrainingConfig` and `PeftConfig`, reports progress through a
-`ProgressReporter` and saves the adapter as safetensors with a short model card. Errors propagate: the task
-that calls it turns them into a failed job.
+`run_recipe` loads the base model (quantised for QLoRA, see `worker.quantization`), tokenises the job's files
+(see `worker.data`), adds LoRA layers (PEFT's, or loralib's, see `worker.loralib_backend`), trains them with
+TRL's `SFTTrainer` configured from the job's `TrainingConfig` and `PeftConfig`, reports progress and
+checkpoints through a `ProgressReporter` and saves the adapter as safetensors with a short model card.
+Errors propagate: the task that calls it turns them into a failed job.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
+from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainerCallback,
+    set_seed,
 )
 from trl import SFTConfig, SFTTrainer
 
-from app.specs import PeftConfig, TrainingConfig
-from worker import hardware
+from app.specs import RECIPE_FIELDS, PeftConfig, TrainingConfig, check_against_model
+from worker import hardware, loralib_backend
 from worker.data import load_tokenized_dataset
+from worker.loralib_backend import LoralibConfig
+from worker.quantization import bitsandbytes_config, prepare_quantized_for_training
 
 
 class ProgressReporter(Protocol):
     def on_metrics(self, metrics: dict) -> None:
         """Called at every logging step with step, total_steps, epoch, train_loss, learning_rate,
-        tokens_per_second, and eval_loss when the step was evaluated."""
+        tokens_per_second, and eval_loss and eval_mean_token_accuracy when the step was evaluated."""
+
+    def on_checkpoint(self, step: int, adapter_dir: Path, metrics: dict) -> None:
+        """Called at every checkpoint with the step's adapter, laid out as the final one, and metrics step,
+        train_loss, train_mean_token_accuracy, valid_loss, valid_mean_token_accuracy (None without a
+        validation file). The directory may be deleted once the call returns."""
 
     def should_stop(self) -> bool:
         """True once the job was cancelled."""
@@ -51,11 +64,15 @@ class RecipeInputs:
 
 @dataclass
 class RecipeResult:
-    adapter_dir: Path  # adapter_config.json, adapter_model.safetensors and README.md
+    # README.md; the PEFT files (adapter_config.json, adapter_model.safetensors) where a PEFT form exists,
+    # else PEFT_UNAVAILABLE.txt; loralib/ for backend loralib.
+    adapter_dir: Path
     trained_tokens: int
     steps: int
     train_loss: float | None  # the last logged train loss
     cancelled: bool
+    best_step: int | None  # with load_best_model_at_end, the step whose adapter adapter_dir holds
+    formats: list[str]  # the download formats adapter_dir holds: "peft" and/or "loralib"
 
 
 @dataclass
@@ -73,8 +90,14 @@ def run_recipe(inputs: RecipeInputs, reporter: ProgressReporter) -> RecipeResult
 
 def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
     """Run the whole recipe and keep the trainer, for callers that inspect the trained model."""
-    config = inputs.training_config
-    model, tokenizer = load_base_model(inputs.base_model, for_training=True, bf16=config.bf16)
+    config, peft_config = inputs.training_config, inputs.peft_config
+    if config.load_best_model_at_end and inputs.validation_file is None:
+        raise ValueError("training_config.load_best_model_at_end needs a validation_file")
+    # The API checks this at job creation when it can read the model's config; this catches the rest early.
+    check_against_model(peft_config, AutoConfig.from_pretrained(inputs.base_model).to_dict())
+    model, tokenizer = load_base_model(
+        inputs.base_model, for_training=True, bf16=config.bf16, quantization=peft_config.quantization
+    )
     train_data = load_tokenized_dataset(
         inputs.training_file,
         tokenizer,
@@ -90,38 +113,68 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
             train_on_inputs=config.train_on_inputs,
         )
     progress = ReporterCallback(reporter)
+    checkpoints = CheckpointCallback(
+        reporter,
+        save=lambda model, directory, metrics: save_adapter(
+            model, directory, inputs, step=metrics["step"], train_loss=metrics["train_loss"]
+        ),
+        directory=inputs.output_dir / "checkpoints",
+        interval=config.checkpoint_interval(),
+        evaluate=validation_data is not None,
+        keep_best=config.load_best_model_at_end,
+    )
     trainer = build_trainer(
-        model,
+        prepare_model(model, inputs),
         tokenizer,
         inputs,
         train_data.dataset,
         validation_data.dataset if validation_data else None,
-        progress,
+        [progress, checkpoints],
     )
     trainer.train()
 
+    steps = trainer.state.global_step
     train_loss = last_train_loss(trainer)
-    adapter_dir = save_adapter(trainer.model, inputs.output_dir / "adapter", inputs, train_loss)
+    adapter_dir = inputs.output_dir / "adapter"
+    final_eval_loss = checkpoints.eval_losses.get(steps)
+    best = checkpoints.best
+    if best is not None and (final_eval_loss is None or best.metrics["valid_loss"] <= final_eval_loss):
+        best.directory.rename(adapter_dir)  # on a tie the earlier step wins
+        best_step, formats = best.step, best.formats
+    else:
+        formats = save_adapter(trainer.model, adapter_dir, inputs, step=steps, train_loss=train_loss)
+        best_step = steps if config.load_best_model_at_end and final_eval_loss is not None else None
     result = RecipeResult(
         adapter_dir=adapter_dir,
         trained_tokens=trainer.state.num_input_tokens_seen,
-        steps=trainer.state.global_step,
+        steps=steps,
         train_loss=train_loss,
         cancelled=progress.cancelled,
+        best_step=best_step,
+        formats=formats,
     )
     return TrainingRun(trainer=trainer, result=result)
 
 
 def load_base_model(
-    name_or_path: str, *, for_training: bool, bf16: bool | None = None
+    name_or_path: str, *, for_training: bool, bf16: bool | None = None, quantization: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the model and tokenizer for the hardware at hand: bf16 + FlashAttention-2 or SDPA on a GPU,
-    fp32 + SDPA on CPU. `bf16=None` picks bf16 where the GPU supports it."""
+    fp32 + SDPA on CPU. `bf16=None` picks bf16 where the GPU supports it. `quantization` ("4bit", "8bit")
+    loads the linear layers quantised by bitsandbytes, for QLoRA."""
     device = hardware.training_device()
     dtype = hardware.model_dtype(device, hardware.use_bf16(bf16))
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation=hardware.attention_implementation(device, dtype)
-    ).to(device)
+    options = {"dtype": dtype, "attn_implementation": hardware.attention_implementation(device, dtype)}
+    if quantization is None:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **options).to(device)
+    else:
+        # bitsandbytes quantises while loading onto the device; a quantised model cannot be moved afterwards.
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            quantization_config=bitsandbytes_config(quantization),
+            device_map=device,
+            **options,
+        )
     if for_training:
         model.config.use_cache = False  # the cache only serves generation and conflicts with checkpointing
     else:
@@ -130,9 +183,21 @@ def load_base_model(
     return model, tokenizer
 
 
+def prepare_model(model: PreTrainedModel, inputs: RecipeInputs) -> PreTrainedModel:
+    """Ready the base model for its LoRA backend. SFTTrainer adds PEFT's layers itself; loralib's are added
+    here, seeded as SFTTrainer seeds PEFT's; QLoRA's quantised base is frozen and partly upcast."""
+    peft_config = inputs.peft_config
+    if peft_config.backend == "loralib":
+        set_seed(inputs.training_config.seed)
+        return loralib_backend.prepare_for_training(model, LoralibConfig.from_peft_config(peft_config))
+    if peft_config.quantization is not None:
+        return prepare_quantized_for_training(model)
+    return model
+
+
 def build_lora_config(peft_config: PeftConfig) -> LoraConfig:
-    """The `peft.LoraConfig` of a job; PeftConfig's fields are named after LoraConfig's."""
-    return LoraConfig(**peft_config.model_dump())
+    """The `peft.LoraConfig` of a job: PeftConfig's fields, but the RECIPE_FIELDS, are LoraConfig's."""
+    return LoraConfig(**peft_config.model_dump(exclude=RECIPE_FIELDS))
 
 
 def build_trainer_args(config: TrainingConfig, output_dir: Path, *, evaluate: bool) -> SFTConfig:
@@ -179,9 +244,10 @@ def build_trainer(
     inputs: RecipeInputs,
     train_dataset: Dataset,
     eval_dataset: Dataset | None,
-    progress: ReporterCallback,
+    callbacks: list[TrainerCallback],
 ) -> SFTTrainer:
-    """An SFTTrainer that wraps `model` in a fresh LoRA adapter and trains on the tokenised datasets."""
+    """An SFTTrainer that trains `model`'s LoRA weights on the tokenised datasets; with backend peft it first
+    wraps `model` in a fresh PEFT adapter."""
     args = build_trainer_args(
         inputs.training_config, inputs.output_dir / "trainer", evaluate=eval_dataset is not None
     )
@@ -191,15 +257,16 @@ def build_trainer(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=build_lora_config(inputs.peft_config),
-        callbacks=[progress],
+        peft_config=build_lora_config(inputs.peft_config) if inputs.peft_config.backend == "peft" else None,
+        callbacks=callbacks,
     )
 
 
 class ReporterCallback(TrainerCallback):
     """Turns the trainer's logs into `reporter.on_metrics` events and stops training once cancelled.
 
-    One event per logged step; when that step is also evaluated the event waits for, and carries, eval_loss.
+    One event per logged step; when that step is also evaluated the event waits for, and carries, eval_loss
+    and eval_mean_token_accuracy.
     """
 
     def __init__(self, reporter: ProgressReporter) -> None:
@@ -243,7 +310,13 @@ class ReporterCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         event, self._pending = self._pending, None
-        self.reporter.on_metrics({**event, "eval_loss": metrics["eval_loss"]})
+        self.reporter.on_metrics(
+            {
+                **event,
+                "eval_loss": metrics["eval_loss"],
+                "eval_mean_token_accuracy": metrics["eval_mean_token_accuracy"],
+            }
+        )
 
 
 def last_train_loss(trainer: SFTTrainer) -> float | None:
@@ -252,23 +325,121 @@ def last_train_loss(trainer: SFTTrainer) -> float | None:
     return losses[-1] if losses else None
 
 
-def save_adapter(model: PeftModel, adapter_dir: Path, inputs: RecipeInputs, train_loss: float | None) -> Path:
-    """Save the adapter as safetensors with a model card; the base model's weights are not copied."""
-    model.save_pretrained(adapter_dir, safe_serialization=True)
-    (adapter_dir / "README.md").write_text(model_card(inputs, train_loss), encoding="utf-8")
-    return adapter_dir
+@dataclass(frozen=True)
+class Checkpoint:
+    """A stored checkpoint: its adapter directory, the metrics reported with it and the formats it holds."""
+
+    step: int
+    directory: Path
+    metrics: dict
+    formats: list[str]
 
 
-def model_card(inputs: RecipeInputs, train_loss: float | None) -> str:
-    """A short README.md: what the adapter applies to and how it was trained."""
-    final_loss = "not logged" if train_loss is None else f"{train_loss:.4f}"
+class CheckpointCallback(TrainerCallback):
+    """Every `interval` steps, saves the adapter (evaluated first when there is a validation set) and hands it
+    to `reporter.on_checkpoint`; records every eval loss. With `keep_best` the directory of the checkpoint
+    with the lowest eval loss so far stays on disk, for the recipe to ship; the others are deleted."""
+
+    def __init__(
+        self,
+        reporter: ProgressReporter,
+        *,
+        save: Callable[[nn.Module, Path, dict], list[str]],
+        directory: Path,
+        interval: int | None,
+        evaluate: bool,
+        keep_best: bool,
+    ) -> None:
+        self.reporter = reporter
+        self.save = save
+        self.directory = directory
+        self.interval = interval
+        self.evaluate = evaluate
+        self.keep_best = keep_best
+        self.best: Checkpoint | None = None
+        self.eval_losses: dict[int, float] = {}
+        self._due: dict | None = None  # the metrics of the checkpoint this step makes
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interval is not None and state.global_step % self.interval == 0:
+            self._due = {
+                "step": state.global_step,
+                "train_loss": None,
+                "train_mean_token_accuracy": None,
+                "valid_loss": None,
+                "valid_mean_token_accuracy": None,
+            }
+            # The checkpoint carries this step's train loss and, when there is a validation set, eval loss.
+            control.should_log = True
+            control.should_evaluate = control.should_evaluate or self.evaluate
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if self._due is None or "loss" not in logs:
+            return
+        self._due["train_loss"] = logs["loss"]
+        self._due["train_mean_token_accuracy"] = logs.get("mean_token_accuracy")
+        if not control.should_evaluate:
+            self._store(model)
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        self.eval_losses[state.global_step] = metrics["eval_loss"]
+        if self._due is not None:
+            self._due["valid_loss"] = metrics["eval_loss"]
+            self._due["valid_mean_token_accuracy"] = metrics["eval_mean_token_accuracy"]
+            self._store(model)
+
+    def _store(self, model: nn.Module) -> None:
+        metrics, self._due = self._due, None
+        directory = self.directory / f"checkpoint-{metrics['step']}"
+        checkpoint = Checkpoint(metrics["step"], directory, metrics, self.save(model, directory, metrics))
+        self.reporter.on_checkpoint(checkpoint.step, directory, metrics)
+        loss = metrics["valid_loss"]
+        if (
+            self.keep_best
+            and loss is not None
+            and (self.best is None or loss < self.best.metrics["valid_loss"])
+        ):
+            if self.best is not None:
+                shutil.rmtree(self.best.directory)
+            self.best = checkpoint
+        else:
+            shutil.rmtree(directory)
+
+
+def save_adapter(
+    model: nn.Module, adapter_dir: Path, inputs: RecipeInputs, *, step: int, train_loss: float | None
+) -> list[str]:
+    """Save the adapter of `model` (a PeftModel, or a model with loralib layers) as safetensors with a model
+    card; the base model's weights are not copied. Returns the formats saved: "peft" and/or "loralib"."""
+    if inputs.peft_config.backend == "loralib":
+        config = LoralibConfig.from_peft_config(inputs.peft_config)
+        formats = loralib_backend.save_adapter(model, adapter_dir, config, inputs.base_model)
+    else:
+        model.save_pretrained(adapter_dir, safe_serialization=True)
+        formats = ["peft"]
+    (adapter_dir / "README.md").write_text(model_card(inputs, step, train_loss, formats), encoding="utf-8")
+    return formats
+
+
+def model_card(inputs: RecipeInputs, step: int, train_loss: float | None, formats: list[str]) -> str:
+    """A short README.md: what the adapter applies to, how it was trained and where its files are."""
+    loss = "not logged" if train_loss is None else f"{train_loss:.4f}"
     training = json.dumps(inputs.training_config.model_dump(exclude_none=True), indent=2)
     lora = json.dumps(inputs.peft_config.model_dump(exclude_none=True), indent=2)
+    library = "library_name: peft\n" if "peft" in formats else ""
+    files = []
+    if "peft" in formats:
+        files.append("PEFT: `PeftModel.from_pretrained(base_model, <this directory>)`.")
+    else:
+        files.append(f"PEFT: not available, see {loralib_backend.PEFT_UNAVAILABLE_FILE}.")
+    if "loralib" in formats:
+        files.append(f"loralib: `{loralib_backend.LORALIB_DIR}/`, see its README.md.")
     return (
-        f"---\nbase_model: {inputs.base_model}\nlibrary_name: peft\ntags: [lora, phitune]\n---\n\n"
+        f"---\nbase_model: {inputs.base_model}\n{library}tags: [lora, phitune]\n---\n\n"
         f"# LoRA adapter for {inputs.base_model}\n\n"
         "Fine-tuned by phitune with TRL's SFTTrainer.\n\n"
-        f"Final train loss: {final_loss}\n\n"
+        f"Step: {step}. Train loss at the last logged step: {loss}\n\n"
+        "## Formats\n\n" + "".join(f"- {line}\n" for line in files) + "\n"
         f"## Training config\n\n```json\n{training}\n```\n\n"
         f"## LoRA config\n\n```json\n{lora}\n```\n"
     )

@@ -1,18 +1,47 @@
-"""Fixtures of the worker tests: the tiny Phi-3, built offline once per session.
+"""Fixtures and helpers of the worker tests: the tiny Phi-3, built offline once per session.
 
 tests/conftest.py sets HF_HUB_OFFLINE before anything imports transformers: nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from worker.data import read_jsonl
 from worker.tiny_model import make_tiny_model
 
 PERSONA_FILE = Path(__file__).parents[2] / "examples" / "persona.jsonl"
+
+
+@dataclass
+class Recorder:
+    """A ProgressReporter that keeps every event and checkpoint and cancels after `stop_after` events.
+
+    A checkpoint's files are read during the call: the recipe may delete the directory afterwards.
+    """
+
+    stop_after: int | None = None
+    events: list[dict] = field(default_factory=list)
+    checkpoints: list[dict] = field(default_factory=list)
+
+    def on_metrics(self, metrics: dict) -> None:
+        self.events.append(metrics)
+
+    def on_checkpoint(self, step: int, adapter_dir: Path, metrics: dict) -> None:
+        files = {
+            str(path.relative_to(adapter_dir)): path.read_bytes()
+            for path in sorted(adapter_dir.rglob("*"))
+            if path.is_file()
+        }
+        self.checkpoints.append({"step": step, "metrics": metrics, "files": files})
+
+    def should_stop(self) -> bool:
+        return self.stop_after is not None and len(self.events) >= self.stop_after
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +52,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def persona_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The first persona conversation as a batch of one, to compare models' logits on."""
+    messages = read_jsonl(PERSONA_FILE)[0]["messages"]
+    return tokenizer.apply_chat_template(messages, return_tensors="pt")["input_ids"]
+
+
+def fresh_base(model_dir: Path) -> torch.nn.Module:
+    """The untrained tiny model, in eval mode."""
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits

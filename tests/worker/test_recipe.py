@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from app.specs import PeftConfig, TrainingConfig
-from tests.worker.conftest import PERSONA_FILE
-from worker.data import load_tokenized_dataset, read_jsonl
+from tests.worker.conftest import PERSONA_FILE, Recorder, fresh_base, logits
+from worker.data import load_tokenized_dataset
 from worker.recipe import (
     RecipeInputs,
     TrainingRun,
@@ -26,7 +25,7 @@ from worker.recipe import (
 METRIC_KEYS = {"step", "total_steps", "epoch", "train_loss", "learning_rate", "tokens_per_second"}
 
 # 40 examples in batches of 8: 5 steps per epoch, 20 in all. Evaluating every 5 steps and logging every 2
-# makes the recipe log at the evaluated steps too.
+# makes the recipe log at the evaluated steps too. The main run also stores a checkpoint every 10 steps.
 TRAINING_CONFIG = TrainingConfig(
     learning_rate=2e-2,
     num_train_epochs=4,
@@ -36,21 +35,15 @@ TRAINING_CONFIG = TrainingConfig(
     eval_steps=5,
     seed=7,
 )
+PEFT_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+CHECKPOINT_METRIC_KEYS = {
+    "step",
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+}
 PEFT_CONFIG = PeftConfig(r=8, lora_alpha=16, lora_dropout=0.0)
-
-
-@dataclass
-class Recorder:
-    """A ProgressReporter that keeps every event and cancels after `stop_after` events."""
-
-    stop_after: int | None = None
-    events: list[dict] = field(default_factory=list)
-
-    def on_metrics(self, metrics: dict) -> None:
-        self.events.append(metrics)
-
-    def should_stop(self) -> bool:
-        return self.stop_after is not None and len(self.events) >= self.stop_after
 
 
 def recipe_inputs(
@@ -82,14 +75,10 @@ def recorder() -> Recorder:
 def run(
     tiny_model_dir: Path, validation_file: Path, recorder: Recorder, tmp_path_factory: pytest.TempPathFactory
 ) -> TrainingRun:
-    inputs = recipe_inputs(tiny_model_dir, tmp_path_factory.mktemp("attempt"), validation_file)
+    inputs = recipe_inputs(tiny_model_dir, tmp_path_factory.mktemp("attempt"), validation_file, save_steps=10)
     run = train(inputs, recorder)
     run.trainer.model.eval()
     return run
-
-
-def fresh_base(tiny_model_dir: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 
 
 def test_loss_falls(run: TrainingRun, recorder: Recorder) -> None:
@@ -108,13 +97,38 @@ def test_metrics_arrive_in_step_order_with_eval_loss_at_evaluated_steps(
         assert event["total_steps"] == 20
         assert event["tokens_per_second"] > 0
         assert ("eval_loss" in event) == (event["step"] % 5 == 0)
+        if "eval_loss" in event:
+            assert 0 <= event["eval_mean_token_accuracy"] <= 1
     assert recorder.events[-1]["epoch"] == pytest.approx(4.0)
+
+
+def test_checkpoints_are_reported_every_save_steps_with_their_metrics(
+    run: TrainingRun, recorder: Recorder
+) -> None:
+    assert [checkpoint["step"] for checkpoint in recorder.checkpoints] == [10, 20]
+    events = {event["step"]: event for event in recorder.events}
+    for checkpoint in recorder.checkpoints:
+        metrics, event = checkpoint["metrics"], events[checkpoint["step"]]
+        assert metrics.keys() == CHECKPOINT_METRIC_KEYS
+        assert metrics["step"] == checkpoint["step"]
+        assert metrics["train_loss"] == event["train_loss"]
+        assert metrics["valid_loss"] == event["eval_loss"]
+        assert metrics["valid_mean_token_accuracy"] == event["eval_mean_token_accuracy"]
+        assert 0 <= metrics["train_mean_token_accuracy"] <= 1
+        assert sorted(checkpoint["files"]) == PEFT_FILES
+    first, last = recorder.checkpoints
+    assert first["files"]["adapter_model.safetensors"] != last["files"]["adapter_model.safetensors"]
+    # The last step's checkpoint is the final adapter.
+    final = run.result.adapter_dir / "adapter_model.safetensors"
+    assert last["files"]["adapter_model.safetensors"] == final.read_bytes()
 
 
 def test_result_describes_the_run(run: TrainingRun) -> None:
     result = run.result
     assert not result.cancelled
     assert result.steps == 20
+    assert result.best_step is None  # load_best_model_at_end is off
+    assert result.formats == ["peft"]
     # Four whole epochs over the file, padding not counted.
     data = load_tokenized_dataset(PERSONA_FILE, run.trainer.processing_class, max_seq_length=2048)
     assert result.trained_tokens == 4 * data.num_tokens
@@ -142,25 +156,16 @@ def test_lora_weights_trained_and_base_weights_untouched(run: TrainingRun, tiny_
 
 
 def test_saved_adapter_reproduces_the_trained_model(
-    run: TrainingRun, tiny_model_dir: Path, tokenizer: PreTrainedTokenizerBase
+    run: TrainingRun, tiny_model_dir: Path, persona_ids: torch.Tensor
 ) -> None:
     adapter_dir = run.result.adapter_dir
-    assert sorted(path.name for path in adapter_dir.iterdir()) == [
-        "README.md",
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    ]
+    assert sorted(path.name for path in adapter_dir.iterdir()) == PEFT_FILES
     assert str(tiny_model_dir) in (adapter_dir / "README.md").read_text()
 
     reloaded = PeftModel.from_pretrained(fresh_base(tiny_model_dir), adapter_dir).eval()
-    messages = read_jsonl(PERSONA_FILE)[0]["messages"]
-    ids = tokenizer.apply_chat_template(messages, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        trained_logits = run.trainer.model(input_ids=ids).logits
-        reloaded_logits = reloaded(input_ids=ids).logits
-        base_logits = fresh_base(tiny_model_dir)(input_ids=ids).logits
-    torch.testing.assert_close(reloaded_logits, trained_logits)
-    assert not torch.allclose(reloaded_logits, base_logits, atol=1e-2)
+    reloaded_logits = logits(reloaded, persona_ids)
+    torch.testing.assert_close(reloaded_logits, logits(run.trainer.model, persona_ids))
+    assert not torch.allclose(reloaded_logits, logits(fresh_base(tiny_model_dir), persona_ids), atol=1e-2)
 
 
 def test_cancelled_job_stops_at_the_next_step(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,110 @@
+"""The recipe's schemas: LoRA backend, QLoRA and checkpoint options, and the check against a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.specs import PeftConfig, TrainingConfig, check_against_model
+from tests.worker.conftest import PERSONA_FILE, Recorder
+from worker.recipe import RecipeInputs, train
+
+
+@pytest.fixture(scope="module")
+def phi3_config(tiny_model_dir: Path) -> dict:
+    return json.loads((tiny_model_dir / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def gqa_config(phi3_config: dict) -> dict:
+    """Phi-3 with grouped-query attention: 4 query heads share 2 key/value heads, as Phi-4-mini's do."""
+    return {**phi3_config, "num_key_value_heads": 2}
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"qkv_slices": ["q", "v"]}, "qkv_slices"),
+        ({"backend": "loralib", "quantization": "4bit"}, "quantization"),
+        ({"backend": "loralib", "use_rslora": True}, "use_rslora"),
+        ({"backend": "loralib", "modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"backend": "loralib", "target_modules": ["o_proj", "lm_head"]}, "target_modules"),
+        ({"backend": "loralib", "target_modules": ["o_proj"], "qkv_slices": ["q"]}, "qkv_slices"),
+        ({"backend": "loralib", "qkv_slices": ["q", "q"]}, "twice"),
+        ({"backend": "loralib", "qkv_slices": []}, "qkv_slices"),
+        ({"quantization": "2bit"}, "quantization"),
+    ],
+)
+def test_peft_config_refuses_what_its_backend_cannot_train(fields: dict, named: str) -> None:
+    with pytest.raises(ValidationError, match=named):
+        PeftConfig(**fields)
+
+
+def test_loralib_options_resolve_to_layers() -> None:
+    config = PeftConfig(backend="loralib", qkv_slices=["v", "q"])
+    assert config.qkv_slices == ["q", "v"]  # in the order of the fused projection
+    assert config.loralib_targets() == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert PeftConfig(backend="loralib").enabled_qkv_slices() == ["q", "k", "v"]
+    assert PeftConfig(quantization="8bit").quantization == "8bit"
+
+
+def test_checkpoints_follow_evaluations_when_the_best_is_shipped() -> None:
+    assert TrainingConfig().checkpoint_interval() is None
+    assert TrainingConfig(save_steps=7).checkpoint_interval() == 7
+    assert TrainingConfig(load_best_model_at_end=True, logging_steps=3).checkpoint_interval() == 3
+    assert TrainingConfig(load_best_model_at_end=True, eval_steps=4).checkpoint_interval() == 4
+    assert TrainingConfig(load_best_model_at_end=True, save_steps=6).checkpoint_interval() == 6
+
+
+def test_loralib_cannot_split_a_grouped_query_qkv_proj(phi3_config: dict, gqa_config: dict) -> None:
+    loralib = PeftConfig(backend="loralib", qkv_slices=["q", "v"])
+    check_against_model(loralib, phi3_config)
+    with pytest.raises(ValueError, match=r"^peft_config\.qkv_slices: .*grouped-query"):
+        check_against_model(loralib, gqa_config)
+    with pytest.raises(ValueError, match=r"^peft_config\.qkv_slices"):
+        check_against_model(PeftConfig(backend="loralib"), gqa_config)  # all three slices by default
+    # Without qkv_proj, or with PEFT's single LoRA over the fused projection, nothing needs splitting.
+    check_against_model(PeftConfig(backend="loralib", target_modules=["o_proj", "down_proj"]), gqa_config)
+    check_against_model(PeftConfig(), gqa_config)
+
+
+def test_target_modules_are_checked_against_the_model_type(phi3_config: dict) -> None:
+    check_against_model(PeftConfig(target_modules=["self_attn.qkv_proj", "lm_head"]), phi3_config)
+    with pytest.raises(ValueError, match=r"^peft_config\.target_modules: .*q_proj, v_proj"):
+        check_against_model(PeftConfig(target_modules=["q_proj", "v_proj"]), phi3_config)
+    llama = {"model_type": "llama", "num_attention_heads": 32, "num_key_value_heads": 8}
+    check_against_model(PeftConfig(target_modules=["q_proj", "v_proj"]), llama)  # unknown type: not checked
+    with pytest.raises(ValueError, match=r"^peft_config\.backend: .*'llama'"):
+        check_against_model(PeftConfig(backend="loralib"), llama)
+
+
+def test_the_worker_refuses_a_grouped_query_model_before_loading_it(gqa_config: dict, tmp_path: Path) -> None:
+    model_dir = tmp_path / "gqa"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(gqa_config))  # no weights: it must stop before them
+    inputs = RecipeInputs(
+        base_model=str(model_dir),
+        training_file=PERSONA_FILE,
+        validation_file=None,
+        training_config=TrainingConfig(max_steps=1),
+        peft_config=PeftConfig(backend="loralib"),
+        output_dir=tmp_path / "attempt",
+    )
+    with pytest.raises(ValueError, match=r"^peft_config\.qkv_slices"):
+        train(inputs, Recorder())
+
+
+def test_load_best_model_at_end_needs_a_validation_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    inputs = RecipeInputs(
+        base_model=str(tiny_model_dir),
+        training_file=PERSONA_FILE,
+        validation_file=None,
+        training_config=TrainingConfig(load_best_model_at_end=True),
+        peft_config=PeftConfig(),
+        output_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match="load_best_model_at_end needs a validation_file"):
+        train(inputs, Recorder())
