@@ -71,14 +71,20 @@ class AttemptClient:
         """Record events; True when the job was cancelled."""
         return self._post("/events", {"events": events})["cancel_requested"]
 
-    def upload_adapter(self, archive: Path) -> dict[str, Any]:
+    def upload_adapter(self, archive: Path, fmt: str, *, step: int | None = None) -> dict[str, Any]:
+        """Store the final adapter archive in one format, or a checkpoint's when `step` is given."""
+        path = f"{self._prefix}/checkpoints/{step}/adapter" if step else f"{self._prefix}/adapter"
         with archive.open("rb") as body:
-            response = self._http.put(f"{self._prefix}/adapter", content=body, headers=self._headers)
+            response = self._http.put(path, params={"format": fmt}, content=body, headers=self._headers)
         response.raise_for_status()
         return response.json()
 
-    def complete(self, status: str, *, trained_tokens: int | None = None, error: str | None = None) -> None:
-        body: dict[str, Any] = {"status": status, "trained_tokens": trained_tokens}
+    def publish_checkpoint(self, step: int, metrics: dict[str, Any]) -> None:
+        self._post("/checkpoints", {"step": step, "metrics": metrics})
+
+    def complete(self, status: str, *, error: str | None = None, **outcome: Any) -> None:
+        """Report the outcome, with trained_tokens, shipped_step and peft_unavailable_reason as known."""
+        body: dict[str, Any] = {"status": status, **outcome}
         if error is not None:
             body["error"] = {"message": error[:4000]}
         self._post("/complete", body)

@@ -32,6 +32,10 @@ class ApiReporter:
         if self._attempt.post_events([{"type": "metrics", "message": _describe(metrics), "data": metrics}]):
             self._stop.set()
 
+    def on_checkpoint(self, step: int, adapter_dir: Path, metrics: dict[str, Any]) -> None:
+        upload_formats(self._attempt, adapter_dir, step=step)
+        self._attempt.publish_checkpoint(step, metrics)
+
     def should_stop(self) -> bool:
         return self._stop.is_set()
 
@@ -67,13 +71,35 @@ def _describe(metrics: dict[str, Any]) -> str:
     return text
 
 
-def pack_adapter(adapter_dir: Path, archive: Path) -> Path:
-    """A .tar.gz with the adapter files at its root, ready for `PeftModel.from_pretrained` once extracted."""
+PEFT_UNAVAILABLE = "PEFT_UNAVAILABLE.txt"
+LORALIB_DIR = "loralib"
+
+
+def pack(directory: Path, archive: Path) -> Path:
+    """A .tar.gz of a directory's files at its root (no sub-folders)."""
     with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(adapter_dir.iterdir()):
-            if path.is_file():
+        for path in sorted(directory.iterdir()):
+            if path.is_file() and path.name != PEFT_UNAVAILABLE:
                 tar.add(path, arcname=path.name)
     return archive
+
+
+def adapter_formats(adapter_dir: Path) -> dict[str, Path]:
+    """The download formats an adapter directory holds: PEFT files at its root, loralib in `loralib/`."""
+    formats = {}
+    if (adapter_dir / "adapter_config.json").exists():
+        formats["peft"] = adapter_dir
+    if (adapter_dir / LORALIB_DIR).is_dir():
+        formats["loralib"] = adapter_dir / LORALIB_DIR
+    return formats
+
+
+def upload_formats(attempt: AttemptClient, adapter_dir: Path, *, step: int | None = None) -> None:
+    """Pack and upload every format of an adapter (the final one, or a checkpoint's)."""
+    for fmt, directory in adapter_formats(adapter_dir).items():
+        archive = pack(directory, adapter_dir.parent / f"{adapter_dir.name}-{fmt}.tar.gz")
+        attempt.upload_adapter(archive, fmt, step=step)
+        archive.unlink()
 
 
 def resolve_base_model(settings: Settings, model: str) -> str:
@@ -110,8 +136,14 @@ def train(claim: Claim, attempt: AttemptClient, settings: Settings, scratch: Pat
     if result.cancelled:
         attempt.complete("cancelled", trained_tokens=result.trained_tokens)
         return
-    attempt.upload_adapter(pack_adapter(result.adapter_dir, scratch / "adapter.tar.gz"))
-    attempt.complete("succeeded", trained_tokens=result.trained_tokens)
+    upload_formats(attempt, result.adapter_dir)
+    reason_file = result.adapter_dir / PEFT_UNAVAILABLE
+    attempt.complete(
+        "succeeded",
+        trained_tokens=result.trained_tokens,
+        shipped_step=result.best_step,
+        peft_unavailable_reason=reason_file.read_text().strip() if reason_file.exists() else None,
+    )
 
 
 def report_failure(attempt: AttemptClient, message: str) -> None:
