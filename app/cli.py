@@ -72,6 +72,21 @@ def api(host: str, port: int) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8001, show_default=True)
+def inference(host: str, port: int) -> None:
+    """Run the inference server: base models loaded once, adapters on demand, batched generation."""
+    import uvicorn
+
+    from worker.bootstrap import ensure_tiny_model
+    from worker.serving.server import create_inference_app
+
+    settings = get_settings()
+    ensure_tiny_model(settings)
+    uvicorn.run(create_inference_app(settings), host=host, port=port, log_level="info")
+
+
+@main.command()
 def worker() -> None:
     """Run a Celery training worker (queue `training`, one job at a time)."""
     from worker.bootstrap import ensure_tiny_model
@@ -96,18 +111,24 @@ def worker() -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
-def serve(host: str, port: int) -> None:
-    """All in one: migrate, then run the API and a worker as child processes until Ctrl-C / SIGTERM."""
+@click.option("--inference-port", default=8001, show_default=True)
+def serve(host: str, port: int, inference_port: int) -> None:
+    """All in one: migrate, then run the API, a worker and the inference server until Ctrl-C / SIGTERM."""
     from worker.bootstrap import ensure_tiny_model
 
     settings = get_settings()
     click.get_current_context().invoke(migrate)
     ensure_tiny_model(settings)
     reachable = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    env = {**os.environ, "PHITUNE_API_URL": f"http://{reachable}:{port}"}
+    env = {
+        **os.environ,
+        "PHITUNE_API_URL": f"http://{reachable}:{port}",
+        "PHITUNE_INFERENCE_URL": f"http://127.0.0.1:{inference_port}",
+    }
     children = [
         _spawn(["api", "--host", host, "--port", str(port)], env),
         _spawn(["worker"], env),
+        _spawn(["inference", "--host", "127.0.0.1", "--port", str(inference_port)], env),
     ]
     stopping = False
 

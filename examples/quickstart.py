@@ -1,7 +1,8 @@
 """`make quickstart`: a real fine-tune on the tiny Phi-3, end to end, through the public API.
 
 Starts `phitune serve`, creates an API key, uploads examples/persona.jsonl, trains a LoRA adapter while
-showing the live loss, downloads the adapter and shows that it loads with PEFT and changes the answers.
+showing the live loss, downloads the adapter, shows that it loads with PEFT, then asks the base model and
+the fine-tuned model the same question through /v1/chat/completions.
 """
 
 from __future__ import annotations
@@ -48,7 +49,15 @@ def phitune(*args: str, **popen) -> subprocess.Popen:
 def start_service(port: int) -> subprocess.Popen:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     log = (DATA_DIR / "serve.log").open("w")
-    server = phitune("serve", "--port", str(port), stdout=log, stderr=subprocess.STDOUT)
+    server = phitune(
+        "serve",
+        "--port",
+        str(port),
+        "--inference-port",
+        str(free_port()),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -93,8 +102,8 @@ def follow(client: httpx.Client, job_id: str) -> float | None:
     return loss
 
 
-def compare_answers(adapter_dir: Path, base_dir: Path) -> None:
-    """Load base + adapter with PEFT and answer the same question with and without the adapter."""
+def check_adapter_loads(adapter_dir: Path, base_dir: Path) -> int:
+    """Load base + adapter with PEFT, as a user would; returns how many LoRA matrices it trained."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,18 +121,28 @@ def compare_answers(adapter_dir: Path, base_dir: Path) -> None:
         return_tensors="pt",
         return_dict=True,
     )
+    with torch.no_grad():
+        tuned = model(**prompt).logits
+        with model.disable_adapter():
+            base = model(**prompt).logits
+    if torch.allclose(tuned, base):
+        sys.exit("the adapter did not change the model's output")
+    return sum(1 for name, _ in model.named_parameters() if "lora_B" in name)
 
-    def answer() -> str:
-        with torch.no_grad():
-            output = model.generate(**prompt, max_new_tokens=60, do_sample=False)
-        return tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
-    tuned = answer()
-    with model.disable_adapter():
-        base = answer()
-    print(f"\n  Q: {QUESTION}\n  base model  : {base!r}\n  fine-tuned  : {tuned!r}")
-    if tuned == base:
-        sys.exit("the adapter did not change the model's answer")
+def chat(client: httpx.Client, model: str) -> str:
+    """One greedy answer to QUESTION through the OpenAI-compatible chat endpoint."""
+    response = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": QUESTION}],
+            "temperature": 0,
+            "max_tokens": 60,
+        },
+    )
+    response.raise_for_status()
+    return response.json()["choices"][0]["message"]["content"]
 
 
 def main() -> None:
@@ -163,7 +182,11 @@ def main() -> None:
         adapter_dir = DATA_DIR / "adapters" / job_id
         with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
             tar.extractall(adapter_dir, filter="data")
-        compare_answers(adapter_dir, DATA_DIR / "models" / "tiny-phi3")
+        matrices = check_adapter_loads(adapter_dir, DATA_DIR / "models" / "tiny-phi3")
+        print(f"\n  The adapter loads with peft.PeftModel.from_pretrained ({matrices} LoRA B matrices).")
+        print(f"\n  Q: {QUESTION}   (POST /v1/chat/completions)")
+        print(f"  tiny-phi3 (base)      : {chat(client, 'tiny-phi3')!r}")
+        print(f"  {job['fine_tuned_model']}: {chat(client, job['fine_tuned_model'])!r}")
         print(
             f"\nDone in {time.monotonic() - started:.0f} s.\n  job id       : {job_id}\n"
             f"  model        : {job['fine_tuned_model']}\n  final loss   : {loss:.4f}\n"

@@ -131,3 +131,21 @@ def build_model(tokenizer: PreTrainedTokenizerFast, *, seed: int) -> Phi3ForCaus
         bos_token_id=eos_id, eos_token_id=[eos_id, end_of_turn_id], pad_token_id=eos_id
     )
     return model
+
+
+def make_random_adapter(base_model_dir: Path, adapter_dir: Path, *, seed: int, **lora_options) -> Path:
+    """Save a LoRA adapter with random, non-zero weights (LoRA's B starts at zero) for `base_model_dir`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    options = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"} | lora_options
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(model, LoraConfig(**options))
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.5)
+    model.save_pretrained(adapter_dir)
+    return adapter_dir

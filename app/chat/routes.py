@@ -115,37 +115,72 @@ async def _chunks(
 ) -> AsyncIterator[str]:
     """Re-emit the inference server's deltas as chat.completion.chunk events, ending with [DONE].
 
+    Deltas that arrived together go out as one chunk, so a slow reader costs fewer writes, not more lag.
     If the client goes away, Starlette cancels this generator and closing `upstream` tells the inference
     server to free the request's slot in its batch.
     """
+    chunks = ChunkWriter(completion_id, created, model, include_usage)
+    try:
+        yield chunks.delta({"role": "assistant", "content": ""})
+        pending = ""
+        async for received in upstream.aiter_text():
+            *lines, pending = (pending + received).split("\n")
+            text = []
+            for line in lines:
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line[6:])
+                if "delta" in event:
+                    text.append(event["delta"])
+                    continue
+                if text:
+                    yield chunks.content("".join(text))
+                    text = []
+                if "error" in event:  # generation failed mid-stream: pass the error on, end without [DONE]
+                    yield f"data: {json.dumps(event)}\n\n"
+                    return
+                yield chunks.delta({}, event["finish_reason"])
+                if include_usage:
+                    yield chunks.usage(_usage(event))
+            if text:
+                yield chunks.content("".join(text))
+        yield "data: [DONE]\n\n"
+    finally:
+        await upstream.aclose()
 
-    def envelope(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        body = {
+
+class ChunkWriter:
+    """Server-sent chat.completion.chunk events of one completion; content chunks, the hot path, are
+    formatted from a prepared template rather than serialised whole."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._envelope = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": choices,
         }
-        if include_usage:  # OpenAI sends usage: null on every chunk but the last when usage is asked for
+        self._include_usage = include_usage
+        head = json.dumps(self._envelope)[:-1]
+        tail = ', "usage": null}' if include_usage else "}"
+        self._content_template = (
+            head
+            + ', "choices": [{"index": 0, "delta": {"content": %s}, "finish_reason": null, "logprobs": null}]'
+            + tail
+        )
+
+    def content(self, text: str) -> str:
+        return f"data: {self._content_template % json.dumps(text)}\n\n"
+
+    def delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return self._event([choice], None)
+
+    def usage(self, usage: dict[str, int]) -> str:
+        return self._event([], usage)
+
+    def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> str:
+        body: dict[str, Any] = {**self._envelope, "choices": choices}
+        if self._include_usage:  # OpenAI sends usage: null on every chunk but the last when asked for usage
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
-
-    def delta(content: dict[str, Any], finish_reason: str | None = None) -> str:
-        return envelope([{"index": 0, "delta": content, "finish_reason": finish_reason, "logprobs": None}])
-
-    try:
-        yield delta({"role": "assistant", "content": ""})
-        async for line in upstream.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            event = json.loads(line[6:])
-            if "delta" in event:
-                yield delta({"content": event["delta"]})
-            elif "finish_reason" in event:
-                yield delta({}, event["finish_reason"])
-                if include_usage:
-                    yield envelope([], usage=_usage(event))
-        yield "data: [DONE]\n\n"
-    finally:
-        await upstream.aclose()

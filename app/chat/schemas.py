@@ -51,6 +51,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     user: str | None = None
+    # vLLM's extension of the OpenAI request, kept under its name: generate past end-of-sequence (benchmarks).
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -84,4 +86,5 @@ class ChatCompletionRequest(BaseModel):
             "stop": self.stop,
             "seed": self.seed,
             "stream": self.stream,
+            "ignore_eos": self.ignore_eos,
         }

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ import httpx
 import pytest
 
 from tests.conftest import POSTGRES_URL, REDIS_URL, fresh_postgres_database
+from tests.utils import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def phitune(*args: str, env: dict[str, str]) -> str:
@@ -124,7 +118,7 @@ def embedded_service(tmp_path: Path) -> Iterator[Service]:
     """`phitune serve` on a fresh data dir: SQLite, filesystem broker, tiny model generated on first use."""
     port = free_port()
     service = Service(f"http://127.0.0.1:{port}", service_env(tmp_path, port), tmp_path)
-    service.start("serve", "serve", "--port", str(port))
+    service.start("serve", "serve", "--port", str(port), "--inference-port", str(free_port()))
     service.wait_ready(timeout=120)
     service.api_key = phitune("keys", "create", "--tenant", "e2e", env=service.env).strip().splitlines()[-1]
     yield service
@@ -141,13 +135,13 @@ def production_service(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Service
 
 
 def _production_service(tmp_path: Path, tiny_model_dir: Path, database_url: str) -> Iterator[Service]:
-    port = free_port()
+    port, key_prefix = free_port(), f"phitune-test-{secrets.token_hex(4)}:"
     env = service_env(
         tmp_path,
         port,
         database_url=database_url,
         broker_url=REDIS_URL,
-        broker_key_prefix=f"phitune-test-{secrets.token_hex(4)}:",
+        broker_key_prefix=key_prefix,
         base_models=json.dumps({"tiny-phi3": str(tiny_model_dir), "missing-weights": str(tmp_path / "none")}),
         worker_token=secrets.token_urlsafe(16),
     )
@@ -159,6 +153,18 @@ def _production_service(tmp_path: Path, tiny_model_dir: Path, database_url: str)
     service.wait_ready()
     yield service
     service.stop()
+    _delete_redis_keys(key_prefix)
+
+
+def _delete_redis_keys(prefix: str) -> None:
+    """Leave the shared Redis as it was: the broker's keys all carry this run's prefix."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 @pytest.fixture(scope="session")

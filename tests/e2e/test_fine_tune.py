@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 from peft import PeftModel
@@ -57,7 +58,8 @@ def all_events(client: httpx.Client, job_id: str) -> list[dict]:
         params["after"] = page["last_id"]
 
 
-def train_and_verify(service: Service, base_model_dir: Path, tmp_path: Path) -> None:
+def train_and_verify(service: Service, base_model_dir: Path, tmp_path: Path) -> tuple[str, PeftModel]:
+    """Train a job through the API and check everything about it; returns its model id and the adapter."""
     with service.client as client:
         file_id = upload(client, PERSONA)
         job = client.post(
@@ -123,10 +125,63 @@ def train_and_verify(service: Service, base_model_dir: Path, tmp_path: Path) -> 
         with model.disable_adapter():
             plain = model(**prompt).logits
     assert not torch.allclose(tuned, plain, atol=1e-4)
+    return job["fine_tuned_model"], model
+
+
+def generate_in_process(model: PeftModel, base_model_dir: Path, messages: list[dict], max_tokens: int) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    prompt = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        output = model.generate(**prompt, max_new_tokens=max_tokens, do_sample=False)
+    return tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def chat_and_verify(service: Service, model_id: str, model: PeftModel, base_model_dir: Path) -> None:
+    """The fine-tuned model through /v1/chat/completions, as curl and the official openai SDK call it."""
+    messages = [{"role": "user", "content": "Who are you?"}]
+    expected = generate_in_process(model, base_model_dir, messages, 48)
+    assert expected.strip(), "the fine-tuned model should answer something"
+    with service.client as client:
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"model": model_id, "messages": messages, "max_tokens": 48, "temperature": 0},
+        ).json()
+        assert answer["object"] == "chat.completion", answer
+        assert answer["choices"][0]["message"]["content"] == expected
+        assert answer["usage"]["completion_tokens"] > 0
+        base_answer = client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny-phi3", "messages": messages, "max_tokens": 48, "temperature": 0},
+        ).json()
+        assert base_answer["choices"][0]["message"]["content"] != expected
+
+    sdk = openai.OpenAI(base_url=f"{service.base_url}/v1", api_key=service.api_key)
+    assert model_id in [m.id for m in sdk.models.list()]
+    created = sdk.chat.completions.create(model=model_id, messages=messages, max_tokens=48, temperature=0)
+    assert created.choices[0].message.content == expected
+    chunks = list(
+        sdk.chat.completions.create(
+            model=model_id,
+            messages=messages,
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == expected
+    assert chunks[-1].usage.completion_tokens == created.usage.completion_tokens
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model=model_id + "x", messages=messages)
 
 
 def test_embedded_serve_trains_and_serves_the_adapter(embedded_service: Service, tmp_path: Path):
-    train_and_verify(embedded_service, embedded_service.data_dir / "models" / "tiny-phi3", tmp_path)
+    base_model_dir = embedded_service.data_dir / "models" / "tiny-phi3"
+    model_id, model = train_and_verify(embedded_service, base_model_dir, tmp_path)
+    chat_and_verify(embedded_service, model_id, model, base_model_dir)
 
 
 def test_production_processes_train_on_postgres_and_redis(
@@ -177,7 +232,7 @@ def test_cancel_stops_a_running_job_within_a_logging_step(embedded_service: Serv
 def test_serve_stops_all_its_processes_on_sigterm(embedded_service: Service):
     serve = embedded_service.processes[0]
     children = [int(pid) for pid in os.popen(f"pgrep -P {serve.pid}").read().split()]
-    assert len(children) == 2
+    assert len(children) == 3  # api, worker, inference
     embedded_service.stop()
     assert serve.returncode == 0
     for pid in children:

@@ -1,0 +1,265 @@
+"""Inference benchmark: the tiny Phi-3 on CPU through the public API and the inference server, real HTTP.
+
+    single_stream_ratio  tokens/s of one streamed request ÷ tokens/s of in-process `PeftModel.generate`
+                         with the same adapter, prompt and number of tokens (target >= 0.85)
+    batching_speedup     tokens/s of 8 concurrent requests ÷ the same 8 one at a time (target >= 2.5)
+    multi_adapter_ratio  tokens/s of 8 concurrent requests on 8 adapters ÷ 8 on one adapter (target >= 0.8)
+    cold_adapter_ms      the added latency of the first request to an adapter not loaded yet
+
+Every request generates exactly `max_tokens` tokens (`ignore_eos`; the baseline runs without end-of-sequence
+ids), so that all throughputs compare like with like. Each figure is the best of a few repetitions, which
+filters out noise from other processes on the machine. `measure_http` takes a base URL and a `Caller`, so the
+same measurements can run against the inference server directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import torch
+
+from worker.tasks import pack
+from worker.tiny_model import make_random_adapter, make_tiny_model
+
+BASE_MODEL = "tiny-phi3"
+MESSAGES = [{"role": "user", "content": "How do I descale the coffee machine?"}]
+MAX_TOKENS = 128
+CONCURRENCY = 8
+REPEATS = 5
+WORKER_TOKEN = "bench-worker-token"
+REPO = Path(__file__).resolve().parents[1]
+
+# (client, adapter id or None for the base model, stream?) -> completion tokens received
+Caller = Callable[[httpx.AsyncClient, str | None, bool], Awaitable[int]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def measure_http(
+    base_url: str,
+    call: Caller,
+    adapters: list[str],
+    cold_adapters: list[str],
+    short_call: Caller,
+    headers: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """Throughputs (tokens/s) and the cold-adapter latency (ms) over HTTP. `adapters` are warmed up first;
+    `cold_adapters` must not be loaded yet; `short_call` makes the short requests that time a cold load.
+    Adapters are whatever `call` understands (adapter ids here; fine-tuned model ids through the API)."""
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600) as client:
+        for adapter in adapters:
+            await short_call(client, adapter, False)
+
+        async def rate(adapter_ids: list[str], *, stream: bool, concurrent: bool) -> float:
+            start = time.perf_counter()
+            if concurrent:
+                tokens = sum(await asyncio.gather(*(call(client, a, stream) for a in adapter_ids)))
+            else:
+                tokens = sum([await call(client, a, stream) for a in adapter_ids])
+            return tokens / (time.perf_counter() - start)
+
+        async def best(adapter_ids: list[str], *, stream: bool, concurrent: bool) -> float:
+            return max(
+                [await rate(adapter_ids, stream=stream, concurrent=concurrent) for _ in range(REPEATS)]
+            )
+
+        one_adapter = [adapters[0]] * CONCURRENCY
+        single = await best([adapters[0]], stream=True, concurrent=False)
+        sequential = await best(one_adapter, stream=False, concurrent=False)
+        concurrent_one = await best(one_adapter, stream=False, concurrent=True)
+        concurrent_many = await best(adapters[:CONCURRENCY], stream=False, concurrent=True)
+
+        async def latency(adapter: str) -> float:
+            start = time.perf_counter()
+            await short_call(client, adapter, False)
+            return time.perf_counter() - start
+
+        # Each cold request is paired with the same request once the adapter is loaded: the difference is
+        # the added latency, and pairing cancels the load on the machine at that moment.
+        added = []
+        for adapter in cold_adapters:
+            cold = await latency(adapter)
+            added.append(cold - await latency(adapter))
+        cold_ms = sorted(added)[len(added) // 2] * 1000
+    return {
+        "single_stream_tokens_per_s": single,
+        "sequential_tokens_per_s": sequential,
+        "concurrent_one_adapter_tokens_per_s": concurrent_one,
+        "concurrent_many_adapters_tokens_per_s": concurrent_many,
+        "cold_adapter_ms": cold_ms,
+    }
+
+
+def measure_generate(base_model_dir: Path, adapter_dir: Path, max_tokens: int = MAX_TOKENS) -> float:
+    """Tokens/s of `PeftModel.generate` in this process: greedy, `max_tokens` tokens, best of a few runs."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_model_dir), adapter_dir
+    ).eval()
+    ids = torch.tensor(
+        [tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)]
+    )
+    # No end-of-sequence ids: exactly max_tokens tokens, as the server's ignore_eos.
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    rates = []
+    torch.set_num_threads(1)  # as the server's engine on CPU (see worker.serving.settings)
+    for _ in range(REPEATS + 1):  # the first run warms up
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
+            )
+        rates.append((output.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
+    return max(rates[1:])
+
+
+def chat_caller(max_tokens: int = MAX_TOKENS) -> Caller:
+    """Calls the public POST /v1/chat/completions with a model id, always generating `max_tokens` tokens."""
+
+    async def call(client: httpx.AsyncClient, model: str | None, stream: bool) -> int:
+        body = {
+            "model": model or BASE_MODEL,
+            "messages": MESSAGES,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": stream,
+            "ignore_eos": True,
+        }
+        if not stream:
+            response = await client.post("/v1/chat/completions", json=body)
+            response.raise_for_status()
+            return response.json()["usage"]["completion_tokens"]
+        body["stream_options"] = {"include_usage": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: {") and '"usage": {' in line:
+                    return json.loads(line[6:])["usage"]["completion_tokens"]
+        raise RuntimeError("the stream ended without usage")
+
+    return call
+
+
+def phitune_env(data_dir: Path, base_model_dir: Path, *, api_url: str, inference_url: str) -> dict[str, str]:
+    return os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "PHITUNE_DATA_DIR": str(data_dir),
+        "PHITUNE_BASE_MODELS": json.dumps({BASE_MODEL: str(base_model_dir)}),
+        "PHITUNE_API_URL": api_url,
+        "PHITUNE_INFERENCE_URL": inference_url,
+        "PHITUNE_BROKER_URL": "memory://",  # no training here: job messages go nowhere
+        "PHITUNE_WORKER_TOKEN": WORKER_TOKEN,
+        "PHITUNE_MAX_LOADED_ADAPTERS": "32",
+    }
+
+
+@contextlib.contextmanager
+def phitune_process(args: list[str], env: dict[str, str], base_url: str) -> Iterator[str]:
+    """A `phitune` CLI process serving HTTP at `base_url` until the block ends."""
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base_url}/healthz").status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"phitune {args[0]} did not start")
+            time.sleep(0.2)
+        yield base_url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def phitune_command(args: list[str], env: dict[str, str]) -> str:
+    command = [sys.executable, "-m", "app.cli", *args]
+    return subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
+
+
+def register_fine_tuned_models(api_url: str, key: str, archives: dict[str, Path]) -> dict[str, str]:
+    """Make each archive a succeeded job's adapter through the API, as a worker would; adapter → model id."""
+    models = {}
+    with httpx.Client(base_url=api_url, timeout=60) as client:
+        user = {"Authorization": f"Bearer {key}"}
+        dataset = json.dumps({"messages": [*MESSAGES, {"role": "assistant", "content": "Arr."}]}).encode()
+        file_id = client.post(
+            "/v1/files", files={"file": ("bench.jsonl", dataset)}, data={"purpose": "fine-tune"}, headers=user
+        ).json()["id"]
+        for name, archive in archives.items():
+            job_id = client.post(
+                "/v1/fine_tuning/jobs", json={"model": BASE_MODEL, "training_file": file_id}, headers=user
+            ).json()["id"]
+            claim = client.post(
+                f"/internal/v1/jobs/{job_id}/claim", headers={"Authorization": f"Bearer {WORKER_TOKEN}"}
+            ).json()
+            attempt = {"Authorization": f"Bearer {claim['token']}"}
+            client.put(f"/internal/v1/jobs/{job_id}/adapter", content=archive.read_bytes(), headers=attempt)
+            client.post(f"/internal/v1/jobs/{job_id}/complete", json={"status": "succeeded"}, headers=attempt)
+            job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=user).json()
+            models[name] = job["fine_tuned_model"]
+    return models
+
+
+def run() -> dict[str, float]:
+    """The whole benchmark, set up from scratch in a temporary directory: in-process `generate` as the
+    baseline, then the same requests through the public API (API process → inference server process)."""
+    with tempfile.TemporaryDirectory(prefix="phitune-bench-") as scratch:
+        root = Path(scratch)
+        base_model_dir = make_tiny_model(root / "model")
+        names = [f"adapter{index}" for index in range(CONCURRENCY + REPEATS)]
+        archives = {
+            name: pack(make_random_adapter(base_model_dir, root / name, seed=index), root / f"{name}.tar.gz")
+            for index, name in enumerate(names)
+        }
+        baseline = measure_generate(base_model_dir, root / names[0])
+        api_url, inference_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+        env = phitune_env(root / "data", base_model_dir, api_url=api_url, inference_url=inference_url)
+        phitune_command(["migrate"], env)
+        key = phitune_command(["keys", "create", "--tenant", "bench"], env).strip().splitlines()[-1]
+        api_port, inference_port = api_url.rsplit(":", 1)[1], inference_url.rsplit(":", 1)[1]
+        with (
+            phitune_process(["api", "--port", api_port], env, api_url),
+            phitune_process(["inference", "--port", inference_port], env, inference_url),
+        ):
+            models = register_fine_tuned_models(api_url, key, archives)
+            measured = asyncio.run(
+                measure_http(
+                    api_url,
+                    chat_caller(),
+                    adapters=[models[name] for name in names[:CONCURRENCY]],
+                    cold_adapters=[models[name] for name in names[CONCURRENCY:]],
+                    short_call=chat_caller(max_tokens=8),
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+            )
+    one_adapter = measured["concurrent_one_adapter_tokens_per_s"]
+    return {
+        "single_stream_ratio": round(measured["single_stream_tokens_per_s"] / baseline, 3),
+        "batching_speedup": round(one_adapter / measured["sequential_tokens_per_s"], 3),
+        "multi_adapter_ratio": round(measured["concurrent_many_adapters_tokens_per_s"] / one_adapter, 3),
+        "cold_adapter_ms": round(measured["cold_adapter_ms"], 1),
+        "generate_tokens_per_s": round(baseline, 1),
+        **{name: round(value, 1) for name, value in measured.items() if name.endswith("tokens_per_s")},
+        "max_tokens": MAX_TOKENS,
+        "concurrency": CONCURRENCY,
+        "path": "client -> API process -> inference server process",
+    }

@@ -1,0 +1,203 @@
+"""The adapters an engine has loaded: fetched through the API on first use, kept by recency (LRU).
+
+Loading runs on loader threads: download, extraction and the safetensors read never hold up the engine, which
+only copies the ready weights into the model between two decode steps. A request holds a lease on its adapter
+while it generates; an adapter with leases is never evicted, so the cache can exceed its capacity until they
+end. Extracted files live only while an adapter loads: a reload fetches again, so a deleted model is never
+served from a stale copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+import shutil
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from worker.serving.archive import extract_adapter
+from worker.serving.engine import Engine
+from worker.serving.lora import AdapterWeights, read_adapter
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # also a safe directory name
+
+AdapterFetcher = Callable[[str, Path], None]  # (adapter_id, destination): writes the adapter's .tar.gz
+
+
+class AdapterNotFound(LookupError):
+    """No such adapter: unknown, or deleted."""
+
+
+class AdapterFetchFailed(RuntimeError):
+    """The adapter could not be downloaded (the API is unreachable or failed)."""
+
+
+class HttpAdapterFetcher:
+    """Downloads adapters from the API's internal route, authenticated by the worker token."""
+
+    def __init__(self, api_url: str, worker_token: str, *, timeout: float = 300.0) -> None:
+        # One client for all downloads: making one costs ~20 ms (its SSL context), a tenth of a cold start.
+        self._http = httpx.Client(
+            base_url=api_url.rstrip("/") + "/internal/v1/adapters/",
+            headers={"Authorization": f"Bearer {worker_token}"},
+            timeout=timeout,
+        )
+
+    def __call__(self, adapter_id: str, destination: Path) -> None:
+        try:
+            with self._http.stream("GET", adapter_id) as response:
+                if response.status_code == 404:
+                    raise AdapterNotFound(adapter_id)
+                if response.status_code != 200:
+                    status = response.status_code
+                    raise AdapterFetchFailed(f"the API answered {status} for adapter {adapter_id}")
+                with destination.open("wb") as file:
+                    for chunk in response.iter_bytes():
+                        file.write(chunk)
+        except httpx.HTTPError as exc:
+            raise AdapterFetchFailed(f"could not download adapter {adapter_id}: {exc}") from exc
+
+    def close(self) -> None:
+        self._http.close()
+
+
+@dataclass(eq=False)
+class _Entry:
+    adapter_id: str
+    loaded: Future[int]  # the engine slot, once loaded
+    leases: int = 0
+    retired: bool = False  # evicted by DELETE while leased: unloaded when the last lease ends
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded.done() and self.loaded.exception() is None
+
+
+class AdapterLease:
+    """A request's hold on a loaded adapter; release it when the request ends."""
+
+    def __init__(self, cache: AdapterCache, entry: _Entry) -> None:
+        self.adapter_id = entry.adapter_id
+        self.slot = entry.loaded.result()
+        self._cache = cache
+        self._entry: _Entry | None = entry
+
+    def release(self) -> None:
+        entry, self._entry = self._entry, None
+        if entry is not None:
+            self._cache._release(entry)
+
+
+class AdapterCache:
+    """The most recently used `capacity` adapters of one engine, loaded on demand by `fetch`."""
+
+    def __init__(
+        self, engine: Engine, fetch: AdapterFetcher, directory: Path, *, capacity: int, loaders: int = 2
+    ) -> None:
+        self.capacity = capacity
+        self._engine = engine
+        self._fetch = fetch
+        self._directory = directory
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+        self._loaders = ThreadPoolExecutor(loaders, thread_name_prefix="adapter-loader")
+
+    def acquire(self, adapter_id: str) -> Future[AdapterLease]:
+        """A lease on the adapter, loading it first if needed. Fails with AdapterNotFound, InvalidAdapter
+        or AdapterFetchFailed. Cancelling the future gives up the lease."""
+        leased: Future[AdapterLease] = Future()
+        if not ADAPTER_ID.fullmatch(adapter_id):
+            leased.set_exception(AdapterNotFound(adapter_id))
+            return leased
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None:
+                entry = self._entries[adapter_id] = _Entry(adapter_id, Future())
+                self._loaders.submit(self._load, entry)
+            self._entries.move_to_end(adapter_id)
+            entry.leases += 1
+        entry.loaded.add_done_callback(lambda _: self._hand_over(entry, leased))
+        return leased
+
+    def evict(self, adapter_id: str) -> bool:
+        """Unload an adapter now, or when its last lease ends; False if it was not loaded."""
+        with self._lock:
+            entry = self._entries.pop(adapter_id, None)
+            if entry is None:
+                return False
+            entry.retired = True
+            if entry.leases == 0 and entry.ready:
+                self._engine.remove_adapter(entry.loaded.result())
+        return True
+
+    def loaded(self) -> list[str]:
+        """The ids of the loaded adapters, least recently used first."""
+        with self._lock:
+            return [adapter_id for adapter_id, entry in self._entries.items() if entry.ready]
+
+    def close(self) -> None:
+        self._loaders.shutdown(wait=True, cancel_futures=True)
+
+    def _hand_over(self, entry: _Entry, leased: Future[AdapterLease]) -> None:
+        if not leased.set_running_or_notify_cancel():  # the requester gave up while the adapter loaded
+            self._release(entry)
+        elif entry.loaded.exception() is not None:
+            self._release(entry)
+            leased.set_exception(entry.loaded.exception())
+        else:
+            leased.set_result(AdapterLease(self, entry))
+
+    def _release(self, entry: _Entry) -> None:
+        with self._lock:
+            entry.leases -= 1
+            if entry.retired and entry.leases == 0 and entry.ready:
+                self._engine.remove_adapter(entry.loaded.result())
+            self._trim(self.capacity)
+
+    def _load(self, entry: _Entry) -> None:
+        try:
+            adapter = self._download(entry.adapter_id)
+            with self._lock:
+                self._trim(self.capacity - 1)  # make room before the new adapter takes memory
+            slot = self._engine.install_adapter(adapter).result()
+        except BaseException as exc:
+            with self._lock:
+                if self._entries.get(entry.adapter_id) is entry:
+                    del self._entries[entry.adapter_id]
+            entry.loaded.set_exception(exc)
+            return
+        entry.loaded.set_result(slot)
+
+    def _download(self, adapter_id: str) -> AdapterWeights:
+        """Fetch, extract and read an adapter; its files are gone again afterwards."""
+        # A directory of its own per load: an evicted adapter may still be loading when it is asked for again.
+        work_dir = self._directory / adapter_id / secrets.token_hex(8)
+        work_dir.mkdir(parents=True)
+        try:
+            archive = work_dir / "adapter.tar.gz"
+            self._fetch(adapter_id, archive)
+            files = extract_adapter(archive, work_dir / "files")
+            return read_adapter(files, self._engine.lora.linear_shapes, self._engine.model.device)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another load of this adapter may still use it
+                work_dir.parent.rmdir()
+
+    def _trim(self, capacity: int) -> None:
+        """Evict least recently used, unleased adapters until at most `capacity` are loaded (lock held)."""
+        ready = [entry for entry in self._entries.values() if entry.ready]
+        excess = len(ready) - capacity
+        for entry in ready:
+            if excess <= 0:
+                return
+            if entry.leases == 0:
+                del self._entries[entry.adapter_id]
+                self._engine.remove_adapter(entry.loaded.result())
+                excess -= 1

@@ -1,0 +1,340 @@
+"""The inference HTTP server, which only the API calls: `create_inference_app(settings)` for uvicorn.
+
+Every configured base model is loaded at start-up (uvicorn accepts connections once they are all in memory),
+each with its own engine and adapter cache.
+
+    POST   /generate                 chat messages in; the completion as JSON, or as server-sent events
+    DELETE /adapters/{adapter_id}    unload an adapter (its model was deleted)
+    GET    /stats                    loaded adapters (least recently used first), queue lengths, counters
+    GET    /healthz                  the process is alive
+
+Errors are OpenAI-shaped (`app.errors`): 400 context_length_exceeded (param messages or max_tokens), 404
+model_not_found (unknown base model, or an adapter the API does not know), 422 invalid_adapter (not plain
+LoRA in safetensors), 502 adapter_unavailable (the API could not be reached for the adapter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
+
+from app.config import Settings
+from app.errors import APIError, InvalidRequest, NotFound, install_error_handlers
+from worker.recipe import load_base_model
+from worker.serving.adapters import (
+    AdapterCache,
+    AdapterFetcher,
+    AdapterFetchFailed,
+    AdapterLease,
+    AdapterNotFound,
+    HttpAdapterFetcher,
+)
+from worker.serving.engine import (
+    ContextLengthExceeded,
+    Engine,
+    Event,
+    Failed,
+    Finished,
+    Generation,
+    GenerationRequest,
+    TextDelta,
+)
+from worker.serving.lora import BASE_SLOT, InvalidAdapter
+from worker.serving.settings import ServingSettings
+
+MAX_STOP_SEQUENCES = 4
+
+
+class UnservableAdapter(APIError):
+    status_code = 422
+    error_type = "invalid_request_error"
+    default_code = "invalid_adapter"
+
+
+class AdapterUnavailable(APIError):
+    status_code = 502
+    error_type = "server_error"
+    default_code = "adapter_unavailable"
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str
+    adapter_id: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
+    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    ignore_eos: bool = Field(False, description="Generate past end-of-sequence tokens (benchmarks).")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, stop: str | list[str] | None) -> list[str] | None:
+        return [stop] if isinstance(stop, str) else stop
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: list[str] | None) -> list[str] | None:
+        if stop is not None and (len(stop) > MAX_STOP_SEQUENCES or not all(stop)):
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, none of them empty")
+        return stop
+
+
+@dataclass
+class ServedModel:
+    engine: Engine
+    adapters: AdapterCache
+
+    def close(self) -> None:
+        self.adapters.close()
+        self.engine.stop()
+
+
+def create_inference_app(
+    settings: Settings, *, serving: ServingSettings | None = None, fetch: AdapterFetcher | None = None
+) -> FastAPI:
+    """The inference server. `fetch` downloads adapter archives; by default from the API's internal route."""
+    serving = serving or ServingSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        http_fetcher = None if fetch else HttpAdapterFetcher(settings.api_url, settings.resolved_worker_token)
+        app.state.models = await run_in_threadpool(load_models, settings, serving, fetch or http_fetcher)
+        try:
+            yield
+        finally:
+            for served in app.state.models.values():
+                await run_in_threadpool(served.close)
+            if http_fetcher:
+                http_fetcher.close()
+
+    app = FastAPI(title="phitune inference", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/stats")
+    async def stats(request: Request) -> dict:
+        models: dict[str, ServedModel] = request.app.state.models
+        per_model = {
+            model_id: {"loaded_adapters": served.adapters.loaded(), **served.engine.stats()}
+            for model_id, served in models.items()
+        }
+        return {
+            "loaded_adapters": [
+                adapter for model in per_model.values() for adapter in model["loaded_adapters"]
+            ],
+            "max_loaded_adapters": settings.max_loaded_adapters,
+            "running_sequences": sum(model["running_sequences"] for model in per_model.values()),
+            "waiting_sequences": sum(model["waiting_sequences"] for model in per_model.values()),
+            "models": per_model,
+        }
+
+    @app.delete("/adapters/{adapter_id}")
+    async def evict_adapter(adapter_id: str, request: Request) -> dict:
+        models: dict[str, ServedModel] = request.app.state.models
+        evicted = [served.adapters.evict(adapter_id) for served in models.values()]
+        return {"id": adapter_id, "evicted": any(evicted)}
+
+    @app.post("/generate")
+    async def generate(body: GenerateBody, request: Request):
+        served: ServedModel | None = request.app.state.models.get(body.base_model)
+        if served is None:
+            raise _model_not_found(body.base_model)
+        prompt_ids, max_tokens = _prompt(served.engine, body)
+        lease = await _lease(served.adapters, body.adapter_id) if body.adapter_id else None
+        events = EventQueue()
+        try:
+            generation = served.engine.submit(
+                GenerationRequest(
+                    prompt_ids=prompt_ids,
+                    max_tokens=max_tokens,
+                    temperature=body.temperature,
+                    top_p=body.top_p,
+                    stop=body.stop or [],
+                    seed=body.seed,
+                    adapter_slot=lease.slot if lease else BASE_SLOT,
+                    ignore_eos=body.ignore_eos,
+                ),
+                events.put,
+            )
+        except BaseException:
+            if lease:
+                lease.release()
+            raise
+        if body.stream:
+            return StreamingResponse(
+                _server_sent_events(events, generation, lease),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        return await _completion(events, generation, lease, request)
+
+    return app
+
+
+def load_models(
+    settings: Settings, serving: ServingSettings, fetch: AdapterFetcher
+) -> dict[str, ServedModel]:
+    """Load every configured base model and start its engine (the tiny model is generated if needed)."""
+    from worker.bootstrap import ensure_tiny_model
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(serving.torch_threads or 1)
+    ensure_tiny_model(settings)
+    models = {}
+    for model_id, path in settings.resolved_base_models.items():
+        model, tokenizer = load_base_model(path, for_training=False)
+        engine = Engine(
+            model,
+            tokenizer,
+            max_batch_size=serving.max_batch_size,
+            batch_window_seconds=serving.batch_window_ms / 1000,
+        )
+        engine.start()
+        directory = settings.data_dir / "inference" / "adapters"
+        models[model_id] = ServedModel(
+            engine, AdapterCache(engine, fetch, directory, capacity=settings.max_loaded_adapters)
+        )
+    return models
+
+
+class EventQueue:
+    """Carries one generation's events from the engine thread to the request's event loop."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def put(self, event: Event) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The events up to the last one. Text that piled up while the client was slow comes as one delta."""
+        while True:
+            event: Event | None = await self._queue.get()
+            pieces = []
+            while isinstance(event, TextDelta):
+                pieces.append(event.text)
+                event = None if self._queue.empty() else self._queue.get_nowait()
+            if pieces:
+                yield TextDelta("".join(pieces))
+            if event is not None:
+                yield event
+                return
+
+
+def _prompt(engine: Engine, body: GenerateBody) -> tuple[list[int], int]:
+    """The prompt's token ids (chat template, generation prompt added) and the completion's token budget."""
+    messages = [message.model_dump() for message in body.messages]
+    prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    max_tokens = body.max_tokens or max(engine.context_length - len(prompt_ids), 1)
+    try:
+        engine.check_length(len(prompt_ids), max_tokens)
+    except ContextLengthExceeded as exc:
+        raise InvalidRequest(str(exc), param=exc.param, code="context_length_exceeded") from exc
+    return prompt_ids, max_tokens
+
+
+def _model_not_found(model: str) -> NotFound:
+    return NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
+
+
+async def _lease(adapters: AdapterCache, adapter_id: str) -> AdapterLease:
+    try:
+        return await asyncio.wrap_future(adapters.acquire(adapter_id))
+    except AdapterNotFound as exc:
+        raise NotFound(
+            f"The model '{adapter_id}' does not exist", param="model", code="model_not_found"
+        ) from exc
+    except InvalidAdapter as exc:
+        raise UnservableAdapter(f"The adapter '{adapter_id}' cannot be served: {exc}", param="model") from exc
+    except AdapterFetchFailed as exc:
+        raise AdapterUnavailable(str(exc), param="model") from exc
+
+
+async def _completion(
+    events: EventQueue, generation: Generation, lease: AdapterLease | None, request: Request
+) -> dict:
+    """Wait for the whole completion; a client that hangs up meanwhile cancels it."""
+    collected = asyncio.ensure_future(_collect(events))
+    hang_up = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait([collected, hang_up], return_when=asyncio.FIRST_COMPLETED)
+        if not collected.done():
+            return {}  # nobody is listening any more
+        text, last = collected.result()
+        if isinstance(last, Failed):
+            raise APIError(last.message, code="generation_failed")
+        return {
+            "text": text,
+            "finish_reason": last.finish_reason,
+            "prompt_tokens": last.prompt_tokens,
+            "completion_tokens": last.completion_tokens,
+        }
+    finally:
+        collected.cancel()
+        hang_up.cancel()
+        generation.cancel()
+        if lease:
+            lease.release()
+
+
+async def _collect(events: EventQueue) -> tuple[str, Finished | Failed]:
+    pieces = []
+    async for event in events.events():
+        if isinstance(event, TextDelta):
+            pieces.append(event.text)
+        else:
+            return "".join(pieces), event
+    raise AssertionError("a generation always ends with Finished or Failed")
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _server_sent_events(
+    events: EventQueue, generation: Generation, lease: AdapterLease | None
+) -> AsyncIterator[str]:
+    """`data: {"delta"}` events, then `data: {"finish_reason", "prompt_tokens", "completion_tokens"}`, or
+    `data: {"error"}` if generation failed. Starlette cancels this when the client disconnects."""
+    try:
+        async for event in events.events():
+            if isinstance(event, TextDelta):
+                payload = {"delta": event.text}
+            elif isinstance(event, Finished):
+                payload = {
+                    "finish_reason": event.finish_reason,
+                    "prompt_tokens": event.prompt_tokens,
+                    "completion_tokens": event.completion_tokens,
+                }
+            else:
+                payload = APIError(event.message, code="generation_failed").body()
+            yield f"data: {json.dumps(payload)}\n\n"
+    finally:
+        generation.cancel()  # a no-op once it finished; frees its row when the client went away
+        if lease:
+            lease.release()
