@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -19,6 +21,7 @@ from app.specs import (
     Hyperparameters,
     PeftConfig,
     TrainingConfig,
+    check_against_model,
 )
 
 
@@ -98,6 +101,13 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
         get_file(session, tenant_id, request.validation_file, param="validation_file")
     training_config = resolve_training_config(request)
     peft_config = request.peft_config or PeftConfig()
+    if training_config.load_best_model_at_end and not request.validation_file:
+        raise InvalidRequest(
+            "load_best_model_at_end ships the lowest validation loss adapter; give a validation_file",
+            param="training_config.load_best_model_at_end",
+            code="validation_file_required",
+        )
+    check_model_fits(peft_config, settings.resolved_base_models[request.model])
     job = Job(
         id=new_id("ftjob"),
         tenant_id=tenant_id,
@@ -117,6 +127,19 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
     session.add(Outbox(job_id=job.id))
     add_event(session, job.id, f"Created fine-tuning job {job.id}")
     return job
+
+
+def check_model_fits(peft_config: PeftConfig, base_model: str) -> None:
+    """400 at creation, not a crash in the worker, when the LoRA settings cannot apply to the base model.
+    Reads only the model's config.json, where it is a local directory (the worker checks hub models)."""
+    config_file = Path(base_model) / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        check_against_model(peft_config, json.loads(config_file.read_text()))
+    except ValueError as problem:
+        param, _, message = str(problem).partition(": ")
+        raise InvalidRequest(message, param=param, code="incompatible_model") from problem
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:

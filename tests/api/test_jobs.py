@@ -7,6 +7,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from app.main import create_app
 from tests.utils import CHAT_LINES, upload_file
 
 
@@ -203,3 +204,65 @@ def test_a_file_an_unfinished_job_needs_cannot_be_deleted(client, auth, training
     assert_error(client.delete(f"/v1/files/{training_file}", headers=auth), 409, code="file_in_use")
     client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth)
     assert client.delete(f"/v1/files/{training_file}", headers=auth).status_code == 200
+
+
+def test_best_model_selection_needs_a_validation_file(client, auth, training_file):
+    response = create(
+        client, auth, training_file=training_file, training_config={"load_best_model_at_end": True}
+    )
+    assert_error(
+        response, 400, param="training_config.load_best_model_at_end", code="validation_file_required"
+    )
+    ok = create(
+        client,
+        auth,
+        training_file=training_file,
+        validation_file=training_file,
+        training_config={"load_best_model_at_end": True},
+    )
+    assert ok.status_code == 200 and ok.json()["training_config"]["load_best_model_at_end"] is True
+
+
+@pytest.fixture
+def gqa_client(settings, tmp_path):
+    """An API whose base model uses grouped-query attention (only its config.json is read at creation)."""
+    model_dir = tmp_path / "gqa-phi3"
+    model_dir.mkdir()
+    config = {"model_type": "phi3", "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with TestClient(
+        create_app(settings.model_copy(update={"base_models": {"gqa-phi3": str(model_dir)}}))
+    ) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("peft_config", "param"),
+    [
+        ({"backend": "loralib"}, "peft_config.qkv_slices"),
+        ({"backend": "loralib", "qkv_slices": ["q", "v"]}, "peft_config.qkv_slices"),
+        ({"target_modules": ["q_proj", "v_proj"]}, "peft_config.target_modules"),
+    ],
+)
+def test_lora_settings_the_model_cannot_take_are_400_at_creation(gqa_client, auth, peft_config, param):
+    file_id = upload_file(gqa_client, auth, CHAT_LINES)
+    response = gqa_client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "gqa-phi3", "training_file": file_id, "peft_config": peft_config},
+        headers=auth,
+    )
+    assert_error(response, 400, param=param, code="incompatible_model")
+    fits = {"backend": "loralib", "target_modules": ["o_proj", "down_proj"]}
+    response = gqa_client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "gqa-phi3", "training_file": file_id, "peft_config": fits},
+        headers=auth,
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_qkv_slices_need_the_loralib_backend(client, auth, training_file):
+    error = assert_error(
+        create(client, auth, training_file=training_file, peft_config={"qkv_slices": ["q"]}), 400
+    )
+    assert "qkv_slices" in error["message"]
