@@ -16,7 +16,7 @@ import pytest
 import torch
 from fastapi import FastAPI
 from peft import PeftModel
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.config import Settings
 from tests.serving.stub_store import adapter_store_app, serve_in_thread
@@ -24,7 +24,7 @@ from worker.recipe import load_base_model
 from worker.serving.server import create_inference_app
 from worker.serving.settings import ServingSettings
 from worker.tasks import pack
-from worker.tiny_model import make_random_adapter, make_tiny_model
+from worker.tiny_model import make_random_adapter
 
 BASE_MODEL = "tiny-phi3"
 WORKER_TOKEN = "serving-test-token"
@@ -46,16 +46,6 @@ exact_only_on_cpu = pytest.mark.skipif(
 def load_model(model_dir: Path) -> PreTrainedModel:
     """The base model as the inference server loads it (device and dtype of this machine)."""
     return load_base_model(str(model_dir), for_training=False)[0]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-phi3"))
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
@@ -111,15 +101,15 @@ class InferenceServer:
 @pytest.fixture(scope="session")
 def start_server(
     tiny_model_dir: Path, store_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[[int], InferenceServer]]:
-    """Starts inference servers (uvicorn, real HTTP) that fetch adapters from the store."""
+) -> Iterator[Callable[..., InferenceServer]]:
+    """Starts inference servers (uvicorn, real HTTP) that fetch adapters from the store, or from `api_url`."""
     with contextlib.ExitStack() as servers:
 
-        def start(max_loaded_adapters: int) -> InferenceServer:
+        def start(max_loaded_adapters: int, api_url: str | None = None) -> InferenceServer:
             settings = Settings(
                 data_dir=tmp_path_factory.mktemp("inference-data"),
                 base_models={BASE_MODEL: str(tiny_model_dir)},
-                api_url=store_url,
+                api_url=api_url or store_url,
                 worker_token=WORKER_TOKEN,
                 max_loaded_adapters=max_loaded_adapters,
             )
@@ -153,6 +143,10 @@ class References:
                 model = PeftModel.from_pretrained(model, self._adapter_dirs[adapter_id])
             self._models[adapter_id] = model.eval()
         return self._models[adapter_id]
+
+    def add(self, adapter_id: str, model: torch.nn.Module) -> None:
+        """Take `model` as the reference of `adapter_id`, for adapters PeftModel cannot load."""
+        self._models[adapter_id] = model.eval()
 
     def completion(self, adapter_id: str | None, messages: list[dict], max_tokens: int) -> dict:
         prompt = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)

@@ -33,9 +33,13 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
         thread.join()
 
 
-def adapter_store_app(archives: dict[str, Path], worker_token: str) -> FastAPI:
-    """GET /internal/v1/adapters/{id} answers the archive, as the API does for the inference server."""
+def adapter_store_app(
+    archives: dict[str, Path], worker_token: str, formats: dict[str, str] | None = None
+) -> FastAPI:
+    """GET /internal/v1/adapters/{id} answers the archive, as the API does for the inference server, with
+    its format (`formats`, "peft" by default) in the X-Phitune-Adapter-Format header."""
     app = FastAPI()
+    formats = formats or {}
 
     @app.get("/internal/v1/adapters/{adapter_id}")
     def adapter(adapter_id: str, authorization: str = Header("")) -> FileResponse:
@@ -43,6 +47,10 @@ def adapter_store_app(archives: dict[str, Path], worker_token: str) -> FastAPI:
             raise HTTPException(401)
         if adapter_id not in archives:
             raise HTTPException(404)
-        return FileResponse(archives[adapter_id], media_type="application/gzip")
+        return FileResponse(
+            archives[adapter_id],
+            media_type="application/gzip",
+            headers={"X-Phitune-Adapter-Format": formats.get(adapter_id, "peft")},
+        )
 
     return app

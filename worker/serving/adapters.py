@@ -5,6 +5,10 @@ only copies the ready weights into the model between two decode steps. A request
 while it generates; an adapter with leases is never evicted, so the cache can exceed its capacity until they
 end. Extracted files live only while an adapter loads: a reload fetches again, so a deleted model is never
 served from a stale copy.
+
+The API says which format it sends (`X-Phitune-Adapter-Format`): PEFT, or loralib where the adapter has no
+exact PEFT form. Both are read into the same per-row LoRA form (`worker.serving.lora`,
+`worker.serving.loralib_adapter`).
 """
 
 from __future__ import annotations
@@ -21,14 +25,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import torch
 
-from worker.serving.archive import extract_adapter
+from worker.serving.archive import SERVED_FILES, extract_adapter
 from worker.serving.engine import Engine
-from worker.serving.lora import AdapterWeights, read_adapter
+from worker.serving.lora import AdapterWeights, InvalidAdapter, read_adapter
+from worker.serving.loralib_adapter import LORALIB_FILES, read_loralib_adapter
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # also a safe directory name
 
-AdapterFetcher = Callable[[str, Path], None]  # (adapter_id, destination): writes the adapter's .tar.gz
+# (adapter_id, destination): writes the adapter's .tar.gz and returns its format, None meaning PEFT.
+AdapterFetcher = Callable[[str, Path], str | None]
+FORMAT_HEADER = "X-Phitune-Adapter-Format"
+AdapterReader = Callable[[Path, dict[str, tuple[int, int]], torch.device], AdapterWeights]
+# Each format's files in the archive, and their reader.
+FORMATS: dict[str, tuple[set[str], AdapterReader]] = {
+    "peft": (SERVED_FILES, read_adapter),
+    "loralib": (LORALIB_FILES, read_loralib_adapter),
+}
 
 
 class AdapterNotFound(LookupError):
@@ -50,7 +64,7 @@ class HttpAdapterFetcher:
             timeout=timeout,
         )
 
-    def __call__(self, adapter_id: str, destination: Path) -> None:
+    def __call__(self, adapter_id: str, destination: Path) -> str | None:
         try:
             with self._http.stream("GET", adapter_id) as response:
                 if response.status_code == 404:
@@ -61,6 +75,7 @@ class HttpAdapterFetcher:
                 with destination.open("wb") as file:
                     for chunk in response.iter_bytes():
                         file.write(chunk)
+                return response.headers.get(FORMAT_HEADER)
         except httpx.HTTPError as exc:
             raise AdapterFetchFailed(f"could not download adapter {adapter_id}: {exc}") from exc
 
@@ -182,9 +197,12 @@ class AdapterCache:
         work_dir.mkdir(parents=True)
         try:
             archive = work_dir / "adapter.tar.gz"
-            self._fetch(adapter_id, archive)
-            files = extract_adapter(archive, work_dir / "files")
-            return read_adapter(files, self._engine.lora.linear_shapes, self._engine.model.device)
+            adapter_format = self._fetch(adapter_id, archive) or "peft"
+            if adapter_format not in FORMATS:
+                raise InvalidAdapter(f"unsupported adapter format {adapter_format!r}")
+            served_files, read = FORMATS[adapter_format]
+            files = extract_adapter(archive, work_dir / "files", served_files)
+            return read(files, self._engine.lora.linear_shapes, self._engine.model.device)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
             with contextlib.suppress(OSError):  # another load of this adapter may still use it

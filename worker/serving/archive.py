@@ -11,13 +11,13 @@ from pathlib import Path, PurePosixPath
 
 from worker.serving.lora import CONFIG_FILE, WEIGHTS_FILE, InvalidAdapter
 
-SERVED_FILES = {CONFIG_FILE, WEIGHTS_FILE}
+SERVED_FILES = {CONFIG_FILE, WEIGHTS_FILE}  # a PEFT adapter's
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 MAX_ADAPTER_BYTES = 8 * 1024**3  # far above any LoRA of a model this server can hold
 
 
-def extract_adapter(archive: Path, destination: Path) -> Path:
-    """Extract the adapter config and safetensors weights of `archive` into `destination`."""
+def extract_adapter(archive: Path, destination: Path, files: set[str] = SERVED_FILES) -> Path:
+    """Extract the adapter `files` (config and safetensors weights) of `archive` into `destination`."""
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
@@ -26,8 +26,8 @@ def extract_adapter(archive: Path, destination: Path) -> Path:
                     raise InvalidAdapter(
                         f"the adapter archive holds pickled weights ({member.name}); refused"
                     )
-            served = {_root_name(member): member for member in members if _root_name(member) in SERVED_FILES}
-            missing = SERVED_FILES - served.keys()
+            served = {_root_name(member): member for member in members if _root_name(member) in files}
+            missing = files - served.keys()
             if missing:
                 raise InvalidAdapter(f"the adapter archive lacks {', '.join(sorted(missing))}")
             if any(not member.isfile() for member in served.values()):

@@ -9,7 +9,9 @@ takes PEFT's arithmetic, so its outputs equal `PeftModel.generate` bit for bit; 
 CPU (a batched matmul over the same layout rounds alike), with rank padding and GPUs as possible exceptions.
 
 Only plain LoRA is applied: `read_adapter` refuses every PEFT feature that changes the arithmetic (DoRA,
-modules_to_save, LoRA biases, ...) rather than serving it wrong.
+modules_to_save, LoRA biases, ...) rather than serving it wrong. Adapter weights are cast to LORA_DTYPE on
+reading, so QLoRA's bf16 adapters apply over an fp32 base as PEFT applies them. loralib adapters are read
+into the same form by `worker.serving.loralib_adapter`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ each with its own engine and adapter cache.
 
 Errors are OpenAI-shaped (`app.errors`): 400 context_length_exceeded (param messages or max_tokens), 404
 model_not_found (unknown base model, or an adapter the API does not know), 422 invalid_adapter (not plain
-LoRA in safetensors), 502 adapter_unavailable (the API could not be reached for the adapter).
+LoRA in safetensors, PEFT or loralib, e.g. trained biases), 502 adapter_unavailable (the API could not be
+reached for the adapter).
 """
 
 from __future__ import annotations
