@@ -110,3 +110,18 @@ def auth(database_url: str) -> dict[str, str]:
 def other_auth(database_url: str) -> dict[str, str]:
     """Authorization header of a second, unrelated tenant."""
     return {"Authorization": f"Bearer {make_key(database_url)}"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Phi-3, made once per test session (imports torch only when a test asks for it)."""
+    from worker.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-phi3")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)

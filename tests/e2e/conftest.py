@@ -46,6 +46,7 @@ class Service:
     processes: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
     api_key: str = ""
+    inference_url: str = ""
 
     @property
     def client(self) -> httpx.Client:
@@ -53,13 +54,13 @@ class Service:
             base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=60
         )
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, **env: str) -> subprocess.Popen:
         log = self.data_dir / f"{name}.log"
         self.logs.append(log)
         with log.open("w") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "app.cli", *args],
-                env=self.env,
+                env={**self.env, **env},
                 cwd=REPO,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -67,18 +68,22 @@ class Service:
         self.processes.append(process)
         return process
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, *urls: str, timeout: float = 60) -> None:
+        """Wait until the API (and any other server at `urls`) answers /healthz."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for process in self.processes:
-                assert process.poll() is None, f"a process exited early:\n{self.tail_logs()}"
-            try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"API not ready after {timeout}s:\n{self.tail_logs()}")
+        for url in (self.base_url, *urls):
+            while not self._healthy(url):
+                for process in self.processes:
+                    assert process.poll() is None, f"a process exited early:\n{self.tail_logs()}"
+                assert time.monotonic() < deadline, f"{url} not ready after {timeout}s:\n{self.tail_logs()}"
+                time.sleep(0.2)
+
+    @staticmethod
+    def _healthy(url: str) -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def tail_logs(self, lines: int = 60) -> str:
         return "\n".join(
@@ -118,8 +123,10 @@ def embedded_service(tmp_path: Path) -> Iterator[Service]:
     """`phitune serve` on a fresh data dir: SQLite, filesystem broker, tiny model generated on first use."""
     port = free_port()
     service = Service(f"http://127.0.0.1:{port}", service_env(tmp_path, port), tmp_path)
-    service.start("serve", "serve", "--port", str(port), "--inference-port", str(free_port()))
-    service.wait_ready(timeout=120)
+    inference_port = free_port()
+    service.inference_url = f"http://127.0.0.1:{inference_port}"
+    service.start("serve", "serve", "--port", str(port), "--inference-port", str(inference_port))
+    service.wait_ready(service.inference_url, timeout=120)
     service.api_key = phitune("keys", "create", "--tenant", "e2e", env=service.env).strip().splitlines()[-1]
     yield service
     service.stop()
@@ -135,7 +142,7 @@ def production_service(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Service
 
 
 def _production_service(tmp_path: Path, tiny_model_dir: Path, database_url: str) -> Iterator[Service]:
-    port, key_prefix = free_port(), f"phitune-test-{secrets.token_hex(4)}:"
+    port, inference_port, key_prefix = free_port(), free_port(), f"phitune-test-{secrets.token_hex(4)}:"
     env = service_env(
         tmp_path,
         port,
@@ -144,13 +151,17 @@ def _production_service(tmp_path: Path, tiny_model_dir: Path, database_url: str)
         broker_key_prefix=key_prefix,
         base_models=json.dumps({"tiny-phi3": str(tiny_model_dir), "missing-weights": str(tmp_path / "none")}),
         worker_token=secrets.token_urlsafe(16),
+        inference_url=f"http://127.0.0.1:{inference_port}",
     )
     service = Service(f"http://127.0.0.1:{port}", env, tmp_path)
     phitune("migrate", env=env)
     service.api_key = phitune("keys", "create", "--tenant", "e2e", env=env).strip().splitlines()[-1]
     service.start("api", "api", "--port", str(port))
     service.start("worker", "worker")
-    service.wait_ready()
+    # The inference server loads every base model at start-up; "missing-weights" exists to fail training.
+    only_tiny = json.dumps({"tiny-phi3": str(tiny_model_dir)})
+    service.start("inference", "inference", "--port", str(inference_port), PHITUNE_BASE_MODELS=only_tiny)
+    service.wait_ready(f"http://127.0.0.1:{inference_port}")
     yield service
     service.stop()
     _delete_redis_keys(key_prefix)
@@ -165,10 +176,3 @@ def _delete_redis_keys(prefix: str) -> None:
     if keys:
         client.delete(*keys)
     client.close()
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny_model import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-phi3")

@@ -36,6 +36,18 @@ def upload(client: httpx.Client, path: Path) -> str:
     return response.json()["id"]
 
 
+def create_job(client: httpx.Client, **body) -> dict:
+    """Upload the persona data and create a job on it (validation on the same file when asked)."""
+    file_id = upload(client, PERSONA)
+    if body.pop("validate", False):
+        body["validation_file"] = file_id
+    response = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny-phi3", "training_file": file_id, **body}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def wait_final(service: Service, job_id: str, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     with service.client as client:
@@ -61,18 +73,9 @@ def all_events(client: httpx.Client, job_id: str) -> list[dict]:
 def train_and_verify(service: Service, base_model_dir: Path, tmp_path: Path) -> tuple[str, PeftModel]:
     """Train a job through the API and check everything about it; returns its model id and the adapter."""
     with service.client as client:
-        file_id = upload(client, PERSONA)
-        job = client.post(
-            "/v1/fine_tuning/jobs",
-            json={
-                "model": "tiny-phi3",
-                "training_file": file_id,
-                "validation_file": file_id,
-                "suffix": "persona",
-                "training_config": QUICK_TRAINING,
-                "peft_config": QUICK_LORA,
-            },
-        ).json()
+        job = create_job(
+            client, validate=True, suffix="persona", training_config=QUICK_TRAINING, peft_config=QUICK_LORA
+        )
         # Follow the live stream until the job ends: the same events the paged list holds.
         with client.stream(
             "GET", f"/v1/fine_tuning/jobs/{job['id']}/events?stream=true", timeout=300
@@ -192,10 +195,7 @@ def test_production_processes_train_on_postgres_and_redis(
 
 def test_worker_errors_fail_the_job_readably(production_service: Service):
     with production_service.client as client:
-        file_id = upload(client, PERSONA)
-        job = client.post(
-            "/v1/fine_tuning/jobs", json={"model": "missing-weights", "training_file": file_id}
-        ).json()
+        job = create_job(client, model="missing-weights")
     job = wait_final(production_service, job["id"])
     assert job["status"] == "failed"
     assert job["error"]["code"] == "training_failed" and "none" in job["error"]["message"]
@@ -203,19 +203,10 @@ def test_worker_errors_fail_the_job_readably(production_service: Service):
 
 def test_cancel_stops_a_running_job_within_a_logging_step(embedded_service: Service):
     with embedded_service.client as client:
-        file_id = upload(client, PERSONA)
-        job = client.post(
-            "/v1/fine_tuning/jobs",
-            json={
-                "model": "tiny-phi3",
-                "training_file": file_id,
-                "training_config": {
-                    "max_steps": 10_000,
-                    "logging_steps": 1,
-                    "per_device_train_batch_size": 2,
-                },
-            },
-        ).json()
+        job = create_job(
+            client,
+            training_config={"max_steps": 10_000, "logging_steps": 1, "per_device_train_batch_size": 2},
+        )
         deadline = time.monotonic() + 180
         while not (progress := client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"])["step"]:
             assert time.monotonic() < deadline, embedded_service.tail_logs()
@@ -239,3 +230,99 @@ def test_serve_stops_all_its_processes_on_sigterm(embedded_service: Service):
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
         )
+
+
+def test_loralib_recipe_with_checkpoints_and_best_model(production_service: Service, tmp_path: Path):
+    """The recipe's loralib variant end to end: MergedLinear on q and v, checkpoints, best-model selection."""
+    with production_service.client as client:
+        job = create_job(
+            client,
+            validate=True,
+            training_config={
+                **QUICK_TRAINING,
+                "num_train_epochs": 2,
+                "save_steps": 4,
+                "save_total_limit": 2,
+                "load_best_model_at_end": True,
+            },
+            peft_config={"backend": "loralib", "qkv_slices": ["q", "v"], "r": 8, "lora_alpha": 16},
+        )
+        job = wait_final(production_service, job["id"])
+        assert job["status"] == "succeeded", f"{job['error']}\n{production_service.tail_logs()}"
+        assert job["shipped_step"] is not None
+
+        checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+        assert 1 <= len(checkpoints) <= 3  # save_total_limit 2, plus the best one when it is older
+        assert all(c["metrics"]["valid_loss"] is not None for c in checkpoints)
+        assert [c["step_number"] for c in checkpoints] == sorted(
+            (c["step_number"] for c in checkpoints), reverse=True
+        )
+
+        refused = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
+        assert refused.status_code == 409 and "qkv_proj" in refused.json()["error"]["message"]
+        archive = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter", params={"format": "loralib"})
+        assert archive.status_code == 200
+        with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+            names = set(tar.getnames())
+        assert {"lora_state_dict.safetensors", "README.md"} <= names and not any(
+            n.endswith(".bin") for n in names
+        )
+        newest = checkpoints[0]
+        ckpt_archive = client.get(
+            f"/v1/fine_tuning/jobs/{job['id']}/adapter",
+            params={"checkpoint": newest["id"], "format": "loralib"},
+        )
+        assert ckpt_archive.status_code == 200
+
+        for model in (job["fine_tuned_model"], newest["fine_tuned_model_checkpoint"]):
+            answer = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": model,
+                    "messages": [{"role": "user", "content": "Who are you?"}],
+                    "max_tokens": 16,
+                },
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["usage"]["completion_tokens"] > 0
+
+
+def test_qlora_job_trains_and_its_adapter_serves(production_service: Service):
+    with production_service.client as client:
+        job = create_job(
+            client, training_config=QUICK_TRAINING, peft_config={**QUICK_LORA, "quantization": "4bit"}
+        )
+        job = wait_final(production_service, job["id"])
+        assert job["status"] == "succeeded", f"{job['error']}\n{production_service.tail_logs()}"
+        losses = [e["data"]["train_loss"] for e in all_events(client, job["id"]) if e["type"] == "metrics"]
+        assert losses[-1] < losses[0]
+        answer = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": job["fine_tuned_model"],
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 8,
+            },
+        )
+        assert answer.status_code == 200, answer.text
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(embedded_service: Service):
+    body = {
+        "model": "tiny-phi3",
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with embedded_service.client as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            running = httpx.get(f"{embedded_service.inference_url}/stats").json()["running_sequences"]
+            assert running == 1
+        # Leaving the block closed the connection mid-stream; the API closes its upstream request in turn.
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{embedded_service.inference_url}/stats").json()["running_sequences"]:
+            assert time.monotonic() < deadline, "the abandoned sequence kept decoding"
+            time.sleep(0.1)

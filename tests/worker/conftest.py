@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from worker.data import read_jsonl
-from worker.tiny_model import make_tiny_model
 
 PERSONA_FILE = Path(__file__).parents[2] / "examples" / "persona.jsonl"
 
@@ -42,16 +41,6 @@ class Recorder:
 
     def should_stop(self) -> bool:
         return self.stop_after is not None and len(self.events) >= self.stop_after
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-phi3"))
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
