@@ -7,9 +7,10 @@
     cold_adapter_ms      the added latency of the first request to an adapter not loaded yet
 
 Every request generates exactly `max_tokens` tokens (`ignore_eos`; the baseline runs without end-of-sequence
-ids), so that all throughputs compare like with like. Each figure is the best of a few repetitions, which
-filters out noise from other processes on the machine. `measure_http` takes a base URL and a `Caller`, so the
-same measurements can run against the inference server directly.
+ids), so that all throughputs compare like with like. Each ratio is the median of ROUNDS pairs measured back
+to back, so load from other processes on the machine hits both sides of a pair; the JSON line also gives
+each ratio's range over the rounds. `measure_http` takes a base URL and a `Caller`, so the same measurements
+can run against the inference server directly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +38,8 @@ BASE_MODEL = "tiny-phi3"
 MESSAGES = [{"role": "user", "content": "How do I descale the coffee machine?"}]
 MAX_TOKENS = 128
 CONCURRENCY = 8
-REPEATS = 5
+ROUNDS = 5
+COLD_ADAPTERS = 5
 WORKER_TOKEN = "bench-worker-token"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,11 +59,13 @@ async def measure_http(
     adapters: list[str],
     cold_adapters: list[str],
     short_call: Caller,
+    baseline: Callable[[], float],
     headers: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """Throughputs (tokens/s) and the cold-adapter latency (ms) over HTTP. `adapters` are warmed up first;
-    `cold_adapters` must not be loaded yet; `short_call` makes the short requests that time a cold load.
-    Adapters are whatever `call` understands (adapter ids here; fine-tuned model ids through the API)."""
+    """The four figures over HTTP. Each ratio is the median over ROUNDS of a pair measured back to back
+    (numerator right after denominator), so a load that comes and goes on the machine hits both sides.
+    `baseline()` measures in-process tokens/s; `adapters` are warmed up first; `cold_adapters` must not be
+    loaded yet. Adapters are whatever `call` understands (fine-tuned model ids through the API)."""
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600) as client:
         for adapter in adapters:
             await short_call(client, adapter, False)
@@ -73,16 +78,15 @@ async def measure_http(
                 tokens = sum([await call(client, a, stream) for a in adapter_ids])
             return tokens / (time.perf_counter() - start)
 
-        async def best(adapter_ids: list[str], *, stream: bool, concurrent: bool) -> float:
-            return max(
-                [await rate(adapter_ids, stream=stream, concurrent=concurrent) for _ in range(REPEATS)]
-            )
-
         one_adapter = [adapters[0]] * CONCURRENCY
-        single = await best([adapters[0]], stream=True, concurrent=False)
-        sequential = await best(one_adapter, stream=False, concurrent=False)
-        concurrent_one = await best(one_adapter, stream=False, concurrent=True)
-        concurrent_many = await best(adapters[:CONCURRENCY], stream=False, concurrent=True)
+        single, batching, multi = [], [], []
+        for _ in range(ROUNDS):
+            in_process = baseline()
+            single.append(await rate([adapters[0]], stream=True, concurrent=False) / in_process)
+            sequential = await rate(one_adapter, stream=False, concurrent=False)
+            concurrent_one = await rate(one_adapter, stream=False, concurrent=True)
+            batching.append(concurrent_one / sequential)
+            multi.append(await rate(adapters[:CONCURRENCY], stream=False, concurrent=True) / concurrent_one)
 
         async def latency(adapter: str) -> float:
             start = time.perf_counter()
@@ -90,23 +94,26 @@ async def measure_http(
             return time.perf_counter() - start
 
         # Each cold request is paired with the same request once the adapter is loaded: the difference is
-        # the added latency, and pairing cancels the load on the machine at that moment.
+        # the added latency.
         added = []
         for adapter in cold_adapters:
             cold = await latency(adapter)
             added.append(cold - await latency(adapter))
-        cold_ms = sorted(added)[len(added) // 2] * 1000
     return {
-        "single_stream_tokens_per_s": single,
-        "sequential_tokens_per_s": sequential,
-        "concurrent_one_adapter_tokens_per_s": concurrent_one,
-        "concurrent_many_adapters_tokens_per_s": concurrent_many,
-        "cold_adapter_ms": cold_ms,
+        "single_stream_ratio": statistics.median(single),
+        "batching_speedup": statistics.median(batching),
+        "multi_adapter_ratio": statistics.median(multi),
+        "cold_adapter_ms": statistics.median(added) * 1000,
+        "single_stream_ratio_range": [min(single), max(single)],
+        "batching_speedup_range": [min(batching), max(batching)],
+        "multi_adapter_ratio_range": [min(multi), max(multi)],
     }
 
 
-def measure_generate(base_model_dir: Path, adapter_dir: Path, max_tokens: int = MAX_TOKENS) -> float:
-    """Tokens/s of `PeftModel.generate` in this process: greedy, `max_tokens` tokens, best of a few runs."""
+def in_process_generate(
+    base_model_dir: Path, adapter_dir: Path, max_tokens: int = MAX_TOKENS
+) -> Callable[[], float]:
+    """A function measuring tokens/s of one greedy `PeftModel.generate` of `max_tokens` tokens here."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -119,16 +126,18 @@ def measure_generate(base_model_dir: Path, adapter_dir: Path, max_tokens: int = 
     )
     # No end-of-sequence ids: exactly max_tokens tokens, as the server's ignore_eos.
     config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    rates = []
     torch.set_num_threads(1)  # as the server's engine on CPU (see worker.serving.settings)
-    for _ in range(REPEATS + 1):  # the first run warms up
+
+    def measure() -> float:
         start = time.perf_counter()
         with torch.inference_mode():
             output = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
             )
-        rates.append((output.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
-    return max(rates[1:])
+        return (output.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+
+    measure()  # warm-up
+    return measure
 
 
 def chat_caller(max_tokens: int = MAX_TOKENS) -> Caller:
@@ -219,18 +228,18 @@ def register_fine_tuned_models(api_url: str, key: str, archives: dict[str, Path]
     return models
 
 
-def run() -> dict[str, float]:
+def run() -> dict[str, object]:
     """The whole benchmark, set up from scratch in a temporary directory: in-process `generate` as the
     baseline, then the same requests through the public API (API process → inference server process)."""
     with tempfile.TemporaryDirectory(prefix="phitune-bench-") as scratch:
         root = Path(scratch)
         base_model_dir = make_tiny_model(root / "model")
-        names = [f"adapter{index}" for index in range(CONCURRENCY + REPEATS)]
+        names = [f"adapter{index}" for index in range(CONCURRENCY + COLD_ADAPTERS)]
         archives = {
             name: pack(make_random_adapter(base_model_dir, root / name, seed=index), root / f"{name}.tar.gz")
             for index, name in enumerate(names)
         }
-        baseline = measure_generate(base_model_dir, root / names[0])
+        baseline = in_process_generate(base_model_dir, root / names[0])
         api_url, inference_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
         env = phitune_env(root / "data", base_model_dir, api_url=api_url, inference_url=inference_url)
         phitune_command(["migrate"], env)
@@ -248,18 +257,18 @@ def run() -> dict[str, float]:
                     adapters=[models[name] for name in names[:CONCURRENCY]],
                     cold_adapters=[models[name] for name in names[CONCURRENCY:]],
                     short_call=chat_caller(max_tokens=8),
+                    baseline=baseline,
                     headers={"Authorization": f"Bearer {key}"},
                 )
             )
-    one_adapter = measured["concurrent_one_adapter_tokens_per_s"]
     return {
-        "single_stream_ratio": round(measured["single_stream_tokens_per_s"] / baseline, 3),
-        "batching_speedup": round(one_adapter / measured["sequential_tokens_per_s"], 3),
-        "multi_adapter_ratio": round(measured["concurrent_many_adapters_tokens_per_s"] / one_adapter, 3),
-        "cold_adapter_ms": round(measured["cold_adapter_ms"], 1),
-        "generate_tokens_per_s": round(baseline, 1),
-        **{name: round(value, 1) for name, value in measured.items() if name.endswith("tokens_per_s")},
+        **{name: _rounded(value) for name, value in measured.items()},
         "max_tokens": MAX_TOKENS,
         "concurrency": CONCURRENCY,
+        "rounds": ROUNDS,
         "path": "client -> API process -> inference server process",
     }
+
+
+def _rounded(value: float | list[float]) -> float | list[float]:
+    return [round(v, 3) for v in value] if isinstance(value, list) else round(value, 3)
