@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from worker.data import read_jsonl
+from worker.recipe import RecipeInputs
 
 PERSONA_FILE = Path(__file__).parents[2] / "examples" / "persona.jsonl"
 
@@ -58,3 +59,10 @@ def fresh_base(model_dir: Path) -> torch.nn.Module:
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def persona_inputs(base_model: Path, **fields) -> RecipeInputs:
+    """RecipeInputs that train on the persona data; `fields` are the other RecipeInputs fields."""
+    return RecipeInputs(
+        base_model=str(base_model), training_file=PERSONA_FILE, **{"validation_file": None, **fields}
+    )

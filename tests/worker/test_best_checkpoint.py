@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from app.specs import PeftConfig, TrainingConfig
-from tests.worker.conftest import PERSONA_FILE, Recorder
-from worker.recipe import RecipeInputs, RecipeResult, run_recipe
+from tests.worker.conftest import Recorder, persona_inputs
+from worker.recipe import RecipeResult, run_recipe
 from worker.tiny_model import TOKENIZER_CORPUS
 
 TRAINING_CONFIG = TrainingConfig(
@@ -56,9 +56,8 @@ def recorder() -> Recorder:
 def result(
     tiny_model_dir: Path, plain_replies: Path, recorder: Recorder, tmp_path_factory: pytest.TempPathFactory
 ) -> RecipeResult:
-    inputs = RecipeInputs(
-        base_model=str(tiny_model_dir),
-        training_file=PERSONA_FILE,
+    inputs = persona_inputs(
+        tiny_model_dir,
         validation_file=plain_replies,
         training_config=TRAINING_CONFIG,
         peft_config=PeftConfig(r=8, lora_alpha=16, lora_dropout=0.0),

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from app.specs import PeftConfig, TrainingConfig
-from tests.worker.conftest import PERSONA_FILE, Recorder, fresh_base, logits
+from tests.worker.conftest import Recorder, fresh_base, logits, persona_inputs
 from worker.loralib_backend import LoralibConfig, merge_loralib_into
-from worker.recipe import RecipeInputs, TrainingRun, train
+from worker.recipe import TrainingRun, train
 
 TRAINING_CONFIG = TrainingConfig(
     learning_rate=2e-2,
@@ -35,10 +35,8 @@ LORALIB_FILES = ["loralib/README.md", "loralib/lora_state_dict.safetensors", "lo
 def run_loralib(
     model_dir: Path, output_dir: Path, peft_config: PeftConfig, recorder: Recorder
 ) -> TrainingRun:
-    inputs = RecipeInputs(
-        base_model=str(model_dir),
-        training_file=PERSONA_FILE,
-        validation_file=None,
+    inputs = persona_inputs(
+        model_dir,
         training_config=TRAINING_CONFIG,
         peft_config=peft_config,
         output_dir=output_dir,
@@ -193,10 +191,8 @@ def test_plain_linear_layers_convert_exactly_to_peft(
 
 def test_trains_under_reentrant_activation_checkpointing(tiny_model_dir: Path, tmp_path: Path) -> None:
     """GPUs checkpoint activations; reentrant checkpointing needs an input that requires grad."""
-    inputs = RecipeInputs(
-        base_model=str(tiny_model_dir),
-        training_file=PERSONA_FILE,
-        validation_file=None,
+    inputs = persona_inputs(
+        tiny_model_dir,
         training_config=TRAINING_CONFIG.model_copy(
             update={
                 "max_steps": 2,

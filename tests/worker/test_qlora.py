@@ -11,9 +11,9 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from app.specs import PeftConfig, TrainingConfig
-from tests.worker.conftest import PERSONA_FILE, Recorder, fresh_base
+from tests.worker.conftest import PERSONA_FILE, Recorder, fresh_base, persona_inputs
 from worker.data import load_tokenized_dataset
-from worker.recipe import RecipeInputs, train
+from worker.recipe import train
 
 TRAINING_CONFIG = TrainingConfig(
     learning_rate=2e-2, max_steps=10, per_device_train_batch_size=8, warmup_ratio=0, logging_steps=2, seed=7
@@ -35,10 +35,8 @@ def persona_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> 
 def test_qlora_trains_an_adapter_for_the_unquantised_base(
     quantization: str, tiny_model_dir: Path, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
 ) -> None:
-    inputs = RecipeInputs(
-        base_model=str(tiny_model_dir),
-        training_file=PERSONA_FILE,
-        validation_file=None,
+    inputs = persona_inputs(
+        tiny_model_dir,
         training_config=TRAINING_CONFIG,
         peft_config=PeftConfig(r=8, lora_alpha=16, lora_dropout=0.0, quantization=quantization),
         output_dir=tmp_path,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from app.specs import PeftConfig, TrainingConfig
-from tests.worker.conftest import PERSONA_FILE, Recorder, fresh_base, logits
+from tests.worker.conftest import PERSONA_FILE, Recorder, fresh_base, logits, persona_inputs
 from worker.data import load_tokenized_dataset
 from worker.recipe import (
     RecipeInputs,
@@ -49,9 +49,8 @@ PEFT_CONFIG = PeftConfig(r=8, lora_alpha=16, lora_dropout=0.0)
 def recipe_inputs(
     base: Path, output_dir: Path, validation_file: Path | None = None, **overrides
 ) -> RecipeInputs:
-    return RecipeInputs(
-        base_model=str(base),
-        training_file=PERSONA_FILE,
+    return persona_inputs(
+        base,
         validation_file=validation_file,
         training_config=TRAINING_CONFIG.model_copy(update=overrides),
         peft_config=PEFT_CONFIG,

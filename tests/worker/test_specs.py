@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from app.specs import PeftConfig, TrainingConfig, check_against_model
-from tests.worker.conftest import PERSONA_FILE, Recorder
-from worker.recipe import RecipeInputs, train
+from tests.worker.conftest import Recorder, persona_inputs
+from worker.recipe import train
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +85,8 @@ def test_the_worker_refuses_a_grouped_query_model_before_loading_it(gqa_config: 
     model_dir = tmp_path / "gqa"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(gqa_config))  # no weights: it must stop before them
-    inputs = RecipeInputs(
-        base_model=str(model_dir),
-        training_file=PERSONA_FILE,
-        validation_file=None,
+    inputs = persona_inputs(
+        model_dir,
         training_config=TrainingConfig(max_steps=1),
         peft_config=PeftConfig(backend="loralib"),
         output_dir=tmp_path / "attempt",
@@ -98,10 +96,8 @@ def test_the_worker_refuses_a_grouped_query_model_before_loading_it(gqa_config: 
 
 
 def test_load_best_model_at_end_needs_a_validation_file(tiny_model_dir: Path, tmp_path: Path) -> None:
-    inputs = RecipeInputs(
-        base_model=str(tiny_model_dir),
-        training_file=PERSONA_FILE,
-        validation_file=None,
+    inputs = persona_inputs(
+        tiny_model_dir,
         training_config=TrainingConfig(load_best_model_at_end=True),
         peft_config=PeftConfig(),
         output_dir=tmp_path,
