@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -104,6 +105,8 @@ def follow(client: httpx.Client, job_id: str) -> float | None:
 
 def check_adapter_loads(adapter_dir: Path, base_dir: Path) -> int:
     """Load base + adapter with PEFT, as a user would; returns how many LoRA matrices it trained."""
+    # bitsandbytes, imported by peft, would say that its optional CPU kernels package is absent.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
