@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import SessionDep, SettingsDep, StorageDep
@@ -15,6 +17,7 @@ from app.files.service import get_file
 from app.internal import service
 from app.jobs import artifacts, checkpoints
 from app.models import Artifact
+from app.storage import Storage
 
 router = APIRouter(prefix="/jobs")
 adapters_router = APIRouter(prefix="/adapters")
@@ -110,7 +113,16 @@ async def upload_checkpoint_adapter(
     )
 
 
-async def _receive(request, session, storage, job_id, authorization, scope, fmt) -> dict[str, Any]:
+async def _receive(
+    request: Request,
+    session: Session,
+    storage: Storage,
+    job_id: str,
+    authorization: str | None,
+    scope: str,
+    fmt: artifacts.Format,
+) -> dict[str, Any]:
+    """Stream an archive to storage, then record it as the attempt's artifact of `scope` in `fmt`."""
     await run_in_threadpool(service.attempt_job, session, job_id, authorization)
     await run_in_threadpool(session.commit)  # release the row lock while the body streams in
     temp, sha256, size = await artifacts.receive_archive(request, storage)
@@ -123,10 +135,22 @@ async def _receive(request, session, storage, job_id, authorization, scope, fmt)
     return {"bytes": size, "sha256": sha256}
 
 
-def _save(session, storage, job_id, authorization, scope, fmt, temp, sha256, size) -> None:
+def _save(
+    session: Session,
+    storage: Storage,
+    job_id: str,
+    authorization: str | None,
+    scope: str,
+    fmt: artifacts.Format,
+    temp: Path,
+    sha256: str,
+    size: int,
+) -> None:
     job = service.attempt_job(session, job_id, authorization)  # again: the attempt may be over by now
-    artifacts.save_artifact(session, storage, job, scope, fmt, temp, sha256, size)
+    replaced = artifacts.save_artifact(session, storage, job, scope, fmt, temp, sha256, size)
     session.commit()
+    if replaced:
+        storage.delete(replaced)
 
 
 class CheckpointReport(BaseModel):

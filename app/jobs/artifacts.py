@@ -50,21 +50,20 @@ async def receive_archive(request: Request, storage: Storage) -> tuple[Path, str
 
 def save_artifact(
     session: Session, storage: Storage, job: Job, scope: str, fmt: Format, temp: Path, sha256: str, size: int
-) -> Artifact:
-    """Move an uploaded archive into place as the job's `scope` artifact in `fmt`, replacing an older one."""
+) -> str | None:
+    """Move an uploaded archive into place as the job's `scope` artifact in `fmt`. Returns the storage key of
+    an archive it replaced, for the caller to delete once the transaction has committed."""
     key = f"adapters/{job.id}/{scope}-attempt-{job.attempt}.{fmt}.tar.gz"
     storage.commit(temp, key)
     artifact = find(session, job.id, scope, fmt)
     if artifact is None:
-        artifact = Artifact(
-            job_id=job.id, scope=scope, format=fmt, storage_key=key, sha256=sha256, bytes=size
+        session.add(
+            Artifact(job_id=job.id, scope=scope, format=fmt, storage_key=key, sha256=sha256, bytes=size)
         )
-        session.add(artifact)
-    else:
-        if artifact.storage_key != key:
-            storage.delete(artifact.storage_key)
-        artifact.storage_key, artifact.sha256, artifact.bytes = key, sha256, size
-    return artifact
+        return None
+    replaced = artifact.storage_key if artifact.storage_key != key else None
+    artifact.storage_key, artifact.sha256, artifact.bytes = key, sha256, size
+    return replaced
 
 
 def find(session: Session, job_id: str, scope: str, fmt: str) -> Artifact | None:
