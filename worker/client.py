@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+# About two minutes in all: a restart of the API, not an outage, which the lease and a retry handle.
+RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15, 30, 60)
+RETRIED_STATUSES = {502, 503, 504}
+log = logging.getLogger(__name__)
 
 
 class ClaimRefused(Exception):
@@ -29,8 +36,17 @@ class Claim:
 class ApiClient:
     """HTTP client for one worker; `attempt(claim)` gives the client scoped to that job attempt."""
 
-    def __init__(self, api_url: str, worker_token: str, *, timeout: float = 60.0) -> None:
-        self._http = httpx.Client(base_url=api_url.rstrip("/") + "/internal/v1", timeout=timeout)
+    def __init__(
+        self,
+        api_url: str,
+        worker_token: str,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=api_url.rstrip("/") + "/internal/v1", timeout=timeout, transport=transport
+        )
         self._worker_token = worker_token
 
     def close(self) -> None:
@@ -74,10 +90,7 @@ class AttemptClient:
     def upload_adapter(self, archive: Path, fmt: str, *, step: int | None = None) -> dict[str, Any]:
         """Store the final adapter archive in one format, or a checkpoint's when `step` is given."""
         path = f"{self._prefix}/checkpoints/{step}/adapter" if step else f"{self._prefix}/adapter"
-        with archive.open("rb") as body:
-            response = self._http.put(path, params={"format": fmt}, content=body, headers=self._headers)
-        response.raise_for_status()
-        return response.json()
+        return self._send("PUT", path, params={"format": fmt}, content=archive.read_bytes())
 
     def publish_checkpoint(self, step: int, metrics: dict[str, Any]) -> None:
         self._post("/checkpoints", {"step": step, "metrics": metrics})
@@ -90,7 +103,23 @@ class AttemptClient:
         self._post("/complete", body)
 
     def _post(self, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
-        response = self._http.post(self._prefix + path, json=body, headers=self._headers)
+        return self._send("POST", self._prefix + path, json=body)
+
+    def _send(self, method: str, path: str, **request: Any) -> dict[str, Any]:
+        """One call, retried while the API cannot be reached or is restarting, so that a redeploy of the API
+        does not fail a long training job. Only failures before the API handled the call are retried."""
+        for delay in RETRY_DELAYS:
+            try:
+                response = self._http.request(method, path, headers=self._headers, **request)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                log.warning("API unreachable (%s); retrying in %ss", exc, delay)
+            else:
+                if response.status_code not in RETRIED_STATUSES:
+                    response.raise_for_status()
+                    return response.json()
+                log.warning("API answered %s; retrying in %ss", response.status_code, delay)
+            time.sleep(delay)
+        response = self._http.request(method, path, headers=self._headers, **request)
         response.raise_for_status()
         return response.json()
 
