@@ -41,11 +41,18 @@ def keys() -> None:
 @click.option("--tenant", required=True, help="Tenant name; created if it does not exist.")
 def create_key(tenant: str) -> None:
     """Create an API key; it is printed once, alone on the last line."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
     from app.auth import create_api_key
     from app.db import session_scope
 
-    with session_scope(get_settings().resolved_database_url) as session:
-        key = create_api_key(session, tenant)
+    try:
+        with session_scope(get_settings().resolved_database_url) as session:
+            key = create_api_key(session, tenant)
+    except (OperationalError, ProgrammingError) as error:  # no tables: the schema was never migrated
+        raise click.ClickException(
+            f"the database is not ready ({error.orig}); run `phitune migrate` first"
+        ) from None
     click.echo(f"Created an API key for tenant '{tenant}'. Store it now; it cannot be shown again:")
     click.echo(key)
 
