@@ -179,6 +179,12 @@ def chat_and_verify(service: Service, model_id: str, model: PeftModel, base_mode
     assert chunks[-1].usage.completion_tokens == created.usage.completion_tokens
     with pytest.raises(openai.NotFoundError):
         sdk.chat.completions.create(model=model_id + "x", messages=messages)
+    with pytest.raises(openai.BadRequestError) as too_many:
+        sdk.chat.completions.create(model=model_id, messages=messages, max_tokens=1_000_000)
+    assert too_many.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        sdk.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "coffee " * 3000}])
+    assert too_long.value.body["code"] == "context_length_exceeded"
 
 
 def test_embedded_serve_trains_and_serves_the_adapter(embedded_service: Service, tmp_path: Path):
