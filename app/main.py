@@ -18,6 +18,7 @@ from app.internal.routes import adapters_router as internal_adapters_router
 from app.internal.routes import router as internal_router
 from app.jobs.outbox import OutboxRelay
 from app.jobs.routes import router as jobs_router
+from app.metrics import install_metrics
 from app.models_api.routes import router as models_router
 from app.storage import Storage
 
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = Storage(settings.storage_dir)
     app.state.relay = relay
     install_error_handlers(app)
+    install_metrics(app, settings)
     app.include_router(files_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
     app.include_router(models_router, prefix="/v1")
