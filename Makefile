@@ -32,7 +32,7 @@ lint: dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: dev
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench inference
 
 clean:
 	rm -rf $(VENV) .phitune .pytest_cache .ruff_cache
