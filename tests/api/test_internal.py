@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 
@@ -33,13 +34,14 @@ def claim(client, job_id: str) -> tuple[dict, dict[str, str]]:
 
 
 def tiny_archive() -> bytes:
+    """A small adapter archive, byte-identical on every call (gzip's header time is fixed)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
         data = b"{}"
         info = tarfile.TarInfo("adapter_config.json")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return gzip.compress(buffer.getvalue(), mtime=0)
 
 
 def test_internal_routes_are_not_in_the_public_schema(client):
