@@ -306,17 +306,22 @@ class ReporterCallback(TrainerCallback):
         if control.should_evaluate:
             self._pending = event
         else:
-            self.reporter.on_metrics(event)
+            self._report(event, control)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         event, self._pending = self._pending, None
-        self.reporter.on_metrics(
-            {
-                **event,
-                "eval_loss": metrics["eval_loss"],
-                "eval_mean_token_accuracy": metrics["eval_mean_token_accuracy"],
-            }
-        )
+        metrics = {
+            "eval_loss": metrics["eval_loss"],
+            "eval_mean_token_accuracy": metrics["eval_mean_token_accuracy"],
+        }
+        self._report({**event, **metrics}, control)
+
+    def _report(self, event: dict, control) -> None:
+        """Send a metrics event; the reply may carry a cancellation, which stops training after this step."""
+        self.reporter.on_metrics(event)
+        if self.reporter.should_stop():
+            self.cancelled = True
+            control.should_training_stop = True
 
 
 def last_train_loss(trainer: SFTTrainer) -> float | None:

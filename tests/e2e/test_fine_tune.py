@@ -221,7 +221,7 @@ def test_cancel_stops_a_running_job_within_a_logging_step(embedded_service: Serv
         job = wait_final(embedded_service, job["id"], timeout=60)
         assert job["status"] == "cancelled"
         last_step = max(e["data"]["step"] for e in all_events(client, job["id"]) if e["type"] == "metrics")
-        # The worker hears of the cancel in the reply to its next metrics post, then stops at that step.
+        # A metrics post may be in flight as the cancel lands; the next one hears of it, and training stops.
         assert last_step <= cancelled_at + 2, (cancelled_at, last_step)
         assert progress["total_steps"] == 10_000
 

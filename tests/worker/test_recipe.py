@@ -167,12 +167,12 @@ def test_saved_adapter_reproduces_the_trained_model(
     assert not torch.allclose(reloaded_logits, logits(fresh_base(tiny_model_dir), persona_ids), atol=1e-2)
 
 
-def test_cancelled_job_stops_at_the_next_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_cancelled_job_stops_at_the_step_that_heard_of_it(tiny_model_dir: Path, tmp_path: Path) -> None:
     recorder = Recorder(stop_after=1)
     result = run_recipe(recipe_inputs(tiny_model_dir, tmp_path, logging_steps=1, max_steps=50), recorder)
     assert result.cancelled
-    assert result.steps == 2  # should_stop() turned True after step 1's event
-    assert [event["step"] for event in recorder.events] == [1, 2]  # the last step's loss is reported
+    assert result.steps == 1  # should_stop() turned True with step 1's event, as the API's reply does
+    assert [event["step"] for event in recorder.events] == [1]
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
 
 
