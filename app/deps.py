@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import tenant_for_key
 from app.config import Settings
-from app.db import get_sessionmaker
+from app.db import session_scope
 from app.models import Tenant
 from app.storage import Storage
 
@@ -23,18 +23,14 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
-    session = get_sessionmaker(settings.resolved_database_url)()
-    try:
+    """The request's unit of work, committed when the route function returns."""
+    with session_scope(settings.resolved_database_url) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the commit runs when the route returns, before the response is sent, so a client never
+# sees a 200 for a write that is not yet (or never) committed; a failed commit becomes the error response.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_storage(request: Request) -> Storage:

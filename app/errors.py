@@ -12,6 +12,10 @@
     ├── InvalidFile                 422 invalid_file, with line-numbered details
     └── ServiceUnavailable          503 server_error (the inference server is unreachable)
 
+Database errors that escape a route (a commit that fails, a lost connection) are answered too: a constraint
+violation with 409 `conflict`, anything else with 503 `database_unavailable`. The transaction is rolled back
+either way, so such a response never stands for a write that happened.
+
 Services raise these; one exception handler turns them into
 `{"error": {"message", "type", "param", "code", "details"?}}` so services never build responses.
 """
@@ -23,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -139,6 +144,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         error = validation_error(exc)
+        return JSONResponse(error.body(), status_code=error.status_code)
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity_error(_: Request, exc: IntegrityError) -> JSONResponse:
+        error = Conflict("The request conflicts with a concurrent change; nothing was saved", code="conflict")
+        return JSONResponse(error.body(), status_code=error.status_code)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_error(_: Request, exc: SQLAlchemyError) -> JSONResponse:
+        error = ServiceUnavailable(
+            "The database could not complete the request; nothing was saved. Retry later.",
+            code="database_unavailable",
+        )
         return JSONResponse(error.body(), status_code=error.status_code)
 
     @app.exception_handler(StarletteHTTPException)
