@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import click
 
 from app.config import get_settings
 
-STOP_GRACE_SECONDS = 15
+SERVER_STOP_GRACE_SECONDS = 15  # the API and inference server; the worker's is a setting
 
 
 @click.group()
@@ -120,7 +117,11 @@ def worker() -> None:
 @click.option("--port", default=8000, show_default=True)
 @click.option("--inference-port", default=8001, show_default=True)
 def serve(host: str, port: int, inference_port: int) -> None:
-    """All in one: migrate, then run the API, a worker and the inference server until Ctrl-C / SIGTERM."""
+    """All in one: migrate, then run the API, a worker and the inference server until Ctrl-C / SIGTERM.
+
+    A child that dies is restarted (with backoff) while the others keep running.
+    """
+    from app.supervisor import Child, Supervisor
     from worker.bootstrap import ensure_tiny_model
 
     settings = get_settings()
@@ -132,44 +133,25 @@ def serve(host: str, port: int, inference_port: int) -> None:
         "PHITUNE_API_URL": f"http://{reachable}:{port}",
         "PHITUNE_INFERENCE_URL": f"http://127.0.0.1:{inference_port}",
     }
-    children = [
-        _spawn(["api", "--host", host, "--port", str(port)], env),
-        _spawn(["worker"], env),
-        _spawn(["inference", "--host", "127.0.0.1", "--port", str(inference_port)], env),
-    ]
-    stopping = False
-
-    def _request_stop(signum, _frame) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, _request_stop)
-    signal.signal(signal.SIGTERM, _request_stop)
-    click.echo(f"phitune is serving on http://{reachable}:{port} (Ctrl-C stops it)")
-    while not stopping and all(child.poll() is None for child in children):
-        time.sleep(0.2)
-    crashed = [child for child in children if child.poll() not in (None, 0)]
-    _stop_all(children)
-    if crashed and not stopping:
-        raise SystemExit(f"a phitune process exited with status {crashed[0].returncode}; stopped the others")
-
-
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    # A new session each, so a terminal's Ctrl-C reaches only `serve`, which stops them in order.
-    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, start_new_session=True)
-
-
-def _stop_all(children: list[subprocess.Popen]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+    # The worker's grace is long enough to save its training state; the servers only finish requests.
+    worker_grace = settings.stop_grace_seconds
+    server_grace = min(SERVER_STOP_GRACE_SECONDS, worker_grace)
+    cli = [sys.executable, "-m", "app.cli"]
+    supervisor = Supervisor(
+        [
+            Child("api", [*cli, "api", "--host", host, "--port", str(port)], server_grace),
+            Child("worker", [*cli, "worker"], worker_grace),
+            Child(
+                "inference",
+                [*cli, "inference", "--host", "127.0.0.1", "--port", str(inference_port)],
+                server_grace,
+            ),
+        ],
+        env,
+    )
+    supervisor.run(
+        on_started=lambda: click.echo(f"phitune is serving on http://{reachable}:{port} (Ctrl-C stops it)")
+    )
 
 
 if __name__ == "__main__":
