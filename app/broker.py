@@ -8,6 +8,9 @@ from app.config import Settings
 
 TRAINING_QUEUE = "training"
 TRAIN_TASK = "phitune.train_job"
+# Redis re-delivers a message not acknowledged within this long to another worker. Messages are acknowledged
+# when their task ends, so it must outlast the longest attempt; see visibility_timeout().
+VISIBILITY_MARGIN_SECONDS = 3600
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -24,8 +27,10 @@ def make_celery(settings: Settings) -> Celery:
             "data_folder_out": str(queue_dir),
             "control_folder": str(control_dir),
         }
-    elif url.startswith(("redis://", "rediss://")) and settings.broker_key_prefix:
-        options = {"global_keyprefix": settings.broker_key_prefix}
+    elif url.startswith(("redis://", "rediss://")):
+        options = {"visibility_timeout": visibility_timeout(settings)}
+        if settings.broker_key_prefix:
+            options["global_keyprefix"] = settings.broker_key_prefix
     celery.conf.update(
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,
@@ -33,13 +38,25 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        # One training job at a time per worker; a job is never prefetched behind a running one.
+        # Acknowledged when the task ends, not when it starts: a worker that dies between taking a message
+        # and claiming its job leaves the message to be delivered again (a job the API has already
+        # re-queued by its lease is claimed once; the other copy is refused by the claim and dropped).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One training job at a time per worker. With late acknowledgement, the running job's message is
+        # the one unacknowledged message a worker may hold, so no job waits behind a running one.
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         # The embedded transport has no broadcast worth paying for; Redis keeps `celery inspect` working.
         worker_enable_remote_control=not url.startswith("filesystem://"),
     )
     return celery
+
+
+def visibility_timeout(settings: Settings) -> int:
+    """Longer than any attempt may run (max_job_seconds), so a running job's message is never handed to a
+    second worker while the first is alive."""
+    return int(settings.max_job_seconds) + VISIBILITY_MARGIN_SECONDS
 
 
 def enqueue_training(celery: Celery, job_id: str) -> None:

@@ -139,12 +139,14 @@ def serve(host: str, port: int, inference_port: int) -> None:
     cli = [sys.executable, "-m", "app.cli"]
     supervisor = Supervisor(
         [
-            Child("api", [*cli, "api", "--host", host, "--port", str(port)], server_grace),
-            Child("worker", [*cli, "worker"], worker_grace),
+            Child("api", [*cli, "api", "--host", host, "--port", str(port)], server_grace, stop_wave=1),
+            # Stopped first: it saves its training state and hands its job back to the API, still up.
+            Child("worker", [*cli, "worker"], worker_grace, stop_wave=0),
             Child(
                 "inference",
                 [*cli, "inference", "--host", "127.0.0.1", "--port", str(inference_port)],
                 server_grace,
+                stop_wave=1,
             ),
         ],
         env,

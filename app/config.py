@@ -46,6 +46,21 @@ class Settings(BaseSettings):
     )
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker renews its lease.")
     outbox_relay_seconds: float = Field(5.0, gt=0, description="How often unsent job messages are re-sent.")
+    redeliver_seconds: float = Field(
+        60.0, gt=0, description="A job queued this long while the broker holds no message is sent again."
+    )
+    resume_state_seconds: float = Field(
+        600.0, gt=0, description="A running job stores a resume state at least this often, and at save_steps."
+    )
+    max_job_seconds: float = Field(
+        7 * 24 * 3600.0, gt=0, description="An attempt that trains longer than this fails (job time limit)."
+    )
+    stop_grace_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How long `phitune serve` lets its worker stop (and save its training state) after "
+        "SIGTERM before killing it; the API and the inference server get at most 15 s.",
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -16,6 +16,7 @@ from app.errors import install_error_handlers
 from app.files.routes import router as files_router
 from app.internal.routes import adapters_router as internal_adapters_router
 from app.internal.routes import router as internal_router
+from app.jobs.event_stream import EventHub
 from app.jobs.outbox import OutboxRelay
 from app.jobs.routes import router as jobs_router
 from app.metrics import install_metrics
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     relay = OutboxRelay(settings)
+    events = EventHub(settings.resolved_database_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -37,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await events.aclose()
             await app.state.inference.aclose()
             relay.stop()
 
@@ -49,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = Storage(settings.storage_dir)
     app.state.relay = relay
+    app.state.events = events
     install_error_handlers(app)
     install_metrics(app, settings)
     app.include_router(files_router, prefix="/v1")

@@ -39,6 +39,9 @@ class Child:
     name: str
     argv: list[str]
     grace_seconds: float
+    # Children stop in waves of rising stop_wave: the worker first, while the API it hands its job back to
+    # is still up; then the servers.
+    stop_wave: int = 0
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     failures: int = 0  # deaths in a row without a stable run: the exponent of the next delay
@@ -110,11 +113,16 @@ class Supervisor:
             )
 
     def stop(self) -> None:
-        """SIGTERM every running child, wait up to its grace period, then SIGKILL its process group."""
+        """Wave by wave (`Child.stop_wave`): SIGTERM every running child, wait up to its grace period, then
+        SIGKILL its process group."""
         self.stopping = True
         for child in self.children:
             child.restart_at = None  # a child waiting out its backoff stays down
-        running = [c for c in self.children if c.process is not None and c.process.poll() is None]
+        for wave in sorted({child.stop_wave for child in self.children}):
+            self._stop_wave([child for child in self.children if child.stop_wave == wave])
+
+    def _stop_wave(self, children: list[Child]) -> None:
+        running = [c for c in children if c.process is not None and c.process.poll() is None]
         for child in running:
             child.process.terminate()
         started = time.monotonic()

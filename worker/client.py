@@ -2,35 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-# About two minutes in all: a restart of the API, not an outage, which the lease and a retry handle.
-RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15, 30, 60)
+from app.internal.contracts import ClaimReply, LeaseReply, StateReceipt
+
+# Delays between retries of a call the API did not answer; the last one repeats until the lease is lost.
+RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
 RETRIED_STATUSES = {502, 503, 504}
 log = logging.getLogger(__name__)
 
 
+class LeaseLost(Exception):
+    """The API has not answered for longer than the lease: the job has been (or is being) handed to a new
+    attempt, so this one must stop training."""
+
+
 class ClaimRefused(Exception):
     """The job is no longer queued (cancelled, finished, or claimed by another worker)."""
-
-
-@dataclass(frozen=True)
-class Claim:
-    job_id: str
-    attempt: int
-    token: str
-    model: str
-    training_file: str
-    validation_file: str | None
-    training_config: dict[str, Any]
-    peft_config: dict[str, Any]
-    heartbeat_seconds: float
 
 
 class ApiClient:
@@ -52,40 +47,50 @@ class ApiClient:
     def close(self) -> None:
         self._http.close()
 
-    def claim(self, job_id: str) -> Claim:
+    def claim(self, job_id: str) -> ClaimReply:
         response = self._http.post(f"/jobs/{job_id}/claim", headers=_bearer(self._worker_token))
         if response.status_code == 409:
             raise ClaimRefused(response.json()["error"]["message"])
         response.raise_for_status()
-        return Claim(**{k: v for k, v in response.json().items() if k in Claim.__dataclass_fields__})
+        return ClaimReply.model_validate(response.json())
 
-    def attempt(self, claim: Claim) -> AttemptClient:
+    def attempt(self, claim: ClaimReply) -> AttemptClient:
         return AttemptClient(self._http, claim)
 
 
 class AttemptClient:
     """Calls authorised by one attempt's token."""
 
-    def __init__(self, http: httpx.Client, claim: Claim) -> None:
+    def __init__(self, http: httpx.Client, claim: ClaimReply) -> None:
         self._http = http
         self._prefix = f"/jobs/{claim.job_id}"
         self._headers = _bearer(claim.token)
+        self._lease_seconds = claim.lease_seconds
 
     def download_file(self, file_id: str, destination: Path) -> Path:
-        with self._http.stream("GET", f"{self._prefix}/files/{file_id}", headers=self._headers) as response:
-            response.raise_for_status()
-            with destination.open("wb") as out:
-                for chunk in response.iter_bytes():
-                    out.write(chunk)
-        return destination
+        return self._download(f"{self._prefix}/files/{file_id}", destination)
 
-    def heartbeat(self) -> bool:
-        """Renew the lease; True when the job was cancelled."""
-        return self._post("/heartbeat", None)["cancel_requested"]
+    def download_resume_state(self, state_id: str, destination: Path) -> Path:
+        return self._download(f"{self._prefix}/resume_states/{state_id}", destination)
 
-    def post_events(self, events: list[dict[str, Any]]) -> bool:
-        """Record events; True when the job was cancelled."""
-        return self._post("/events", {"events": events})["cancel_requested"]
+    def heartbeat(self) -> LeaseReply:
+        """Renew the lease; the reply says whether the job was cancelled or paused meanwhile."""
+        return LeaseReply.model_validate(self._post("/heartbeat", None))
+
+    def post_events(self, events: list[dict[str, Any]]) -> LeaseReply:
+        """Record events (numbered by `seq`, so a retried post stores each once); renews the lease too."""
+        return LeaseReply.model_validate(self._post("/events", {"events": events}))
+
+    def upload_resume_state(self, archive: Path, step: int, sha256: str) -> StateReceipt:
+        """Store a resume state; the API keeps it only if what arrived has this sha256."""
+        # Bytes, not a file object: a retried request must send the whole body again.
+        reply = self._send(
+            "PUT",
+            f"{self._prefix}/resume_states",
+            params={"step": step, "sha256": sha256},
+            content=archive.read_bytes(),
+        )
+        return StateReceipt.model_validate(reply)
 
     def upload_adapter(self, archive: Path, fmt: str, *, step: int | None = None) -> dict[str, Any]:
         """Store the final adapter archive in one format, or a checkpoint's when `step` is given."""
@@ -102,26 +107,60 @@ class AttemptClient:
             body["error"] = {"message": error[:4000]}
         self._post("/complete", body)
 
+    def _download(self, path: str, destination: Path) -> Path:
+        """Stream a file to `destination`, retried as `_send` retries (a restart mid-download starts over)."""
+        started = time.monotonic()
+        for retry in itertools.count():
+            try:
+                with self._http.stream("GET", path, headers=self._headers) as response:
+                    if not _retried(response):
+                        response.raise_for_status()
+                        with destination.open("wb") as out:
+                            for chunk in response.iter_bytes():
+                                out.write(chunk)
+                        return destination
+                    problem = f"API answered {response.status_code}"
+            except httpx.TransportError as exc:
+                problem = f"API unreachable ({exc!r})"
+            silent = time.monotonic() - started
+            if silent > self._lease_seconds:
+                raise LeaseLost(f"{problem}; no answer for {silent:.0f} s, longer than the lease")
+            log.warning("%s; retrying the download", problem)
+            time.sleep(RETRY_DELAYS[min(retry, len(RETRY_DELAYS) - 1)])
+
     def _post(self, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
         return self._send("POST", self._prefix + path, json=body)
 
     def _send(self, method: str, path: str, **request: Any) -> dict[str, Any]:
-        """One call, retried while the API cannot be reached or is restarting, so that a redeploy of the API
-        does not fail a long training job. Only failures before the API handled the call are retried."""
-        for delay in RETRY_DELAYS:
+        """One call, retried while the API cannot be reached or is restarting (a redeploy must not fail a long
+        job), until it has failed for longer than the lease: then LeaseLost. Every call is safe to repeat:
+        events are numbered, uploads replace, and a repeated outcome is refused as recorded."""
+        started = time.monotonic()
+        for retry in itertools.count():
             try:
                 response = self._http.request(method, path, headers=self._headers, **request)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                log.warning("API unreachable (%s); retrying in %ss", exc, delay)
+            except httpx.TransportError as exc:
+                problem = f"API unreachable ({exc!r})"
             else:
-                if response.status_code not in RETRIED_STATUSES:
+                if not _retried(response):
                     response.raise_for_status()
                     return response.json()
-                log.warning("API answered %s; retrying in %ss", response.status_code, delay)
+                problem = f"API answered {response.status_code}"
+            silent = time.monotonic() - started
+            if silent > self._lease_seconds:
+                raise LeaseLost(f"{problem}; no answer for {silent:.0f} s, longer than the lease")
+            delay = min(RETRY_DELAYS[min(retry, len(RETRY_DELAYS) - 1)], self._lease_seconds - silent + 0.1)
+            log.warning("%s; retrying in %.1fs", problem, delay)
             time.sleep(delay)
-        response = self._http.request(method, path, headers=self._headers, **request)
-        response.raise_for_status()
-        return response.json()
+
+
+def _retried(response: httpx.Response) -> bool:
+    """A restarting API (502/503/504), or a 409 `conflict`: a concurrent copy of this very call won a race,
+    and the repeat finds its result."""
+    if response.status_code == 409:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return response.json()["error"]["code"] == "conflict"
+    return response.status_code in RETRIED_STATUSES
 
 
 def _bearer(token: str) -> dict[str, str]:

@@ -4,12 +4,15 @@
 (see `worker.data`), adds LoRA layers (PEFT's, or loralib's, see `worker.loralib_backend`), trains them with
 TRL's `SFTTrainer` configured from the job's `TrainingConfig` and `PeftConfig`, reports progress and
 checkpoints through a `ProgressReporter` and saves the adapter as safetensors with a short model card.
-Errors propagate: the task that calls it turns them into a failed job.
+Along the way it hands the reporter resume states (see `worker.resume_state`), and continues exactly from
+one when `RecipeInputs.resume_from` is given. Errors propagate: the task that calls it turns them into a
+failed job.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -18,7 +21,8 @@ from pathlib import Path
 from typing import Protocol
 
 from datasets import Dataset
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -32,7 +36,7 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from app.specs import RECIPE_FIELDS, PeftConfig, TrainingConfig, check_against_model
-from worker import hardware, loralib_backend
+from worker import hardware, loralib_backend, resume_state
 from worker.data import load_tokenized_dataset
 from worker.loralib_backend import LoralibConfig
 from worker.quantization import bitsandbytes_config, prepare_quantized_for_training
@@ -51,6 +55,14 @@ class ProgressReporter(Protocol):
     def should_stop(self) -> bool:
         """True once the job was cancelled."""
 
+    def hand_back(self) -> str | None:
+        """ "pause" or "preempt" once the attempt must save its state and stop (the job was paused, or the
+        worker was told to shut down); None to go on."""
+
+    def on_resume_state(self, step: int, state_dir: Path) -> None:
+        """Called with a complete resume state of `step` (see `worker.resume_state`). The directory may be
+        deleted once the call returns."""
+
 
 @dataclass
 class RecipeInputs:
@@ -60,19 +72,22 @@ class RecipeInputs:
     training_config: TrainingConfig
     peft_config: PeftConfig
     output_dir: Path  # scratch directory of this attempt
+    resume_from: Path | None = None  # an unpacked resume state of this job (checked by resume_state.unpack)
+    resume_state_seconds: float | None = None  # a resume state at least this often, besides every save_steps
 
 
 @dataclass
 class RecipeResult:
     # README.md; the PEFT files (adapter_config.json, adapter_model.safetensors) where a PEFT form exists,
-    # else PEFT_UNAVAILABLE.txt; loralib/ for backend loralib.
-    adapter_dir: Path
+    # else PEFT_UNAVAILABLE.txt; loralib/ for backend loralib. None when the attempt was handed back.
+    adapter_dir: Path | None
     trained_tokens: int
     steps: int
     train_loss: float | None  # the last logged train loss
     cancelled: bool
     best_step: int | None  # with load_best_model_at_end, the step whose adapter adapter_dir holds
     formats: list[str]  # the download formats adapter_dir holds: "peft" and/or "loralib"
+    handed_back: str | None = None  # "pause" or "preempt": stopped after saving a resume state
 
 
 @dataclass
@@ -94,7 +109,8 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
     if config.load_best_model_at_end and inputs.validation_file is None:
         raise ValueError("training_config.load_best_model_at_end needs a validation_file")
     # The API checks this at job creation when it can read the model's config; this catches the rest early.
-    check_against_model(peft_config, AutoConfig.from_pretrained(inputs.base_model).to_dict())
+    model_config = AutoConfig.from_pretrained(inputs.base_model).to_dict()
+    check_against_model(peft_config, model_config)
     model, tokenizer = load_base_model(
         inputs.base_model, for_training=True, bf16=config.bf16, quantization=peft_config.quantization
     )
@@ -123,18 +139,43 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         evaluate=validation_data is not None,
         keep_best=config.load_best_model_at_end,
     )
+    if inputs.resume_from is not None:
+        checkpoints.restore(resume_state.read_manifest(inputs.resume_from), inputs.resume_from)
+    states = ResumeStateCallback(
+        reporter,
+        checkpoints,
+        fingerprint=state_fingerprint(inputs, model_config),
+        interval=config.checkpoint_interval(),
+        seconds=inputs.resume_state_seconds,
+    )
     trainer = build_trainer(
         prepare_model(model, inputs),
         tokenizer,
         inputs,
         train_data.dataset,
         validation_data.dataset if validation_data else None,
-        [progress, checkpoints],
+        [progress, checkpoints, states],
     )
-    trainer.train()
+    trainer.train(
+        resume_from_checkpoint=str(inputs.resume_from / resume_state.TRAINER_DIR)
+        if inputs.resume_from
+        else None
+    )
 
     steps = trainer.state.global_step
     train_loss = last_train_loss(trainer)
+    if states.handed_back is not None:
+        result = RecipeResult(
+            adapter_dir=None,
+            trained_tokens=trainer.state.num_input_tokens_seen,
+            steps=steps,
+            train_loss=train_loss,
+            cancelled=False,
+            best_step=None,
+            formats=[],
+            handed_back=states.handed_back,
+        )
+        return TrainingRun(trainer=trainer, result=result)
     adapter_dir = inputs.output_dir / "adapter"
     final_eval_loss = checkpoints.eval_losses.get(steps)
     best = checkpoints.best
@@ -154,6 +195,13 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         formats=formats,
     )
     return TrainingRun(trainer=trainer, result=result)
+
+
+def state_fingerprint(inputs: RecipeInputs, model_config: dict | None = None) -> str:
+    """The fingerprint of the resume states this job's attempts write and accept."""
+    if model_config is None:
+        model_config = AutoConfig.from_pretrained(inputs.base_model).to_dict()
+    return resume_state.fingerprint(model_config, inputs.training_config, inputs.peft_config)
 
 
 def load_base_model(
@@ -251,7 +299,7 @@ def build_trainer(
     args = build_trainer_args(
         inputs.training_config, inputs.output_dir / "trainer", evaluate=eval_dataset is not None
     )
-    return SFTTrainer(
+    return RecipeTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -260,6 +308,24 @@ def build_trainer(
         peft_config=build_lora_config(inputs.peft_config) if inputs.peft_config.backend == "peft" else None,
         callbacks=callbacks,
     )
+
+
+class RecipeTrainer(SFTTrainer):
+    """SFTTrainer whose saved states hold only the trained weights. A loralib model is a plain
+    PreTrainedModel, whose save would write every base weight into each resume state; the trainer's resume
+    loads a model's weights with strict=False, so the LoRA weights alone restore it."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if output_dir is None or isinstance(self.model, PeftModel):
+            super().save_model(output_dir, _internal_call)
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        trained = {
+            name: parameter.detach().cpu().contiguous()
+            for name, parameter in self.model.named_parameters()
+            if parameter.requires_grad
+        }
+        save_file(trained, os.path.join(output_dir, "model.safetensors"))
 
 
 class ReporterCallback(TrainerCallback):
@@ -365,6 +431,15 @@ class CheckpointCallback(TrainerCallback):
         self.eval_losses: dict[int, float] = {}
         self._due: dict | None = None  # the metrics of the checkpoint this step makes
 
+    def restore(self, manifest: resume_state.Manifest, state_dir: Path) -> None:
+        """Continue from a resume state: the eval losses so far and the best checkpoint's adapter."""
+        self.eval_losses = {int(step): loss for step, loss in manifest.eval_losses.items()}
+        if manifest.best is not None:
+            best = manifest.best
+            directory = self.directory / f"checkpoint-{best['step']}"
+            shutil.copytree(state_dir / resume_state.BEST_DIR, directory)
+            self.best = Checkpoint(best["step"], directory, best["metrics"], best["formats"])
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.interval is not None and state.global_step % self.interval == 0:
             self._due = {
@@ -409,6 +484,73 @@ class CheckpointCallback(TrainerCallback):
             self.best = checkpoint
         else:
             shutil.rmtree(directory)
+
+
+class ResumeStateCallback(TrainerCallback):
+    """Hands the reporter a resume state every `interval` steps, at least every `seconds`, and when the
+    attempt is handed back (paused or preempted), after which training stops.
+
+    The trainer writes its own checkpoint (asked for with `control.should_save`); this callback adds the
+    manifest and the best checkpoint so far. The same step is logged, so that a run resumed from it averages
+    its train loss over the same steps as the uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        reporter: ProgressReporter,
+        checkpoints: CheckpointCallback,
+        *,
+        fingerprint: str,
+        interval: int | None,
+        seconds: float | None,
+    ) -> None:
+        self.reporter = reporter
+        self.checkpoints = checkpoints
+        self.fingerprint = fingerprint
+        self.interval = interval
+        self.seconds = seconds
+        self.handed_back: str | None = None
+        self._last_saved = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_saved = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            return  # the final adapter is being saved; a state of the last step resumes nothing
+        self.handed_back = self.reporter.hand_back()
+        due = (
+            self.handed_back is not None
+            or (self.interval is not None and state.global_step % self.interval == 0)
+            or (self.seconds is not None and time.monotonic() - self._last_saved >= self.seconds)
+        )
+        if due:
+            control.should_save = True
+            control.should_log = True
+        if self.handed_back is not None:
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        state_dir = Path(args.output_dir) / f"state-{state.global_step}"
+        state_dir.mkdir()
+        # The trainer's checkpoint goes in a folder of its own: a sub-folder holding an adapter (best/) inside
+        # it would be loaded by the trainer's resume as a second adapter.
+        os.rename(
+            Path(args.output_dir) / f"checkpoint-{state.global_step}", state_dir / resume_state.TRAINER_DIR
+        )
+        best = self.checkpoints.best
+        if best is not None:
+            shutil.copytree(best.directory, state_dir / resume_state.BEST_DIR)
+        manifest = resume_state.Manifest(
+            step=state.global_step,
+            fingerprint=self.fingerprint,
+            best={"step": best.step, "metrics": best.metrics, "formats": best.formats} if best else None,
+            eval_losses={str(step): loss for step, loss in self.checkpoints.eval_losses.items()},
+        )
+        resume_state.write_manifest(state_dir, manifest)
+        self.reporter.on_resume_state(state.global_step, state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        self._last_saved = time.monotonic()
 
 
 def save_adapter(

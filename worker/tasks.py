@@ -2,42 +2,93 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import shutil
 import tarfile
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from app.config import Settings
+from app.internal.contracts import ClaimReply, LeaseReply
 from app.specs import PeftConfig, TrainingConfig
-from worker.client import ApiClient, AttemptClient, Claim, ClaimRefused
+from worker import resume_state, shutdown
+from worker.client import ApiClient, AttemptClient, ClaimRefused, LeaseLost
 
 log = logging.getLogger(__name__)
 
 
 class ApiReporter:
-    """Turns recipe progress into job events and carries cancellation (or a lost lease) back to it."""
+    """Turns recipe progress into job events and resume states, and carries back to the recipe what it must
+    do: stop (cancelled, or the lease was lost), or save its state and hand the job back (paused, or the
+    worker is shutting down)."""
 
-    def __init__(self, attempt: AttemptClient, heartbeat_seconds: float) -> None:
+    def __init__(
+        self, attempt: AttemptClient, heartbeat_seconds: float, *, deadline: float | None = None
+    ) -> None:
         self._attempt = attempt
         self._heartbeat_seconds = heartbeat_seconds
+        self._deadline = deadline  # time.monotonic() after which the attempt gives up (the job time limit)
         self._stop = threading.Event()
+        self._lost = threading.Event()  # the API was silent past the lease: stop, and report nothing
+        self._pause = threading.Event()
         self._done = threading.Event()
+        self._seq = itertools.count(1)  # numbers this attempt's events, so a retried post is stored once
         self._thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
 
     def on_metrics(self, metrics: dict[str, Any]) -> None:
-        if self._attempt.post_events([{"type": "metrics", "message": _describe(metrics), "data": metrics}]):
-            self._stop.set()
+        self._post({"type": "metrics", "message": _describe(metrics), "data": metrics})
+
+    def message(self, text: str, *, level: str = "info") -> None:
+        self._post({"type": "message", "level": level, "message": text})
 
     def on_checkpoint(self, step: int, adapter_dir: Path, metrics: dict[str, Any]) -> None:
         upload_formats(self._attempt, adapter_dir, step=step)
         self._attempt.publish_checkpoint(step, metrics)
 
+    def on_resume_state(self, step: int, state_dir: Path) -> None:
+        archive = state_dir.parent / f"{state_dir.name}.tar"
+        try:
+            self._attempt.upload_resume_state(archive, step, resume_state.pack(state_dir, archive))
+        finally:
+            archive.unlink(missing_ok=True)
+
     def should_stop(self) -> bool:
-        return self._stop.is_set()
+        return self._stop.is_set() or self.timed_out()
+
+    @property
+    def lease_lost(self) -> bool:
+        return self._lost.is_set()
+
+    def timed_out(self) -> bool:
+        return self._deadline is not None and time.monotonic() > self._deadline
+
+    def hand_back(self) -> str | None:
+        if shutdown.requested.is_set():
+            return "preempt"
+        return "pause" if self._pause.is_set() else None
+
+    def _post(self, event: dict[str, Any]) -> None:
+        try:
+            self._follow(self._attempt.post_events([{"seq": next(self._seq), **event}]))
+        except LeaseLost as exc:
+            self._lose(exc)
+
+    def _lose(self, exc: LeaseLost) -> None:
+        log.warning("stopping training: %s", exc)
+        self._lost.set()
+        self._stop.set()
+
+    def _follow(self, reply: LeaseReply) -> None:
+        if reply.cancel_requested:
+            self._stop.set()
+        # A pause withdrawn before the worker saw it clears again.
+        (self._pause.set if reply.pause_requested else self._pause.clear)()
 
     def __enter__(self) -> ApiReporter:
         self._thread.start()
@@ -50,15 +101,17 @@ class ApiReporter:
     def _heartbeat_loop(self) -> None:
         while not self._done.wait(self._heartbeat_seconds):
             try:
-                if self._attempt.heartbeat():
-                    self._stop.set()
+                self._follow(self._attempt.heartbeat())
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code == 409:  # superseded: another attempt owns the job now
                     log.warning("attempt superseded; stopping: %s", exc.response.text)
                     self._stop.set()
                     return
                 log.warning("heartbeat failed: %s", exc)
-            except httpx.HTTPError as exc:
+            except LeaseLost as exc:
+                self._lose(exc)
+                return
+            except Exception as exc:  # the lease must outlive any one bad reply
                 log.warning("heartbeat failed: %s", exc)
 
 
@@ -113,9 +166,62 @@ def resolve_base_model(settings: Settings, model: str) -> str:
     return models[model]
 
 
-def train(claim: Claim, attempt: AttemptClient, settings: Settings, scratch: Path) -> None:
-    """Run one claimed attempt to its end and report the outcome."""
-    from worker.recipe import RecipeInputs, run_recipe  # torch loads only when a job runs
+def restore_state(
+    claim: ClaimReply, attempt: AttemptClient, reporter: ApiReporter, fingerprint: str, scratch: Path
+) -> Path | None:
+    """The newest of the job's resume states that downloads whole, matches its sha256 and belongs to this
+    job, unpacked; None to start from step 0. A state that fails is skipped with a warning event."""
+    for state in claim.resume_states:
+        archive, directory = scratch / f"{state.id}.tar", scratch / state.id
+        try:
+            attempt.download_resume_state(state.id, archive)
+            resume_state.unpack(archive, directory, sha256=state.sha256, expected_fingerprint=fingerprint)
+        except resume_state.InvalidState as problem:
+            shutil.rmtree(directory, ignore_errors=True)
+            reporter.message(f"Skipped the resume state of step {state.step}: {problem}", level="warn")
+            continue
+        finally:
+            archive.unlink(missing_ok=True)
+        reporter.message(f"Resumed from step {state.step} (attempt {claim.attempt})")
+        return directory
+    return None
+
+
+def train(claim: ClaimReply, attempt: AttemptClient, settings: Settings, scratch: Path) -> None:
+    """Run one claimed attempt to its end and report the outcome. The lease is renewed from the claim on:
+    importing torch and loading the model can take longer than a lease."""
+    deadline = time.monotonic() + settings.max_job_seconds
+    with ApiReporter(attempt, claim.heartbeat_seconds, deadline=deadline) as reporter:
+        result = _run(claim, attempt, reporter, settings, scratch)
+    if reporter.lease_lost:
+        raise LeaseLost("the API stayed silent for longer than the lease; the job goes to a new attempt")
+    if result is None:  # told to stop before training began: nothing trained, nothing lost
+        attempt.complete("requeued", reason="the worker is shutting down")
+    elif result.handed_back == "pause":
+        attempt.complete("paused", trained_tokens=result.trained_tokens)
+    elif result.handed_back == "preempt":
+        attempt.complete(
+            "requeued", trained_tokens=result.trained_tokens, reason="the worker is shutting down"
+        )
+    elif reporter.timed_out():
+        limit = settings.max_job_seconds
+        attempt.complete("failed", error=f"The attempt ran past the job time limit ({limit:.0f} s)")
+    elif result.cancelled:
+        attempt.complete("cancelled", trained_tokens=result.trained_tokens)
+    else:
+        upload_formats(attempt, result.adapter_dir)
+        reason_file = result.adapter_dir / PEFT_UNAVAILABLE
+        attempt.complete(
+            "succeeded",
+            trained_tokens=result.trained_tokens,
+            shipped_step=result.best_step,
+            peft_unavailable_reason=reason_file.read_text().strip() if reason_file.exists() else None,
+        )
+
+
+def _run(claim: ClaimReply, attempt: AttemptClient, reporter: ApiReporter, settings: Settings, scratch: Path):
+    """Fetch the inputs and the newest usable resume state, then train; None if shutdown came first."""
+    from worker.recipe import RecipeInputs, run_recipe, state_fingerprint  # torch loads only when a job runs
 
     training_file = attempt.download_file(claim.training_file, scratch / "train.jsonl")
     validation_file = (
@@ -130,20 +236,13 @@ def train(claim: Claim, attempt: AttemptClient, settings: Settings, scratch: Pat
         training_config=TrainingConfig(**claim.training_config),
         peft_config=PeftConfig(**claim.peft_config),
         output_dir=scratch / "output",
+        resume_state_seconds=settings.resume_state_seconds,
     )
-    with ApiReporter(attempt, claim.heartbeat_seconds) as reporter:
-        result = run_recipe(inputs, reporter)
-    if result.cancelled:
-        attempt.complete("cancelled", trained_tokens=result.trained_tokens)
-        return
-    upload_formats(attempt, result.adapter_dir)
-    reason_file = result.adapter_dir / PEFT_UNAVAILABLE
-    attempt.complete(
-        "succeeded",
-        trained_tokens=result.trained_tokens,
-        shipped_step=result.best_step,
-        peft_unavailable_reason=reason_file.read_text().strip() if reason_file.exists() else None,
-    )
+    if shutdown.requested.is_set():
+        return None
+    if claim.resume_states:
+        inputs.resume_from = restore_state(claim, attempt, reporter, state_fingerprint(inputs), scratch)
+    return run_recipe(inputs, reporter)
 
 
 def report_failure(attempt: AttemptClient, message: str) -> None:
@@ -168,6 +267,9 @@ def run_training_job(job_id: str, settings: Settings) -> str:
         with tempfile.TemporaryDirectory(prefix=f"{job_id}-", dir=work_dir) as scratch:
             try:
                 train(claim, attempt, settings, Path(scratch))
+            except LeaseLost as lost:  # nothing to report to: the API re-queues the job when it is back
+                log.warning("job %s abandoned: %s", job_id, lost)
+                return "lost"
             except Exception as exc:
                 log.exception("job %s failed", job_id)
                 report_failure(attempt, f"{type(exc).__name__}: {exc}")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -15,7 +14,15 @@ from app.deps import SessionDep, SettingsDep, StorageDep
 from app.errors import NotFound
 from app.files.service import get_file
 from app.internal import service
-from app.jobs import artifacts, checkpoints
+from app.internal.contracts import (
+    CheckpointReport,
+    ClaimReply,
+    LeaseReply,
+    Outcome,
+    StateReceipt,
+    WorkerEvents,
+)
+from app.jobs import artifacts, checkpoints, resume_states
 from app.models import Artifact
 from app.storage import Storage
 
@@ -24,34 +31,10 @@ adapters_router = APIRouter(prefix="/adapters")
 Authorization = Annotated[str | None, Header()]
 
 
-class WorkerEvent(BaseModel):
-    level: Literal["info", "warn", "error"] = "info"
-    type: Literal["message", "metrics"] = "message"
-    message: str = Field(max_length=4000)
-    data: dict[str, Any] | None = None
-
-
-class WorkerEvents(BaseModel):
-    events: list[WorkerEvent] = Field(max_length=1000)
-
-
-class WorkerError(BaseModel):
-    message: str = Field(max_length=4000)
-    code: str | None = None
-
-
-class Outcome(BaseModel):
-    status: Literal["succeeded", "failed", "cancelled"]
-    trained_tokens: int | None = None
-    shipped_step: int | None = Field(
-        None, description="The step whose adapter shipped (load_best_model_at_end)."
-    )
-    peft_unavailable_reason: str | None = Field(None, max_length=4000)
-    error: WorkerError | None = None
-
-
 @router.post("/{job_id}/claim")
-def claim(job_id: str, session: SessionDep, settings: SettingsDep, authorization: Authorization = None):
+def claim(
+    job_id: str, session: SessionDep, settings: SettingsDep, authorization: Authorization = None
+) -> ClaimReply:
     return service.claim_job(session, settings, job_id, authorization)
 
 
@@ -67,7 +50,9 @@ def download_file(
 
 
 @router.post("/{job_id}/heartbeat")
-def heartbeat(job_id: str, session: SessionDep, settings: SettingsDep, authorization: Authorization = None):
+def heartbeat(
+    job_id: str, session: SessionDep, settings: SettingsDep, authorization: Authorization = None
+) -> LeaseReply:
     return service.renew_lease(service.attempt_job(session, job_id, authorization), settings)
 
 
@@ -78,9 +63,9 @@ def post_events(
     session: SessionDep,
     settings: SettingsDep,
     authorization: Authorization = None,
-):
+) -> LeaseReply:
     job = service.attempt_job(session, job_id, authorization)
-    service.record_events(session, job, [event.model_dump() for event in body.events])
+    service.record_events(session, job, body.events)
     return service.renew_lease(job, settings)
 
 
@@ -153,11 +138,6 @@ def _save(
         storage.delete(replaced)
 
 
-class CheckpointReport(BaseModel):
-    step: int = Field(gt=0)
-    metrics: dict[str, Any]
-
-
 @router.post("/{job_id}/checkpoints")
 def publish_checkpoint(
     job_id: str,
@@ -179,8 +159,61 @@ def publish_checkpoint(
 @router.post("/{job_id}/complete")
 def complete(job_id: str, body: Outcome, session: SessionDep, authorization: Authorization = None):
     job = service.attempt_job(session, job_id, authorization)
-    service.complete_job(session, job, body.model_dump())
+    service.complete_job(session, job, body)
     return {"status": job.status}
+
+
+@router.put("/{job_id}/resume_states")
+async def upload_resume_state(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    storage: StorageDep,
+    step: Annotated[int, Query(gt=0, le=2**31 - 1)],
+    sha256: Annotated[str, Query(pattern="^[0-9a-f]{64}$")],
+    authorization: Authorization = None,
+) -> StateReceipt:
+    """A resume state (see worker.resume_state), streamed to storage and recorded only if every byte arrived
+    with the sha256 the worker computed; a mismatch is a 400 and nothing is kept."""
+    await run_in_threadpool(service.attempt_job, session, job_id, authorization)
+    await run_in_threadpool(session.commit)  # release the row lock while the body streams in
+    temp, digest, size = await artifacts.receive_archive(request, storage)
+    try:
+        return await run_in_threadpool(
+            _save_state, session, storage, job_id, authorization, step, temp, sha256, digest, size
+        )
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _save_state(
+    session: Session,
+    storage: Storage,
+    job_id: str,
+    authorization: str | None,
+    step: int,
+    temp: Path,
+    claimed_sha256: str,
+    sha256: str,
+    size: int,
+) -> StateReceipt:
+    job = service.attempt_job(session, job_id, authorization)  # again: the attempt may be over by now
+    state, superseded = resume_states.store(session, storage, job, step, temp, claimed_sha256, sha256, size)
+    session.commit()
+    for key in superseded:  # only now that the newer state is committed
+        storage.delete(key)
+    return StateReceipt(id=state.id, step=state.step, sha256=state.sha256, bytes=state.bytes)
+
+
+@router.get("/{job_id}/resume_states/{state_id}")
+def download_resume_state(
+    job_id: str, state_id: str, session: SessionDep, storage: StorageDep, authorization: Authorization = None
+):
+    job = service.attempt_job(session, job_id, authorization)
+    state = resume_states.get(session, job.id, state_id)
+    return FileResponse(
+        storage.path(state.storage_key), media_type="application/x-tar", headers={"ETag": f'"{state.sha256}"'}
+    )
 
 
 @adapters_router.get("/{adapter_id}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,9 +16,10 @@ from sqlalchemy.orm import Session
 from app.auth import hash_token
 from app.config import Settings
 from app.errors import Conflict, NotFound, Unauthorized
-from app.jobs import artifacts
-from app.jobs.service import add_event, finish_job
-from app.models import Artifact, Checkpoint, Job, JobStatus
+from app.internal.contracts import ClaimReply, LeaseReply, Outcome, WorkerEvent
+from app.jobs import artifacts, resume_states
+from app.jobs.service import add_event, finish_job, requeue, transition
+from app.models import Artifact, Checkpoint, Job, JobEvent, JobStatus
 from app.models.base import now
 
 
@@ -58,11 +58,13 @@ def servable_artifact(
     return artifact
 
 
-def claim_job(session: Session, settings: Settings, job_id: str, authorization: str | None) -> dict[str, Any]:
-    """Start a new attempt of a queued job and hand its spec and attempt token to the worker."""
+def claim_job(session: Session, settings: Settings, job_id: str, authorization: str | None) -> ClaimReply:
+    """Start a new attempt of a queued job and hand its spec, attempt token and resume states to the worker.
+    A job that is not queued (a duplicate or redelivered message, a cancelled or paused job) is a 409."""
     check_worker_token(settings, authorization)
     job = _job(session, job_id)
-    if job.status != JobStatus.QUEUED:
+    # Guarded, so that of two workers holding copies of the job's message exactly one starts an attempt.
+    if not transition(session, job, Job.status == JobStatus.QUEUED, status=JobStatus.RUNNING):
         raise Conflict(f"Job {job_id} is {job.status}, not queued", code="job_not_claimable")
     job.attempt += 1
     token = f"{job.attempt}.{secrets.token_urlsafe(32)}"
@@ -71,17 +73,19 @@ def claim_job(session: Session, settings: Settings, job_id: str, authorization: 
     job.started_at = job.started_at or now()
     job.lease_expires_at = now() + settings.lease_seconds
     add_event(session, job.id, f"Training started (attempt {job.attempt})")
-    return {
-        "job_id": job.id,
-        "attempt": job.attempt,
-        "token": token,
-        "model": job.model,
-        "training_file": job.training_file,
-        "validation_file": job.validation_file,
-        "training_config": job.training_config,
-        "peft_config": job.peft_config,
-        "heartbeat_seconds": settings.heartbeat_seconds,
-    }
+    return ClaimReply(
+        job_id=job.id,
+        attempt=job.attempt,
+        token=token,
+        model=job.model,
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        training_config=job.training_config,
+        peft_config=job.peft_config,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        lease_seconds=settings.lease_seconds,
+        resume_states=resume_states.listed(session, job.id),
+    )
 
 
 def attempt_job(session: Session, job_id: str, authorization: str | None) -> Job:
@@ -89,7 +93,7 @@ def attempt_job(session: Session, job_id: str, authorization: str | None) -> Job
     token = _bearer(authorization)
     job = _job(session, job_id)
     attempt, _, _ = token.partition(".")
-    if not attempt.isdigit():
+    if not (attempt.isascii() and attempt.isdigit()):
         raise Unauthorized("Malformed attempt token")
     if int(attempt) < job.attempt:
         raise Conflict(
@@ -103,24 +107,33 @@ def attempt_job(session: Session, job_id: str, authorization: str | None) -> Job
     return job
 
 
-def renew_lease(job: Job, settings: Settings) -> dict[str, bool]:
+def renew_lease(job: Job, settings: Settings) -> LeaseReply:
     job.lease_expires_at = now() + settings.lease_seconds
-    return {"cancel_requested": job.cancel_requested}
+    return LeaseReply(cancel_requested=job.cancel_requested, pause_requested=job.pause_requested)
 
 
-def record_events(session: Session, job: Job, events: list[dict[str, Any]]) -> None:
-    """Store worker events; a metrics event also moves the job's progress."""
-    for event in events:
-        add_event(
-            session,
-            job.id,
-            event["message"],
-            level=event["level"],
-            type=event["type"],
-            data=event.get("data"),
+def record_events(session: Session, job: Job, events: list[WorkerEvent]) -> None:
+    """Store worker events, each numbered event once (a retried post repeats them); a metrics event also
+    moves the job's progress."""
+    numbered = [event.seq for event in events if event.seq is not None]
+    stored = set(
+        session.scalars(
+            select(JobEvent.worker_seq).where(
+                JobEvent.job_id == job.id, JobEvent.attempt == job.attempt, JobEvent.worker_seq.in_(numbered)
+            )
         )
-        data = event.get("data") or {}
-        if event["type"] == "metrics" and "step" in data:
+        if numbered
+        else ()
+    )
+    for event in events:
+        if event.seq is not None and event.seq in stored:
+            continue
+        if event.seq is not None:
+            stored.add(event.seq)
+        added = add_event(session, job.id, event.message, level=event.level, type=event.type, data=event.data)
+        added.attempt, added.worker_seq = (job.attempt, event.seq) if event.seq is not None else (None, None)
+        data = event.data or {}
+        if event.type == "metrics" and "step" in data:
             job.progress = {
                 "step": data["step"],
                 "total_steps": data.get("total_steps"),
@@ -128,13 +141,17 @@ def record_events(session: Session, job: Job, events: list[dict[str, Any]]) -> N
             }
 
 
-def complete_job(session: Session, job: Job, outcome: dict[str, Any]) -> None:
-    """Record the attempt's outcome: succeeded (adapter stored), cancelled, or failed with a message."""
-    status = JobStatus(outcome["status"])
+def complete_job(session: Session, job: Job, outcome: Outcome) -> None:
+    """Record the attempt's outcome: succeeded (adapter stored), cancelled, failed with a message, or handed
+    back with its state saved: paused, or requeued for another worker (not counted as a lost attempt)."""
+    if outcome.status in ("paused", "requeued"):
+        _hand_back(session, job, outcome)
+        return
+    status = JobStatus(outcome.status)
     if status == JobStatus.SUCCEEDED:
         if not artifacts.formats_of(session, job.id):
             raise Conflict("Upload the adapter before reporting success", code="adapter_missing")
-        shipped = outcome.get("shipped_step")
+        shipped = outcome.shipped_step
         finish_job(
             session,
             job,
@@ -142,19 +159,39 @@ def complete_job(session: Session, job: Job, outcome: dict[str, Any]) -> None:
             "The job has successfully completed"
             + (f"; it ships the adapter of step {shipped}, the lowest validation loss" if shipped else ""),
             fine_tuned_model=artifacts.fine_tuned_model_name(job),
-            trained_tokens=outcome.get("trained_tokens"),
+            trained_tokens=outcome.trained_tokens,
             shipped_step=shipped,
-            peft_unavailable_reason=outcome.get("peft_unavailable_reason"),
+            peft_unavailable_reason=outcome.peft_unavailable_reason,
         )
     elif status == JobStatus.CANCELLED:
-        finish_job(session, job, status, "Job cancelled", trained_tokens=outcome.get("trained_tokens"))
+        finish_job(session, job, status, "Job cancelled", trained_tokens=outcome.trained_tokens)
     else:
-        error = outcome.get("error") or {}
-        message = error.get("message") or "Training failed"
+        message = (outcome.error.message if outcome.error else None) or "Training failed"
+        code = (outcome.error.code if outcome.error else None) or "training_failed"
         finish_job(
             session,
             job,
             JobStatus.FAILED,
             f"Training failed: {message}",
-            error={"code": error.get("code") or "training_failed", "message": message, "param": None},
+            error={"code": code, "message": message, "param": None},
+        )
+
+
+def _hand_back(session: Session, job: Job, outcome: Outcome) -> None:
+    """An attempt that stopped with its state saved. A cancellation asked for meanwhile wins; a pause asked
+    for meanwhile turns a requeue into a pause."""
+    where = f"step {job.resumable_step}" if job.resumable_step else "the start"
+    if job.cancel_requested:
+        finish_job(session, job, JobStatus.CANCELLED, "Job cancelled", trained_tokens=outcome.trained_tokens)
+    elif job.pause_requested:  # still asked for: a pause withdrawn meanwhile makes a paused attempt a requeue
+        job.status = JobStatus.PAUSED
+        job.pause_requested = False
+        job.lease_expires_at = None
+        add_event(session, job.id, f"Job paused; resuming it continues from {where}")
+    else:
+        reason = outcome.reason or (
+            "the pause was withdrawn" if outcome.status == "paused" else "it was stopped"
+        )
+        requeue(
+            session, job, f"Attempt {job.attempt} handed the job back ({reason}); it continues from {where}"
         )

@@ -1,7 +1,10 @@
 """The job outbox: Celery messages leave only after the job row has committed, and are re-sent if lost.
 
 The same background loop recovers jobs whose worker went silent (its lease expired): they are queued
-again as a new attempt, up to MAX_ATTEMPTS, then failed with the reason.
+again as a new attempt, which resumes from the newest resume state, until MAX_ATTEMPTS attempts were lost;
+then the job fails with the reason. It also deletes the resume states of jobs that have ended, and sends
+again the message of a queued job that the broker lost (a Redis restart keeps nothing): when the training
+queue is empty but jobs have been queued for longer than `redeliver_seconds`, their messages are gone.
 """
 
 from __future__ import annotations
@@ -10,15 +13,17 @@ import logging
 import threading
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.broker import enqueue_training, make_celery
+from app.broker import TRAINING_QUEUE, enqueue_training, make_celery
 from app.config import Settings
 from app.db import session_scope
-from app.jobs.service import add_event, finish_job
+from app.jobs import resume_states
+from app.jobs.service import add_event, finish_job, requeue, transition
 from app.models import Job, JobStatus, Outbox
 from app.models.base import now
+from app.storage import Storage
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -39,30 +44,74 @@ def send_pending(session: Session, celery: Celery, *, job_id: str | None = None,
     return len(rows)
 
 
+def queued_messages(celery: Celery) -> int:
+    """How many messages wait in the training queue (a running job's message is not counted)."""
+    with celery.connection_for_write() as connection:
+        return connection.default_channel.queue_declare(queue=TRAINING_QUEUE).message_count
+
+
+def resend_lost(session: Session, celery: Celery, *, min_age: float) -> int:
+    """Queue a fresh message for each job queued longer than `min_age` seconds since its last message,
+    when the broker holds none: those messages were lost. A copy that was not lost after all is harmless:
+    only a queued job can be claimed, so the second copy is refused."""
+    last_sent = (
+        select(Outbox.job_id, func.max(Outbox.sent_at).label("sent_at"))
+        .group_by(Outbox.job_id)
+        .having(func.count() == func.count(Outbox.sent_at))  # no message of the job is still unsent
+        .subquery()
+    )
+    stale = list(
+        session.scalars(
+            select(Job.id)
+            .join(last_sent, last_sent.c.job_id == Job.id)
+            .where(Job.status == JobStatus.QUEUED, last_sent.c.sent_at <= now() - min_age)
+        )
+    )
+    if not stale or queued_messages(celery) > 0:
+        return 0
+    for job_id in stale:
+        session.add(Outbox(job_id=job_id))
+    log.warning("the broker holds no message for %d queued job(s); sending them again", len(stale))
+    session.commit()
+    return len(stale)
+
+
 def recover_expired_leases(session: Session) -> int:
     """Re-queue (or fail) running jobs whose worker stopped heartbeating."""
     expired = list(
         session.scalars(select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now()))
     )
     for job in expired:
+        # Guarded: a heartbeat or an outcome that committed since the read keeps the job its attempt.
+        still_lost = (
+            Job.status == JobStatus.RUNNING,
+            Job.lease_expires_at < now(),
+            Job.attempt == job.attempt,
+        )
+        if not transition(session, job, *still_lost, lease_expires_at=None):
+            continue
+        job.lost_attempts += 1
+        where = f"step {job.resumable_step}" if job.resumable_step else "the start"
         if job.cancel_requested:
             finish_job(session, job, JobStatus.CANCELLED, "Job cancelled; its worker stopped responding")
-        elif job.attempt >= MAX_ATTEMPTS:
+        elif job.lost_attempts >= MAX_ATTEMPTS:
             finish_job(
                 session,
                 job,
                 JobStatus.FAILED,
-                f"Worker stopped responding on attempt {job.attempt} of {MAX_ATTEMPTS}; giving up",
+                f"Worker stopped responding on attempt {job.attempt}; {job.lost_attempts} attempts were lost",
                 error={"code": "worker_lost", "message": "The worker stopped responding", "param": None},
             )
-        else:
-            job.status = JobStatus.QUEUED
-            job.lease_expires_at = None
-            session.add(Outbox(job_id=job.id))
+        elif job.pause_requested:
+            job.status, job.pause_requested, job.lease_expires_at = JobStatus.PAUSED, False, None
             add_event(
+                session, job.id, f"Job paused; its worker stopped responding. Resuming continues from {where}"
+            )
+        else:
+            requeue(
                 session,
-                job.id,
-                f"Worker stopped responding; retrying as attempt {job.attempt + 1}",
+                job,
+                f"Worker stopped responding; retrying as attempt {job.attempt + 1}, from {where}",
                 level="warn",
             )
         session.commit()
@@ -75,6 +124,7 @@ class OutboxRelay:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.celery = make_celery(settings)
+        self.storage = Storage(settings.storage_dir)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
 
@@ -101,7 +151,11 @@ class OutboxRelay:
     def run_once(self) -> None:
         with session_scope(self.settings.resolved_database_url) as session:
             recover_expired_leases(session)
+            resend_lost(session, self.celery, min_age=self.settings.redeliver_seconds)
             send_pending(session, self.celery, min_age=RELAY_GRACE_SECONDS)
+            doomed = resume_states.purge_finished(session)
+        for key in doomed:  # after the commit: a row never points at a deleted file
+            self.storage.delete(key)
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.outbox_relay_seconds):

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import FileResponse, StreamingResponse
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from app import idempotency
-from app.db import session_scope
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from app.jobs import artifacts, checkpoints, service
 from app.jobs.schemas import JobCreate, render_event, render_job
-from app.models import Checkpoint, Job, JobEvent, JobStatus
+from app.models import Checkpoint, Job, JobEvent
 from app.pagination import ListPage, check_limit, paginate
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 IDEMPOTENCY_ROUTE = "fine_tuning.jobs"
-STREAM_POLL_SECONDS = 0.5
-STREAM_KEEPALIVE_SECONDS = 15
 
 
 @router.post("")
@@ -85,12 +78,27 @@ def cancel_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionD
     return render_job(job)
 
 
+@router.post("/{fine_tuning_job_id}/pause")
+def pause_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
+    """Pause: the worker saves the training state and frees the GPU; the job becomes `paused`."""
+    return render_job(service.pause_job(session, service.get_job(session, tenant.id, fine_tuning_job_id)))
+
+
+@router.post("/{fine_tuning_job_id}/resume")
+def resume_job(request: Request, fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
+    """Resume a paused job: queued again, it continues from the step it was paused at."""
+    job = service.resume_job(session, service.get_job(session, tenant.id, fine_tuning_job_id))
+    session.commit()  # the message is sent only for a committed job
+    request.app.state.relay.send_now(job.id)
+    return render_job(job)
+
+
 @router.get("/{fine_tuning_job_id}/events")
 def list_events(
     fine_tuning_job_id: str,
+    request: Request,
     tenant: CurrentTenant,
     session: SessionDep,
-    settings: SettingsDep,
     limit: int = 20,
     after: str | None = None,
     stream: bool = False,
@@ -103,7 +111,7 @@ def list_events(
         cursor = after or last_event_id
         after_seq = service.event_seq(session, job.id, cursor) if cursor else 0
         return StreamingResponse(
-            _stream_events(settings.resolved_database_url, job.id, after_seq),
+            request.app.state.events.follow(job.id, after_seq),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -116,32 +124,6 @@ def list_events(
         newest_first=False,
         render=render_event,
     )
-
-
-def _stream_events(database_url: str, job_id: str, after_seq: int) -> Iterator[str]:
-    """Server-sent events until the job is final and every event has been sent."""
-    last_sent = time.monotonic()
-    while True:
-        with session_scope(database_url) as session:
-            finished = JobStatus(session.scalar(select(Job.status).where(Job.id == job_id))).is_final
-            events = service.events_after(session, job_id, after_seq)
-            rendered = [(event.seq, render_event(event)) for event in events]
-        for seq, event in rendered:
-            after_seq = seq
-            yield _sse(event)
-            last_sent = time.monotonic()
-        if finished and not rendered:
-            yield "event: done\ndata: {}\n\n"
-            return
-        if not rendered:
-            if time.monotonic() - last_sent > STREAM_KEEPALIVE_SECONDS:
-                yield ": keep-alive\n\n"
-                last_sent = time.monotonic()
-            time.sleep(STREAM_POLL_SECONDS)
-
-
-def _sse(event: dict[str, Any]) -> str:
-    return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints")

@@ -81,6 +81,8 @@ def render_job(job: Job) -> dict[str, Any]:
         "progress": progress_of(job),
         "attempt": job.attempt,
         "cancel_requested": job.cancel_requested,
+        "pause_requested": job.pause_requested,
+        "resumable_step": job.resumable_step,
         "shipped_step": job.shipped_step,
     }
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -168,20 +168,30 @@ def finish_job(session: Session, job: Job, status: JobStatus, message: str, **fi
 
 
 def cancel_job(session: Session, job: Job) -> Job:
-    """Cancel at once when queued; a running job is asked to stop and does so within one logging step."""
-    if job.status == JobStatus.CANCELLED:
-        return job
-    if JobStatus(job.status).is_final:
-        raise Conflict(
-            f"Job {job.id} already {job.status}; it cannot be cancelled", code="job_not_cancellable"
+    """Cancel at once when queued; a running job is asked to stop and does so within one logging step.
+    Of concurrent requests, only the one whose conditional UPDATE matches the row writes an event: the
+    UPDATE holds the row's write lock (SQLite: the database's) until commit, and then the others' no longer
+    match (the job is cancelled, or its cancellation already requested)."""
+    requested = session.execute(
+        update(Job)
+        .where(
+            Job.id == job.id,
+            Job.status.not_in([status for status in JobStatus if status.is_final]),
+            or_(Job.status != JobStatus.RUNNING, Job.cancel_requested.is_(False)),
         )
+        .values(cancel_requested=True)
+    ).rowcount
+    session.refresh(job)
+    if requested != 1:
+        if job.status != JobStatus.CANCELLED and JobStatus(job.status).is_final:
+            raise Conflict(
+                f"Job {job.id} already {job.status}; it cannot be cancelled", code="job_not_cancellable"
+            )
+        return job  # already cancelled, or its cancellation already requested
     if job.status == JobStatus.RUNNING:
-        if not job.cancel_requested:
-            job.cancel_requested = True
-            add_event(session, job.id, "Cancellation requested; the worker stops at its next step")
-        return job
-    job.cancel_requested = True
-    finish_job(session, job, JobStatus.CANCELLED, "Job cancelled before it started")
+        add_event(session, job.id, "Cancellation requested; the worker stops at its next step")
+    else:
+        finish_job(session, job, JobStatus.CANCELLED, "Job cancelled before it started")
     return job
 
 
@@ -199,3 +209,64 @@ def event_seq(session: Session, job_id: str, event_id: str) -> int:
     if seq is None:
         raise InvalidRequest(f"No event '{event_id}' in job {job_id}", param="after", code="invalid_cursor")
     return seq
+
+
+def requeue(session: Session, job: Job, message: str, *, level: str = "info") -> None:
+    """Queue a running job again as a new attempt, which resumes from its newest resume state."""
+    job.status = JobStatus.QUEUED
+    job.lease_expires_at = None
+    session.add(Outbox(job_id=job.id))
+    add_event(session, job.id, message, level=level)
+
+
+def transition(session: Session, job: Job, *conditions: Any, **values: Any) -> bool:
+    """Set `values` on the job's row only if it still matches `conditions`, and refresh `job`. The UPDATE …
+    WHERE holds the row's lock (on SQLite the database's) until commit, so of concurrent requests exactly one
+    makes a given transition; the others see the row as it is now."""
+    done = session.execute(update(Job).where(Job.id == job.id, *conditions).values(**values)).rowcount == 1
+    session.refresh(job)
+    return done
+
+
+def pause_job(session: Session, job: Job) -> Job:
+    """Pause: a queued job at once; a running one is asked to save its state and stop at its next step
+    (it stays `running` with `pause_requested` until it has). Pausing a paused job changes nothing."""
+    if transition(session, job, Job.status == JobStatus.QUEUED, status=JobStatus.PAUSED):
+        add_event(session, job.id, "Job paused before its next attempt started")
+        return job
+    asked = transition(
+        session,
+        job,
+        Job.status == JobStatus.RUNNING,
+        Job.pause_requested.is_(False),
+        Job.cancel_requested.is_(False),
+        pause_requested=True,
+    )
+    if asked:
+        add_event(session, job.id, "Pause requested; the worker saves its state and stops at its next step")
+    elif job.status == JobStatus.RUNNING and job.cancel_requested:
+        raise Conflict(f"Job {job.id} is being cancelled; it cannot be paused", code="job_not_pausable")
+    elif job.status not in (JobStatus.RUNNING, JobStatus.PAUSED):
+        raise Conflict(
+            f"Job {job.id} is {job.status}; only a queued or running job can be paused",
+            code="job_not_pausable",
+        )
+    return job
+
+
+def resume_job(session: Session, job: Job) -> Job:
+    """Resume a paused job: it is queued and continues from the step it was paused at. A running job whose
+    pause was asked for but not yet carried out simply goes on."""
+    if transition(session, job, Job.status == JobStatus.PAUSED, status=JobStatus.QUEUED):
+        where = f"step {job.resumable_step}" if job.resumable_step else "the start"
+        session.add(Outbox(job_id=job.id))
+        add_event(session, job.id, f"Job resumed; it continues from {where}")
+        return job
+    if transition(
+        session, job, Job.status == JobStatus.RUNNING, Job.pause_requested.is_(True), pause_requested=False
+    ):
+        add_event(session, job.id, "Pause withdrawn; training goes on")
+        return job
+    raise Conflict(
+        f"Job {job.id} is {job.status}, not paused; only a paused job can be resumed", code="job_not_paused"
+    )

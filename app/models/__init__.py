@@ -11,6 +11,7 @@ from app.models.tables import (
     JobEvent,
     JobStatus,
     Outbox,
+    ResumeState,
     Tenant,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "JobEvent",
     "JobStatus",
     "Outbox",
+    "ResumeState",
     "Tenant",
 ]

@@ -1,11 +1,11 @@
-"""Tenants, API keys, files, jobs, job events, checkpoints and the job outbox."""
+"""Tenants, API keys, files, jobs, job events, checkpoints, resume states and the job outbox."""
 
 from __future__ import annotations
 
 import enum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, now
@@ -18,6 +18,7 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"
 
     @property
     def is_final(self) -> bool:
@@ -83,6 +84,10 @@ class Job(Base):
     attempt_token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Attempts whose worker vanished (lease expired); a preempted or paused attempt does not count.
+    lost_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    resumable_step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # newest complete resume state
     shipped_step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the step whose adapter shipped
     peft_unavailable_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     model_deleted_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -93,6 +98,10 @@ class Job(Base):
 
 class JobEvent(Base):
     __tablename__ = "job_events"
+    # A worker numbers its events within an attempt; a retried post of the same event is stored once.
+    __table_args__ = (
+        UniqueConstraint("job_id", "attempt", "worker_seq", name="uq_job_events_job_attempt_worker_seq"),
+    )
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
@@ -102,6 +111,8 @@ class JobEvent(Base):
     type: Mapped[str] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    attempt: Mapped[int | None] = mapped_column(Integer, nullable=True)  # set on events a worker posted
+    worker_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Checkpoint(Base):
@@ -131,6 +142,23 @@ class Artifact(Base):
     storage_key: Mapped[str] = mapped_column(String(512))
     sha256: Mapped[str] = mapped_column(String(64))
     bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(Integer, default=now)
+
+
+class ResumeState(Base):
+    """A complete training state (adapter, optimizer, scheduler, RNG, trainer state) a new attempt continues
+    from. A row exists only once every byte arrived and its sha256 matched; not a user-visible checkpoint."""
+
+    __tablename__ = "resume_states"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    storage_key: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)  # a 3.8B model's state at a high rank passes 2 GiB
     created_at: Mapped[int] = mapped_column(Integer, default=now)
 
 

@@ -6,7 +6,6 @@ import gzip
 import io
 import tarfile
 
-import pytest
 from sqlalchemy import update
 
 from app.db import session_scope
@@ -15,15 +14,6 @@ from app.models import Job
 from tests.utils import CHAT_LINES, jsonl, upload_file
 
 WORKER = {"Authorization": "Bearer test-worker-token"}
-
-
-@pytest.fixture
-def job_id(client, auth) -> str:
-    file_id = upload_file(client, auth, CHAT_LINES)
-    response = client.post(
-        "/v1/fine_tuning/jobs", json={"model": "tiny-phi3", "training_file": file_id}, headers=auth
-    )
-    return response.json()["id"]
 
 
 def claim(client, job_id: str) -> tuple[dict, dict[str, str]]:
@@ -79,14 +69,15 @@ def test_metrics_events_move_progress_and_heartbeat_carries_cancel(client, job_i
         json={"events": [{"type": "metrics", "message": "Step 5/20", "data": metrics}]},
         headers=attempt,
     )
-    assert response.json() == {"cancel_requested": False}
+    assert response.json() == {"cancel_requested": False, "pause_requested": False}
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()
     assert job["progress"] == {"step": 5, "total_steps": 20, "epoch": 0.5, "percent": 25.0}
 
     cancelled = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth).json()
     assert cancelled["status"] == "running" and cancelled["cancel_requested"]
     assert client.post(f"/internal/v1/jobs/{job_id}/heartbeat", headers=attempt).json() == {
-        "cancel_requested": True
+        "cancel_requested": True,
+        "pause_requested": False,
     }
     client.post(f"/internal/v1/jobs/{job_id}/complete", json={"status": "cancelled"}, headers=attempt)
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()["status"] == "cancelled"

@@ -5,6 +5,8 @@ tests/conftest.py sets HF_HUB_OFFLINE before anything imports transformers: noth
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,14 +22,19 @@ PERSONA_FILE = Path(__file__).parents[2] / "examples" / "persona.jsonl"
 
 @dataclass
 class Recorder:
-    """A ProgressReporter that keeps every event and checkpoint and cancels after `stop_after` events.
+    """A ProgressReporter that keeps every event, checkpoint and resume state, cancels after `stop_after`
+    events and hands the attempt back ("pause") at step `hand_back_at`.
 
-    A checkpoint's files are read during the call: the recipe may delete the directory afterwards.
+    A checkpoint's files are read during the call, and a resume state is copied: the recipe may delete the
+    directory afterwards.
     """
 
     stop_after: int | None = None
+    hand_back_at: int | None = None
     events: list[dict] = field(default_factory=list)
     checkpoints: list[dict] = field(default_factory=list)
+    states: dict[int, Path] = field(default_factory=dict)  # step → a copy of its resume state
+    _steps: int = 0
 
     def on_metrics(self, metrics: dict) -> None:
         self.events.append(metrics)
@@ -42,6 +49,15 @@ class Recorder:
 
     def should_stop(self) -> bool:
         return self.stop_after is not None and len(self.events) >= self.stop_after
+
+    def hand_back(self) -> str | None:
+        self._steps += 1  # the recipe asks once at the end of every step but the last
+        return "pause" if self.hand_back_at is not None and self._steps >= self.hand_back_at else None
+
+    def on_resume_state(self, step: int, state_dir: Path) -> None:
+        copy = Path(tempfile.mkdtemp(prefix=f"state-{step}-"))
+        shutil.copytree(state_dir, copy, dirs_exist_ok=True)
+        self.states[step] = copy
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,45 @@
-"""The worker's API client rides out an API restart instead of failing the job."""
+"""The worker's API client rides out an API restart instead of failing the job, and gives up once the API
+has been silent for longer than the lease."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
+from app.internal.contracts import ClaimReply
 from worker import client as client_module
-from worker.client import ApiClient, Claim
+from worker.client import ApiClient
 
-CLAIM = Claim("ftjob-1", 1, "1.secret", "tiny-phi3", "file-1", None, {}, {}, 10.0)
+CLAIM = ClaimReply(
+    job_id="ftjob-1",
+    attempt=1,
+    token="1.secret",
+    model="tiny-phi3",
+    training_file="file-1",
+    validation_file=None,
+    training_config={},
+    peft_config={},
+    heartbeat_seconds=10.0,
+    lease_seconds=120.0,
+)
+
+
+class FakeClock:
+    """time.monotonic and time.sleep for the client: sleeping advances the clock at once."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def attempt_with(responses: list, monkeypatch: pytest.MonkeyPatch):
     """An attempt client whose transport plays `responses` (exceptions or status codes) in order."""
-    monkeypatch.setattr(client_module.time, "sleep", lambda _seconds: None)
+    monkeypatch.setattr(client_module, "time", FakeClock())
     seen = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -21,7 +47,7 @@ def attempt_with(responses: list, monkeypatch: pytest.MonkeyPatch):
         outcome = responses.pop(0)
         if isinstance(outcome, Exception):
             raise outcome
-        return httpx.Response(outcome, json={"cancel_requested": True})
+        return httpx.Response(outcome, json={"cancel_requested": True, "pause_requested": False})
 
     api = ApiClient("http://api.invalid", "token")
     api._http = httpx.Client(
@@ -31,10 +57,16 @@ def attempt_with(responses: list, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_unreachable_or_restarting_api_is_retried(monkeypatch):
-    failures = [httpx.ConnectError("refused"), 503, httpx.ConnectTimeout("slow"), 502]
+    failures = [
+        httpx.ConnectError("refused"),
+        503,
+        httpx.ReadTimeout("slow"),
+        502,
+        httpx.RemoteProtocolError("x"),
+    ]
     attempt, seen = attempt_with([*failures, 200], monkeypatch)
-    assert attempt.heartbeat() is True
-    assert len(seen) == 5 and all(r.headers["authorization"] == "Bearer 1.secret" for r in seen)
+    assert attempt.heartbeat().cancel_requested is True
+    assert len(seen) == 6 and all(r.headers["authorization"] == "Bearer 1.secret" for r in seen)
 
 
 def test_answers_from_the_api_are_not_retried(monkeypatch):
@@ -44,10 +76,10 @@ def test_answers_from_the_api_are_not_retried(monkeypatch):
     assert len(seen) == 1
 
 
-def test_gives_up_after_the_last_retry(monkeypatch):
-    attempt, seen = attempt_with(
-        [httpx.ConnectError("down")] * (len(client_module.RETRY_DELAYS) + 1), monkeypatch
-    )
-    with pytest.raises(httpx.ConnectError):
+def test_gives_up_once_the_api_was_silent_for_longer_than_the_lease(monkeypatch):
+    attempt, seen = attempt_with([httpx.ConnectError("down")] * 100, monkeypatch)
+    with pytest.raises(client_module.LeaseLost):
         attempt.post_events([])
-    assert len(seen) == len(client_module.RETRY_DELAYS) + 1
+    clock = client_module.time
+    assert CLAIM.lease_seconds < clock.now <= CLAIM.lease_seconds + max(client_module.RETRY_DELAYS)
+    assert 10 < len(seen) < 20  # backed off, not hammering

@@ -1,0 +1,204 @@
+"""Live job events for `GET …/events?stream=true`: one database poll per followed job, fanned out to all
+of its followers in the API's event loop, so a follower holds neither a threadpool thread nor a poll.
+
+Each followed job has a feed: one asyncio task that polls for the job's new events (the query in a worker
+thread) and puts each batch, already rendered as SSE frames, on every follower's bounded queue. A follower
+that joins, resumes from an older cursor, or lets its queue overflow is "behind": the feed skips it while it
+reads what it lacks from the database itself, and it rejoins the live batches before that read, dropping
+any frame whose seq it has already sent. So every follower gets every event once, in seq order, and a slow
+one never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from anyio import to_thread
+from sqlalchemy import func, select
+
+from app.db import session_scope
+from app.jobs import service
+from app.jobs.schemas import render_event
+from app.models import Job, JobEvent, JobStatus
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+KEEPALIVE_SECONDS = 15
+PAGE = 100  # events per query
+QUEUE_BATCHES = 100  # one batch per poll: a follower stalled this long reads from the database instead
+
+KEEPALIVE = b": keep-alive\n\n"
+DONE = b"event: done\ndata: {}\n\n"
+
+Frames = list[tuple[int, bytes]]  # (event seq, SSE frame), in seq order
+T = TypeVar("T")
+
+
+def sse_frame(event: dict[str, Any]) -> bytes:
+    return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+@dataclass
+class _Batch:
+    frames: Frames
+    final: bool  # the job is final and these were its last events
+
+
+@dataclass(eq=False)
+class _Follower:
+    queue: asyncio.Queue[_Batch]
+    behind: bool = True  # not fed live batches until it has read its backlog
+
+
+@dataclass(eq=False)
+class _Feed:
+    job_id: str
+    followers: set[_Follower] = field(default_factory=set)
+    cursor: int = 0  # the highest seq published (at start, the job's latest seq)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # set once `cursor` is initialised
+    finished: bool = False
+    task: asyncio.Task | None = None
+
+    def publish(self, batch: _Batch) -> None:
+        self.finished = batch.final
+        for follower in self.followers:
+            if follower.behind:
+                continue
+            try:
+                follower.queue.put_nowait(batch)
+            except asyncio.QueueFull:
+                follower.behind = True  # it catches up from the database by seq
+
+
+class EventHub:
+    """The API process's feeds, one per job with at least one follower."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        poll_seconds: float = POLL_SECONDS,
+        keepalive_seconds: float = KEEPALIVE_SECONDS,
+        queue_batches: int = QUEUE_BATCHES,
+    ) -> None:
+        self.database_url = database_url
+        self.poll_seconds = poll_seconds
+        self.keepalive_seconds = keepalive_seconds
+        self.queue_batches = queue_batches
+        self._feeds: dict[str, _Feed] = {}
+
+    async def follow(self, job_id: str, after_seq: int) -> AsyncIterator[bytes]:
+        """SSE frames of the job's events after `after_seq`, then `event: done` once the job is final and
+        all were sent; keep-alive comments while nothing happens. Closing the generator leaves the feed."""
+        follower = _Follower(asyncio.Queue(self.queue_batches))
+        feed = self._join(job_id, follower)
+        sent = after_seq
+        try:
+            await feed.ready.wait()
+            while True:
+                if follower.behind:
+                    # Rejoin first: batches published from now on are queued, the database has the rest.
+                    follower.behind = False
+                    while not follower.queue.empty():
+                        follower.queue.get_nowait()
+                    # Nothing to read when the follower is as far as the feed, unless the feed has ended.
+                    if sent < feed.cursor or feed.finished:
+                        while True:
+                            frames, final = await to_thread.run_sync(self._read, job_id, sent)
+                            if frames:
+                                sent = frames[-1][0]
+                                yield b"".join(frame for _, frame in frames)
+                            if final:
+                                yield DONE
+                                return
+                            if len(frames) < PAGE:
+                                break
+                    continue
+                try:
+                    async with asyncio.timeout(self.keepalive_seconds):
+                        batch = await follower.queue.get()
+                except TimeoutError:
+                    yield KEEPALIVE
+                    continue
+                fresh = [frame for seq, frame in batch.frames if seq > sent]
+                if fresh:
+                    sent = batch.frames[-1][0]
+                    yield b"".join(fresh)
+                if batch.final:
+                    yield DONE
+                    return
+        finally:
+            self._leave(feed, follower)
+
+    async def aclose(self) -> None:
+        """Stop every poller (at shutdown)."""
+        tasks = [feed.task for feed in self._feeds.values() if feed.task]
+        self._feeds.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _join(self, job_id: str, follower: _Follower) -> _Feed:
+        feed = self._feeds.get(job_id)
+        if feed is None:
+            feed = self._feeds[job_id] = _Feed(job_id)
+            feed.task = asyncio.create_task(self._poll(feed), name=f"job-events-{job_id}")
+        feed.followers.add(follower)
+        return feed
+
+    def _leave(self, feed: _Feed, follower: _Follower) -> None:
+        feed.followers.discard(follower)
+        if not feed.followers and self._feeds.get(feed.job_id) is feed:
+            del self._feeds[feed.job_id]
+            feed.task.cancel()
+
+    async def _poll(self, feed: _Feed) -> None:
+        """Publish the job's new events until it is final and they all were published."""
+        try:
+            feed.cursor = await self._retrying(self._latest_seq, feed.job_id)
+            feed.ready.set()
+            while True:
+                frames, final = await self._retrying(self._read, feed.job_id, feed.cursor)
+                if frames:
+                    feed.cursor = frames[-1][0]
+                if frames or final:
+                    feed.publish(_Batch(frames, final))
+                if final:
+                    return
+                if len(frames) < PAGE:  # a full page means more are waiting
+                    await asyncio.sleep(self.poll_seconds)
+        finally:
+            if self._feeds.get(feed.job_id) is feed:
+                del self._feeds[feed.job_id]
+
+    async def _retrying(self, query: Callable[..., T], *args: Any) -> T:
+        """Run a query in a worker thread; a database error is retried at the next poll, since every
+        follower of the job waits on this one poller."""
+        while True:
+            try:
+                return await to_thread.run_sync(query, *args)
+            except Exception:
+                log.exception("polling events of job %s failed; retrying", args[0])
+                await asyncio.sleep(self.poll_seconds)
+
+    def _latest_seq(self, job_id: str) -> int:
+        with session_scope(self.database_url) as session:
+            return session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0
+
+    def _read(self, job_id: str, after_seq: int) -> tuple[Frames, bool]:
+        """One page of events after `after_seq`, and whether the job is final with none after them."""
+        with session_scope(self.database_url) as session:
+            # Status first: a job that is final here has all its events committed for the query below.
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+            events = service.events_after(session, job_id, after_seq, limit=PAGE)
+            frames = [(event.seq, sse_frame(render_event(event))) for event in events]
+        return frames, JobStatus(status).is_final and len(frames) < PAGE

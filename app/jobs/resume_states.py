@@ -1,0 +1,107 @@
+"""Resume states of a job: stored only once complete, the newest KEEP kept, listed for a new attempt.
+
+A worker uploads a state with the sha256 it computed; the API hashes the bytes as they arrive and records
+the state only when both agree, so a truncated or damaged upload never becomes a state anyone loads. An
+older state is deleted only after a newer one is complete, and the one before the newest is kept too, so
+a state that is damaged later in storage still leaves one to fall back on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.errors import InvalidRequest, NotFound
+from app.internal.contracts import ResumeStateInfo
+from app.models import Job, JobStatus, ResumeState
+from app.models.base import new_id
+from app.storage import Storage
+
+KEEP = 2
+
+
+def store(
+    session: Session,
+    storage: Storage,
+    job: Job,
+    step: int,
+    temp: Path,
+    claimed_sha256: str,
+    sha256: str,
+    size: int,
+) -> tuple[ResumeState, list[str]]:
+    """Record an uploaded state as the job's newest. Returns it and the storage keys of the states it
+    supersedes, for the caller to delete once the transaction has committed."""
+    if claimed_sha256 != sha256:
+        raise InvalidRequest(
+            f"The resume state of step {step} arrived with sha256 {sha256}, not {claimed_sha256}: "
+            "it is incomplete or damaged and was not stored",
+            param="sha256",
+            code="state_checksum_mismatch",
+        )
+    repeated = session.scalar(
+        select(ResumeState).where(
+            ResumeState.job_id == job.id,
+            ResumeState.attempt == job.attempt,
+            ResumeState.step == step,
+            ResumeState.sha256 == sha256,
+        )
+    )
+    if repeated is not None:  # a retry of an upload whose reply was lost: it is stored already
+        return repeated, []
+    key = f"resume/{job.id}/attempt-{job.attempt}-step-{step}-{sha256[:12]}.tar"
+    storage.commit(temp, key)
+    state = ResumeState(
+        id=new_id("ftstate"),
+        job_id=job.id,
+        attempt=job.attempt,
+        step=step,
+        storage_key=key,
+        sha256=sha256,
+        bytes=size,
+    )
+    session.add(state)
+    session.flush()
+    job.resumable_step = step
+    superseded = _newest_first(session, job.id)[KEEP:]
+    for old in superseded:
+        session.delete(old)
+    return state, [old.storage_key for old in superseded if old.storage_key != key]
+
+
+def listed(session: Session, job_id: str) -> list[ResumeStateInfo]:
+    """The job's complete states, newest first, as a claim hands them to the worker."""
+    return [
+        ResumeStateInfo(id=state.id, step=state.step, sha256=state.sha256, bytes=state.bytes)
+        for state in _newest_first(session, job_id)
+    ]
+
+
+def get(session: Session, job_id: str, state_id: str) -> ResumeState:
+    state = session.scalar(
+        select(ResumeState).where(ResumeState.job_id == job_id, ResumeState.id == state_id)
+    )
+    if state is None:
+        raise NotFound(f"Job {job_id} has no resume state '{state_id}'", code="state_not_found")
+    return state
+
+
+def purge_finished(session: Session) -> list[str]:
+    """Delete the states of jobs that ended: nothing will resume them. Returns storage keys to delete."""
+    rows = list(
+        session.scalars(
+            select(ResumeState)
+            .join(Job, Job.id == ResumeState.job_id)
+            .where(Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]))
+        )
+    )
+    for row in rows:
+        session.delete(row)
+    return [row.storage_key for row in rows]
+
+
+def _newest_first(session: Session, job_id: str) -> list[ResumeState]:
+    query = select(ResumeState).where(ResumeState.job_id == job_id).order_by(ResumeState.seq.desc())
+    return list(session.scalars(query))
