@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-BENCHMARKS = {"inference": "bench.inference"}
+BENCHMARKS = {"inference": "bench.inference", "followers": "bench.followers"}
 
 
 def main(argv: list[str]) -> int:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15
 PAGE = 100  # events per query
-QUEUE_BATCHES = 100  # one batch per poll: a follower stalled this long reads from the database instead
+QUEUE_BATCHES = 100  # at most one batch a poll: a follower this many behind catches up from the database
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"event: done\ndata: {}\n\n"
@@ -41,7 +41,7 @@ Frames = list[tuple[int, bytes]]  # (event seq, SSE frame), in seq order
 T = TypeVar("T")
 
 
-def sse_frame(event: dict[str, Any]) -> bytes:
+def _sse(event: dict[str, Any]) -> bytes:
     return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
 
@@ -200,5 +200,5 @@ class EventHub:
             # Status first: a job that is final here has all its events committed for the query below.
             status = session.scalar(select(Job.status).where(Job.id == job_id))
             events = service.events_after(session, job_id, after_seq, limit=PAGE)
-            frames = [(event.seq, sse_frame(render_event(event))) for event in events]
+            frames = [(event.seq, _sse(render_event(event))) for event in events]
         return frames, JobStatus(status).is_final and len(frames) < PAGE
