@@ -14,10 +14,14 @@ from sqlalchemy.orm import Session, sessionmaker
 def get_engine(url: str) -> Engine:
     """One pooled engine per database URL."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=10, max_overflow=40
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # As many connections as the API has threads and more: a request holds its connection across several
+    # threadpool hops (dependencies, route, commit), so a smaller pool starves under a burst of requests.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=40)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
