@@ -177,9 +177,33 @@ def test_a_running_job_succeeds_after_its_worker_is_killed(short_lease_service: 
         retried = f"Worker stopped responding; retrying as attempt {running['attempt'] + 1}"
         assert any(e["message"].startswith(retried) for e in all_events(client, job["id"]))
     assert children(serve.pid)["worker"] != worker
+
+    # SIGTERM to serve stops the worker first: it saves its state and hands its job back to the API, still
+    # up; the next `serve` resumes the job from there.
+    with service.client as client:
+        job = create_job(
+            client,
+            training_config={"num_train_epochs": 6, "logging_steps": 5, "per_device_train_batch_size": 4},
+        )
+        wait_for(
+            lambda: client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"],
+            120,
+            service,
+            "the second job never made progress",
+        )
     serve.send_signal(signal.SIGTERM)
-    assert serve.wait(timeout=30) == 0
+    assert serve.wait(timeout=90) == 0
     assert processes_of(service.data_dir) == [], service.tail_logs()
+    service.processes.remove(serve)
+    port, inference_port = service.base_url.rsplit(":", 1)[1], service.inference_url.rsplit(":", 1)[1]
+    service.start("serve-2", "serve", "--port", port, "--inference-port", inference_port)
+    service.wait_ready(service.inference_url, timeout=120)
+    job = wait_final(service, job["id"], timeout=180)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, service.tail_logs()
+    with service.client as client:
+        messages = [e["message"] for e in all_events(client, job["id"])]
+    assert any("handed the job back (the worker is shutting down)" in m for m in messages)
+    assert any(m.startswith("Resumed from step") for m in messages)
 
 
 def test_backoff_doubles_and_a_child_deaf_to_sigterm_is_killed_after_its_grace():
