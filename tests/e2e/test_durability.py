@@ -155,16 +155,25 @@ def test_claim_then_heartbeat_never_sees_an_uncommitted_claim(service: Service):
     assert refused == []
 
 
-def test_sigkill_resumes_from_the_last_state(service: Service):
-    first = start_worker(service, "worker-1")
-    with service.client as client:
-        job = create_job(client, training_config=LONG_TRAINING, peft_config=LORA)
-    state = wait_for(
-        lambda: (s := job_state(service, job["id"]))["resumable_step"] and s, service, "a resume state"
+def state_files(service: Service, job_id: str) -> list[Path]:
+    """The job's stored resume states, oldest first."""
+    return sorted(
+        (service.data_dir / "storage" / "resume" / job_id).glob("*.tar"), key=lambda p: p.stat().st_mtime
     )
+
+
+def test_sigkill_resumes_from_the_last_good_state(service: Service):
+    """SIGKILL after two states; the newest is then damaged in storage: the next attempt skips it and
+    resumes from the one before."""
+    first = start_worker(service, "worker-1")
+    with service.client as client:  # a state every 10 steps (and every 2 s)
+        job = create_job(client, training_config={**LONG_TRAINING, "save_steps": 10}, peft_config=LORA)
+    wait_for(lambda: len(state_files(service, job["id"])) >= 2, service, "two resume states")
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed_at = time.monotonic()
+    older, newest = state_files(service, job["id"])[-2:]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated on disk
     start_worker(service, "worker-2")
     wait_for(lambda: job_state(service, job["id"])["attempt"] == 2, service, "attempt 2")
     detected_after = time.monotonic() - killed_at
@@ -178,18 +187,19 @@ def test_sigkill_resumes_from_the_last_state(service: Service):
             "SELECT COUNT(*) FROM artifacts WHERE job_id = ? AND scope = 'final'", (job["id"],)
         )
         assert finals.fetchone()[0] == 1  # exactly one final adapter
-    # The state the second attempt resumed from is the newest the first one stored (one may have landed
-    # between the read above and the kill); the steps go on from there.
+    step_of = {path: int(path.name.split("-step-")[1].split("-")[0]) for path in (older, newest)}
+    messages = [e["message"] for e in events]
+    skipped = [m for m in messages if m.startswith("Skipped the resume state")]
+    assert skipped == [
+        f"Skipped the resume state of step {step_of[newest]}: "
+        "its sha256 does not match the one recorded when it was stored"
+    ]
     resumed = [e for e in events if e["message"].startswith("Resumed from step")]
-    assert len(resumed) == 1 and resumed[0]["message"].endswith("(attempt 2)")
-    saved = int(resumed[0]["message"].split()[3])
-    assert saved >= state["resumable_step"]
+    assert [e["message"] for e in resumed] == [f"Resumed from step {step_of[older]} (attempt 2)"]
     after = metric_steps(events[events.index(resumed[0]) :])
-    assert after[0] > saved and after[0] - saved <= LONG_TRAINING["logging_steps"]
+    assert after[0] > step_of[older] and after[0] - step_of[older] <= LONG_TRAINING["logging_steps"]
     assert after[-1] == final["progress"]["total_steps"] == 120
-    print(
-        f"dead worker detected (attempt 2 claimed) {detected_after:.1f} s after SIGKILL; resumed from {saved}"
-    )
+    print(f"attempt 2 claimed {detected_after:.1f} s after SIGKILL; resumed from {step_of[older]}")
 
 
 def test_sigterm_hands_the_job_back_and_another_worker_finishes_it(service: Service):

@@ -125,3 +125,36 @@ def test_resume_keeps_the_best_checkpoint_so_far(tiny_model_dir, tmp_path_factor
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.allclose(expected[name], actual[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_a_state_is_loaded_only_whole_and_only_by_its_own_job(interrupted, tmp_path):
+    state = interrupted[1].states[6]
+    archive = tmp_path / "state.tar"
+    sha256 = resume_state.pack(state, archive)
+    mine = resume_state.read_manifest(state).fingerprint
+    manifest = resume_state.unpack(archive, tmp_path / "good", sha256=sha256, expected_fingerprint=mine)
+    assert manifest.step == 6 and (tmp_path / "good" / resume_state.TRAINER_DIR / "optimizer.pt").is_file()
+
+    with pytest.raises(resume_state.InvalidState, match="another base model or recipe"):
+        resume_state.unpack(archive, tmp_path / "foreign", sha256=sha256, expected_fingerprint="0" * 64)
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(archive.read_bytes()[:-4096])
+    with pytest.raises(resume_state.InvalidState, match="sha256 does not match"):
+        resume_state.unpack(truncated, tmp_path / "cut", sha256=sha256, expected_fingerprint=mine)
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"not a tar archive" * 100)
+    with pytest.raises(resume_state.InvalidState, match="cannot be read"):
+        resume_state.unpack(
+            garbage, tmp_path / "garbage", sha256=resume_state.file_sha256(garbage), expected_fingerprint=mine
+        )
+
+
+def test_the_fingerprint_ignores_where_the_model_lives_but_not_what_it_is(tiny_model_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir).to_dict()
+    mine = resume_state.fingerprint(config, TRAINING_CONFIG, PEFT_CONFIG)
+    moved = {**config, "_name_or_path": "/elsewhere", "transformers_version": "9.9.9"}
+    assert resume_state.fingerprint(moved, TRAINING_CONFIG, PEFT_CONFIG) == mine
+    assert resume_state.fingerprint({**config, "hidden_size": 128}, TRAINING_CONFIG, PEFT_CONFIG) != mine
+    assert resume_state.fingerprint(config, TRAINING_CONFIG, PEFT_CONFIG.model_copy(update={"r": 8})) != mine
