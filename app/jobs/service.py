@@ -161,6 +161,7 @@ def finish_job(session: Session, job: Job, status: JobStatus, message: str, **fi
     job.status = status
     job.finished_at = now()
     job.lease_expires_at = None
+    job.pause_requested = False  # nothing is left to pause
     for name, value in fields.items():
         setattr(job, name, value)
     level = {JobStatus.FAILED: "error", JobStatus.CANCELLED: "warn"}.get(status, "info")
@@ -191,7 +192,13 @@ def cancel_job(session: Session, job: Job) -> Job:
     if job.status == JobStatus.RUNNING:
         add_event(session, job.id, "Cancellation requested; the worker stops at its next step")
     else:
-        finish_job(session, job, JobStatus.CANCELLED, "Job cancelled before it started")
+        paused = job.status == JobStatus.PAUSED
+        finish_job(
+            session,
+            job,
+            JobStatus.CANCELLED,
+            "Job cancelled while paused" if paused else "Job cancelled before it started",
+        )
     return job
 
 

@@ -90,6 +90,8 @@ def test_pause_and_resume_follow_the_job_state(client, job_id, auth):
     # Final jobs can be neither paused nor resumed; a paused job can be cancelled.
     client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=auth)
     assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelled"
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}, headers=auth).json()
+    assert events["data"][-1]["message"] == "Job cancelled while paused"
     for action in ("pause", "resume"):
         refused = client.post(f"/v1/fine_tuning/jobs/{job_id}/{action}", headers=auth)
         assert refused.status_code == 409 and refused.json()["error"]["type"] == "invalid_request_error"
