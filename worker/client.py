@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -17,9 +17,18 @@ from app.internal.contracts import ClaimReply, LeaseReply, StateReceipt
 RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
 RETRIED_STATUSES = {502, 503, 504}
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-class LeaseLost(Exception):
+# How long a claim is retried while the API restarts; the message is re-sent later if it gives up.
+CLAIM_RETRY_SECONDS = 120
+
+
+class ApiUnreachable(Exception):
+    """The API did not answer a call for longer than the call may wait."""
+
+
+class LeaseLost(ApiUnreachable):
     """The API has not answered for longer than the lease: the job has been (or is being) handed to a new
     attempt, so this one must stop training."""
 
@@ -48,7 +57,13 @@ class ApiClient:
         self._http.close()
 
     def claim(self, job_id: str) -> ClaimReply:
-        response = self._http.post(f"/jobs/{job_id}/claim", headers=_bearer(self._worker_token))
+        """Start an attempt, retried while the API restarts. ClaimRefused when the job is not queued (a repeat
+        of a claim that committed but whose reply was lost is refused too; the lease recovers that job)."""
+        response = _retrying(
+            lambda: _answered(self._http.post(f"/jobs/{job_id}/claim", headers=_bearer(self._worker_token))),
+            CLAIM_RETRY_SECONDS,
+            ApiUnreachable,
+        )
         if response.status_code == 409:
             raise ClaimRefused(response.json()["error"]["message"])
         response.raise_for_status()
@@ -109,24 +124,16 @@ class AttemptClient:
 
     def _download(self, path: str, destination: Path) -> Path:
         """Stream a file to `destination`, retried as `_send` retries (a restart mid-download starts over)."""
-        started = time.monotonic()
-        for retry in itertools.count():
-            try:
-                with self._http.stream("GET", path, headers=self._headers) as response:
-                    if not _retried(response):
-                        response.raise_for_status()
-                        with destination.open("wb") as out:
-                            for chunk in response.iter_bytes():
-                                out.write(chunk)
-                        return destination
-                    problem = f"API answered {response.status_code}"
-            except httpx.TransportError as exc:
-                problem = f"API unreachable ({exc!r})"
-            silent = time.monotonic() - started
-            if silent > self._lease_seconds:
-                raise LeaseLost(f"{problem}; no answer for {silent:.0f} s, longer than the lease")
-            log.warning("%s; retrying the download", problem)
-            time.sleep(RETRY_DELAYS[min(retry, len(RETRY_DELAYS) - 1)])
+
+        def once() -> Path:
+            with self._http.stream("GET", path, headers=self._headers) as response:
+                _answered(response).raise_for_status()
+                with destination.open("wb") as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+            return destination
+
+        return _retrying(once, self._lease_seconds, LeaseLost)
 
     def _post(self, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
         return self._send("POST", self._prefix + path, json=body)
@@ -135,23 +142,42 @@ class AttemptClient:
         """One call, retried while the API cannot be reached or is restarting (a redeploy must not fail a long
         job), until it has failed for longer than the lease: then LeaseLost. Every call is safe to repeat:
         events are numbered, uploads replace, and a repeated outcome is refused as recorded."""
-        started = time.monotonic()
-        for retry in itertools.count():
-            try:
-                response = self._http.request(method, path, headers=self._headers, **request)
-            except httpx.TransportError as exc:
-                problem = f"API unreachable ({exc!r})"
-            else:
-                if not _retried(response):
-                    response.raise_for_status()
-                    return response.json()
-                problem = f"API answered {response.status_code}"
-            silent = time.monotonic() - started
-            if silent > self._lease_seconds:
-                raise LeaseLost(f"{problem}; no answer for {silent:.0f} s, longer than the lease")
-            delay = min(RETRY_DELAYS[min(retry, len(RETRY_DELAYS) - 1)], self._lease_seconds - silent + 0.1)
-            log.warning("%s; retrying in %.1fs", problem, delay)
-            time.sleep(delay)
+
+        def once() -> dict[str, Any]:
+            response = _answered(self._http.request(method, path, headers=self._headers, **request))
+            response.raise_for_status()
+            return response.json()
+
+        return _retrying(once, self._lease_seconds, LeaseLost)
+
+
+class _NotAnswered(Exception):
+    """A try the API did not handle: it is restarting, or a concurrent copy of the call won a race."""
+
+
+def _retrying(once: Callable[[], T], budget_seconds: float, give_up: type[ApiUnreachable]) -> T:
+    """`once()` until it returns, backing off between tries, for at most `budget_seconds`; then `give_up`."""
+    started, retry = time.monotonic(), 0
+    while True:
+        try:
+            return once()
+        except httpx.TransportError as exc:
+            problem = f"API unreachable ({exc!r})"
+        except _NotAnswered as exc:
+            problem = str(exc)
+        waited = time.monotonic() - started
+        if waited > budget_seconds:
+            raise give_up(f"{problem}; no answer for {waited:.0f} s")
+        delay = min(RETRY_DELAYS[min(retry, len(RETRY_DELAYS) - 1)], budget_seconds - waited + 0.1)
+        log.warning("%s; retrying in %.1fs", problem, delay)
+        time.sleep(delay)
+        retry += 1
+
+
+def _answered(response: httpx.Response) -> httpx.Response:
+    if _retried(response):
+        raise _NotAnswered(f"API answered {response.status_code}")
+    return response
 
 
 def _retried(response: httpx.Response) -> bool:

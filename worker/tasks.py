@@ -18,7 +18,7 @@ from app.config import Settings
 from app.internal.contracts import ClaimReply, LeaseReply
 from app.specs import PeftConfig, TrainingConfig
 from worker import resume_state, shutdown
-from worker.client import ApiClient, AttemptClient, ClaimRefused, LeaseLost
+from worker.client import ApiClient, ApiUnreachable, AttemptClient, ClaimRefused, LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,9 @@ def run_training_job(job_id: str, settings: Settings) -> str:
         except ClaimRefused as refusal:
             log.info("skipping %s: %s", job_id, refusal)
             return "skipped"
+        except ApiUnreachable as down:  # the relay sends the job's message again once the API is back
+            log.warning("could not claim %s: %s", job_id, down)
+            return "unreachable"
         attempt = client.attempt(claim)
         work_dir = settings.data_dir / "work"
         work_dir.mkdir(parents=True, exist_ok=True)

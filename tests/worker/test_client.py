@@ -83,3 +83,22 @@ def test_gives_up_once_the_api_was_silent_for_longer_than_the_lease(monkeypatch)
     clock = client_module.time
     assert CLAIM.lease_seconds < clock.now <= CLAIM.lease_seconds + max(client_module.RETRY_DELAYS)
     assert 10 < len(seen) < 20  # backed off, not hammering
+
+
+def test_a_claim_is_retried_while_the_api_restarts_and_refused_when_not_queued(monkeypatch):
+    monkeypatch.setattr(client_module, "time", FakeClock())
+    replies = [httpx.ConnectError("refused"), 503, 200, 409]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        outcome = replies.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        if outcome == 409:
+            return httpx.Response(409, json={"error": {"message": "Job is running, not queued", "code": "x"}})
+        return httpx.Response(outcome, json=CLAIM.model_dump())
+
+    api = ApiClient("http://api.invalid", "token", transport=httpx.MockTransport(handler))
+    assert api.claim("ftjob-1") == CLAIM
+    with pytest.raises(client_module.ClaimRefused, match="not queued"):
+        api.claim("ftjob-1")
+    assert replies == []
