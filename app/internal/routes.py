@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse
@@ -23,9 +24,10 @@ from app.internal.contracts import (
     WorkerEvents,
 )
 from app.jobs import artifacts, checkpoints, resume_states
-from app.models import Artifact
+from app.models import Artifact, Job
 from app.storage import Storage
 
+T = TypeVar("T")
 router = APIRouter(prefix="/jobs")
 adapters_router = APIRouter(prefix="/adapters")
 Authorization = Annotated[str | None, Header()]
@@ -79,7 +81,8 @@ async def upload_adapter(
     authorization: Authorization = None,
 ):
     """The final adapter archive in one format, streamed to storage; a re-upload replaces it."""
-    return await _receive(request, session, storage, job_id, authorization, Artifact.FINAL, format)
+    record = _artifact(session, storage, Artifact.FINAL, format)
+    return await _receive(request, session, storage, job_id, authorization, record)
 
 
 @router.put("/{job_id}/checkpoints/{step}/adapter")
@@ -93,9 +96,13 @@ async def upload_checkpoint_adapter(
     authorization: Authorization = None,
 ):
     """A checkpoint's adapter archive; the checkpoint is listed once published (POST …/checkpoints)."""
-    return await _receive(
-        request, session, storage, job_id, authorization, artifacts.checkpoint_scope(step), format
-    )
+    record = _artifact(session, storage, artifacts.checkpoint_scope(step), format)
+    return await _receive(request, session, storage, job_id, authorization, record)
+
+
+# What an upload records once its bytes are in a temp file: (job, temp, sha256, size) → the reply, and the
+# storage keys the new record supersedes (deleted only after the commit).
+Record = Callable[[Job, Path, str, int], tuple[T, list[str]]]
 
 
 async def _receive(
@@ -104,38 +111,38 @@ async def _receive(
     storage: Storage,
     job_id: str,
     authorization: str | None,
-    scope: str,
-    fmt: artifacts.Format,
-) -> dict[str, Any]:
-    """Stream an archive to storage, then record it as the attempt's artifact of `scope` in `fmt`."""
+    record: Record[T],
+) -> T:
+    """Stream an upload to a storage temp file, then record it for the attempt, which is checked again: it
+    may have been superseded while the body streamed in. A temp file not moved into place is deleted."""
     await run_in_threadpool(service.attempt_job, session, job_id, authorization)
     await run_in_threadpool(session.commit)  # release the row lock while the body streams in
     temp, sha256, size = await artifacts.receive_archive(request, storage)
+
+    def save() -> T:
+        job = service.attempt_job(session, job_id, authorization)
+        reply, superseded = record(job, temp, sha256, size)
+        session.commit()
+        for key in superseded:
+            storage.delete(key)
+        return reply
+
     try:
-        await run_in_threadpool(
-            _save, session, storage, job_id, authorization, scope, fmt, temp, sha256, size
-        )
+        return await run_in_threadpool(save)
     finally:
         temp.unlink(missing_ok=True)
-    return {"bytes": size, "sha256": sha256}
 
 
-def _save(
-    session: Session,
-    storage: Storage,
-    job_id: str,
-    authorization: str | None,
-    scope: str,
-    fmt: artifacts.Format,
-    temp: Path,
-    sha256: str,
-    size: int,
-) -> None:
-    job = service.attempt_job(session, job_id, authorization)  # again: the attempt may be over by now
-    replaced = artifacts.save_artifact(session, storage, job, scope, fmt, temp, sha256, size)
-    session.commit()
-    if replaced:
-        storage.delete(replaced)
+def _artifact(
+    session: Session, storage: Storage, scope: str, fmt: artifacts.Format
+) -> Record[dict[str, Any]]:
+    """Record an upload as the attempt's adapter archive of `scope` in `fmt`, replacing an earlier one."""
+
+    def record(job: Job, temp: Path, sha256: str, size: int) -> tuple[dict[str, Any], list[str]]:
+        replaced = artifacts.save_artifact(session, storage, job, scope, fmt, temp, sha256, size)
+        return {"bytes": size, "sha256": sha256}, [replaced] if replaced else []
+
+    return record
 
 
 @router.post("/{job_id}/checkpoints")
@@ -175,34 +182,12 @@ async def upload_resume_state(
 ) -> StateReceipt:
     """A resume state (see worker.resume_state), streamed to storage and recorded only if every byte arrived
     with the sha256 the worker computed; a mismatch is a 400 and nothing is kept."""
-    await run_in_threadpool(service.attempt_job, session, job_id, authorization)
-    await run_in_threadpool(session.commit)  # release the row lock while the body streams in
-    temp, digest, size = await artifacts.receive_archive(request, storage)
-    try:
-        return await run_in_threadpool(
-            _save_state, session, storage, job_id, authorization, step, temp, sha256, digest, size
-        )
-    finally:
-        temp.unlink(missing_ok=True)
 
+    def record(job: Job, temp: Path, digest: str, size: int) -> tuple[StateReceipt, list[str]]:
+        state, superseded = resume_states.store(session, storage, job, step, temp, sha256, digest, size)
+        return StateReceipt(id=state.id, step=state.step, sha256=state.sha256, bytes=state.bytes), superseded
 
-def _save_state(
-    session: Session,
-    storage: Storage,
-    job_id: str,
-    authorization: str | None,
-    step: int,
-    temp: Path,
-    claimed_sha256: str,
-    sha256: str,
-    size: int,
-) -> StateReceipt:
-    job = service.attempt_job(session, job_id, authorization)  # again: the attempt may be over by now
-    state, superseded = resume_states.store(session, storage, job, step, temp, claimed_sha256, sha256, size)
-    session.commit()
-    for key in superseded:  # only now that the newer state is committed
-        storage.delete(key)
-    return StateReceipt(id=state.id, step=state.step, sha256=state.sha256, bytes=state.bytes)
+    return await _receive(request, session, storage, job_id, authorization, record)
 
 
 @router.get("/{job_id}/resume_states/{state_id}")

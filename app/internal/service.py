@@ -18,7 +18,7 @@ from app.config import Settings
 from app.errors import Conflict, NotFound, Unauthorized
 from app.internal.contracts import ClaimReply, LeaseReply, Outcome, WorkerEvent
 from app.jobs import artifacts, resume_states
-from app.jobs.service import add_event, finish_job, requeue, transition
+from app.jobs.service import add_event, finish_job, hold_paused, requeue, resume_point, transition
 from app.models import Artifact, Checkpoint, Job, JobEvent, JobStatus
 from app.models.base import now
 
@@ -69,7 +69,6 @@ def claim_job(session: Session, settings: Settings, job_id: str, authorization: 
     job.attempt += 1
     token = f"{job.attempt}.{secrets.token_urlsafe(32)}"
     job.attempt_token_hash = hash_token(token)
-    job.status = JobStatus.RUNNING
     job.started_at = job.started_at or now()
     job.lease_expires_at = now() + settings.lease_seconds
     add_event(session, job.id, f"Training started (attempt {job.attempt})")
@@ -180,18 +179,16 @@ def complete_job(session: Session, job: Job, outcome: Outcome) -> None:
 def _hand_back(session: Session, job: Job, outcome: Outcome) -> None:
     """An attempt that stopped with its state saved. A cancellation asked for meanwhile wins; a pause asked
     for meanwhile turns a requeue into a pause."""
-    where = f"step {job.resumable_step}" if job.resumable_step else "the start"
     if job.cancel_requested:
         finish_job(session, job, JobStatus.CANCELLED, "Job cancelled", trained_tokens=outcome.trained_tokens)
     elif job.pause_requested:  # still asked for: a pause withdrawn meanwhile makes a paused attempt a requeue
-        job.status = JobStatus.PAUSED
-        job.pause_requested = False
-        job.lease_expires_at = None
-        add_event(session, job.id, f"Job paused; resuming it continues from {where}")
+        hold_paused(session, job, f"Job paused; resuming it continues from {resume_point(job)}")
     else:
         reason = outcome.reason or (
             "the pause was withdrawn" if outcome.status == "paused" else "it was stopped"
         )
         requeue(
-            session, job, f"Attempt {job.attempt} handed the job back ({reason}); it continues from {where}"
+            session,
+            job,
+            f"Attempt {job.attempt} handed the job back ({reason}); it continues from {resume_point(job)}",
         )

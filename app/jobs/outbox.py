@@ -20,7 +20,7 @@ from app.broker import TRAINING_QUEUE, enqueue_training, make_celery
 from app.config import Settings
 from app.db import session_scope
 from app.jobs import resume_states
-from app.jobs.service import add_event, finish_job, requeue, transition
+from app.jobs.service import finish_job, hold_paused, requeue, resume_point, transition
 from app.models import Job, JobStatus, Outbox
 from app.models.base import now
 from app.storage import Storage
@@ -91,7 +91,6 @@ def recover_expired_leases(session: Session) -> int:
         if not transition(session, job, *still_lost, lease_expires_at=None):
             continue
         job.lost_attempts += 1
-        where = f"step {job.resumable_step}" if job.resumable_step else "the start"
         if job.cancel_requested:
             finish_job(session, job, JobStatus.CANCELLED, "Job cancelled; its worker stopped responding")
         elif job.lost_attempts >= MAX_ATTEMPTS:
@@ -103,15 +102,16 @@ def recover_expired_leases(session: Session) -> int:
                 error={"code": "worker_lost", "message": "The worker stopped responding", "param": None},
             )
         elif job.pause_requested:
-            job.status, job.pause_requested, job.lease_expires_at = JobStatus.PAUSED, False, None
-            add_event(
-                session, job.id, f"Job paused; its worker stopped responding. Resuming continues from {where}"
+            hold_paused(
+                session,
+                job,
+                f"Job paused; its worker stopped responding. Resuming continues from {resume_point(job)}",
             )
         else:
             requeue(
                 session,
                 job,
-                f"Worker stopped responding; retrying as attempt {job.attempt + 1}, from {where}",
+                f"Worker stopped responding; retrying as attempt {job.attempt + 1}, from {resume_point(job)}",
                 level="warn",
             )
         session.commit()

@@ -218,6 +218,17 @@ def event_seq(session: Session, job_id: str, event_id: str) -> int:
     return seq
 
 
+def resume_point(job: Job) -> str:
+    """Where the job's next attempt continues, for its events."""
+    return f"step {job.resumable_step}" if job.resumable_step else "the start"
+
+
+def hold_paused(session: Session, job: Job, message: str) -> None:
+    """Park a running job whose pause was asked for as `paused`; resuming continues from resume_point."""
+    job.status, job.pause_requested, job.lease_expires_at = JobStatus.PAUSED, False, None
+    add_event(session, job.id, message)
+
+
 def requeue(session: Session, job: Job, message: str, *, level: str = "info") -> None:
     """Queue a running job again as a new attempt, which resumes from its newest resume state."""
     job.status = JobStatus.QUEUED
@@ -265,9 +276,8 @@ def resume_job(session: Session, job: Job) -> Job:
     """Resume a paused job: it is queued and continues from the step it was paused at. A running job whose
     pause was asked for but not yet carried out simply goes on."""
     if transition(session, job, Job.status == JobStatus.PAUSED, status=JobStatus.QUEUED):
-        where = f"step {job.resumable_step}" if job.resumable_step else "the start"
         session.add(Outbox(job_id=job.id))
-        add_event(session, job.id, f"Job resumed; it continues from {where}")
+        add_event(session, job.id, f"Job resumed; it continues from {resume_point(job)}")
         return job
     if transition(
         session, job, Job.status == JobStatus.RUNNING, Job.pause_requested.is_(True), pause_requested=False
