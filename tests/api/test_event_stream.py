@@ -16,16 +16,6 @@ from app.jobs.event_stream import DONE, KEEPALIVE, EventHub
 from app.jobs.service import add_event, events_query, finish_job
 from app.models import Job, JobEvent, JobStatus
 from tests.api.test_internal import claim
-from tests.utils import CHAT_LINES, upload_file
-
-
-@pytest.fixture
-def job_id(client, auth) -> str:
-    file_id = upload_file(client, auth, CHAT_LINES)
-    response = client.post(
-        "/v1/fine_tuning/jobs", json={"model": "tiny-phi3", "training_file": file_id}, headers=auth
-    )
-    return response.json()["id"]
 
 
 def all_event_ids(client, auth, job_id: str) -> list[str]:

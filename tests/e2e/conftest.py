@@ -118,18 +118,37 @@ def service_env(data_dir: Path, port: int, **settings: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def embedded_service(tmp_path: Path) -> Iterator[Service]:
-    """`phitune serve` on a fresh data dir: SQLite, filesystem broker, tiny model generated on first use."""
-    port = free_port()
-    service = Service(f"http://127.0.0.1:{port}", service_env(tmp_path, port), tmp_path)
-    inference_port = free_port()
+def serving(data_dir: Path, **settings: str) -> Iterator[Service]:
+    """`phitune serve` on a fresh data dir (SQLite, filesystem broker, tiny model generated on first use),
+    with these PHITUNE_ settings; for fixtures to yield from."""
+    port, inference_port = free_port(), free_port()
+    service = Service(f"http://127.0.0.1:{port}", service_env(data_dir, port, **settings), data_dir)
     service.inference_url = f"http://127.0.0.1:{inference_port}"
     service.start("serve", "serve", "--port", str(port), "--inference-port", str(inference_port))
     service.wait_ready(service.inference_url, timeout=120)
     service.api_key = phitune("keys", "create", "--tenant", "e2e", env=service.env).strip().splitlines()[-1]
     yield service
     service.stop()
+
+
+def api_alone(data_dir: Path, **settings: str) -> Iterator[Service]:
+    """`phitune api` alone on a migrated, fresh embedded data dir with these PHITUNE_ settings; the test
+    starts any worker itself. For fixtures to yield from."""
+    port = free_port()
+    env = service_env(data_dir, port, **settings)
+    service = Service(f"http://127.0.0.1:{port}", env, data_dir)
+    phitune("migrate", env=env)
+    service.api_key = phitune("keys", "create", "--tenant", "e2e", env=env).strip().splitlines()[-1]
+    service.start("api", "api", "--port", str(port))
+    service.wait_ready()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def embedded_service(tmp_path: Path) -> Iterator[Service]:
+    """`phitune serve` on a fresh data dir with the embedded defaults."""
+    yield from serving(tmp_path)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pytest
 from app.broker import enqueue_training, make_celery
 from app.config import Settings
 from tests.conftest import REDIS_URL
-from tests.e2e.conftest import Service, phitune, service_env
+from tests.e2e.conftest import Service, api_alone
 from tests.e2e.test_fine_tune import all_events, create_job, wait_final
 from tests.utils import free_port
 
@@ -45,10 +45,8 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, tiny_model_dir: Path
     take a `redis` fixture get their broker there."""
     marker = request.node.get_closest_marker("lease_seconds")
     broker = {"broker_url": request.getfixturevalue("redis").url} if "redis" in request.fixturenames else {}
-    port = free_port()
-    env = service_env(
+    yield from api_alone(
         tmp_path,
-        port,
         redeliver_seconds="5",
         **broker,
         base_models=json.dumps({"tiny-phi3": str(tiny_model_dir)}),
@@ -56,13 +54,6 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, tiny_model_dir: Path
         lease_seconds=str(marker.args[0] if marker else 8),
         resume_state_seconds="2",
     )
-    service = Service(f"http://127.0.0.1:{port}", env, tmp_path)
-    phitune("migrate", env=env)
-    service.api_key = phitune("keys", "create", "--tenant", "e2e", env=env).strip().splitlines()[-1]
-    service.start("api", "api", "--port", str(port))
-    service.wait_ready()
-    yield service
-    service.stop()
 
 
 @dataclass

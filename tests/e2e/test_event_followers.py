@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.followers import FollowerProcess, event_ids, finish, percentile_ms, start_job, under_worker_load
-from tests.e2e.conftest import Service, phitune, service_env
-from tests.utils import free_port
+from tests.e2e.conftest import Service, api_alone
 
 pytestmark = pytest.mark.e2e
 FOLLOWERS = 200
@@ -21,15 +20,7 @@ WORKER_TOKEN = "e2e-worker-token"
 @pytest.fixture
 def api_service(tmp_path: Path) -> Iterator[Service]:
     """`phitune api` alone on the embedded defaults (SQLite, filesystem broker); the test is the worker."""
-    port = free_port()
-    env = service_env(tmp_path, port, worker_token=WORKER_TOKEN)
-    service = Service(f"http://127.0.0.1:{port}", env, tmp_path)
-    phitune("migrate", env=env)
-    service.api_key = phitune("keys", "create", "--tenant", "e2e", env=env).strip().splitlines()[-1]
-    service.start("api", "api", "--port", str(port))
-    service.wait_ready()
-    yield service
-    service.stop()
+    yield from api_alone(tmp_path, worker_token=WORKER_TOKEN)
 
 
 def test_200_followers_of_one_job_leave_the_api_and_the_worker_fast(api_service: Service):

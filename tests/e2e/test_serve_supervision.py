@@ -13,9 +13,8 @@ import httpx
 import pytest
 
 from app.supervisor import Child, Supervisor
-from tests.e2e.conftest import Service, phitune, service_env
+from tests.e2e.conftest import Service, serving
 from tests.e2e.test_fine_tune import all_events, create_job, wait_final
-from tests.utils import free_port
 
 
 def children(pid: int) -> dict[str, int]:
@@ -95,14 +94,7 @@ def short_lease_service(tmp_path: Path) -> Iterator[Service]:
     Not shorter: a fresh worker imports torch after claiming its first job and before its first heartbeat,
     which takes about 7 s on two busy cores; a shorter lease would expire during that import.
     """
-    port, inference_port = free_port(), free_port()
-    service = Service(f"http://127.0.0.1:{port}", service_env(tmp_path, port, lease_seconds="15"), tmp_path)
-    service.inference_url = f"http://127.0.0.1:{inference_port}"
-    service.start("serve", "serve", "--port", str(port), "--inference-port", str(inference_port))
-    service.wait_ready(service.inference_url, timeout=120)
-    service.api_key = phitune("keys", "create", "--tenant", "e2e", env=service.env).strip().splitlines()[-1]
-    yield service
-    service.stop()
+    yield from serving(tmp_path, lease_seconds="15")
 
 
 @pytest.mark.e2e
