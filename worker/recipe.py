@@ -27,7 +27,6 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainerCallback,
@@ -40,6 +39,7 @@ from worker import hardware, loralib_backend, resume_state
 from worker.data import load_tokenized_dataset
 from worker.loralib_backend import LoralibConfig
 from worker.quantization import bitsandbytes_config, prepare_quantized_for_training
+from worker.tokenizer import load_tokenizer
 
 
 class ProgressReporter(Protocol):
@@ -227,7 +227,7 @@ def load_base_model(
         model.config.use_cache = False  # the cache only serves generation and conflicts with checkpointing
     else:
         model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
     return model, tokenizer
 
 
