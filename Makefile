@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # torch is pinned first so pip takes the CPU build on this disk instead of a multi-GB CUDA build;
-# pyproject.toml stays at torch>=2.4 so GPU machines keep theirs.
+# pyproject.toml asks only torch>=2.6, so GPU machines and the GPU image keep theirs.
 TORCH := torch==2.13.0
 
 .PHONY: install dev quickstart test lint bench clean
