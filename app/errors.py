@@ -116,6 +116,12 @@ class ServiceUnavailable(APIError):
     default_code = "service_unavailable"
 
 
+class ModelConfigUnavailable(ServiceUnavailable):
+    """A configured base model whose config.json the API cannot read: a deployment problem, not the user's."""
+
+    default_code = "model_config_unavailable"
+
+
 def _param_from_location(loc: tuple[Any, ...]) -> str | None:
     """`("body", "training_config", "r")` → `"training_config.r"`."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]

@@ -89,6 +89,10 @@ QkvSlice = Literal["q", "k", "v"]
 LORALIB_TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 """The Phi-3 projections the loralib backend adapts; its "all-linear" means all four."""
 
+# Embedding and output layers, under the names of the common architectures: TRL's trainer cannot put a LoRA
+# on them (it fails in the worker) and the inference server applies LoRA to linear projections only.
+UNADAPTABLE_MODULES = {"lm_head", "embed_tokens", "wte", "wpe", "embed_out", "word_embeddings"}
+
 RECIPE_FIELDS = frozenset({"backend", "qkv_slices", "quantization"})
 """PeftConfig fields that choose how phitune trains; the others are `peft.LoraConfig`'s."""
 
@@ -127,6 +131,27 @@ class PeftConfig(_Closed):
             raise ValueError(f"qkv_slices lists a slice twice: {slices}")
         return None if slices is None else sorted(slices, key="qkv".index)
 
+    @field_validator("target_modules")
+    @classmethod
+    def _only_adaptable_modules(cls, targets: str | list[str]) -> str | list[str]:
+        names = targets if isinstance(targets, list) else []
+        if refused := [name for name in names if name.rsplit(".", 1)[-1] in UNADAPTABLE_MODULES]:
+            raise ValueError(
+                f"{', '.join(refused)}: embedding and output layers take no LoRA here (the trainer cannot "
+                "train one, the inference server cannot apply one); adapt the attention and MLP projections"
+            )
+        return targets
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _nothing_trained_in_full(cls, modules: list[str] | None) -> list[str] | None:
+        if modules:
+            raise ValueError(
+                "modules trained in full cannot be served: the inference server applies LoRA deltas only; "
+                "leave modules_to_save unset"
+            )
+        return modules
+
     @model_validator(mode="after")
     def _check_backend(self) -> PeftConfig:
         if self.backend == "peft":
@@ -139,7 +164,6 @@ class PeftConfig(_Closed):
         unsupported = {
             "quantization": "loralib trains over an unquantised base; use backend 'peft' for QLoRA",
             "use_rslora": "loralib scales by lora_alpha / r",
-            "modules_to_save": "loralib saves LoRA weights (and biases) only",
         }
         for name, reason in unsupported.items():
             if getattr(self, name):
@@ -166,7 +190,7 @@ class PeftConfig(_Closed):
 
 
 # The layers LoRA can adapt, for the model types whose layer names are known without loading the model.
-_ADAPTABLE_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed_tokens"}}
+_ADAPTABLE_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}
 
 
 def check_against_model(peft_config: PeftConfig, model_config: dict[str, Any]) -> None:
@@ -196,6 +220,24 @@ def check_against_model(peft_config: PeftConfig, model_config: dict[str, Any]) -
                 f"this model's q slice is {query_heads} heads wide and its k and v slices {kv_heads} "
                 "(grouped-query attention); leave qkv_proj out of target_modules or use backend 'peft'"
             )
+
+
+def fit_to_model(
+    training_config: TrainingConfig, peft_config: PeftConfig, model_config: dict[str, Any]
+) -> TrainingConfig:
+    """`training_config` checked against the base model's config.json, its max_seq_length capped at the
+    model's context when the job left it at the default; ValueError, naming the field, when the job cannot
+    train this model (see also `check_against_model`). The API calls it at creation, the worker again."""
+    check_against_model(peft_config, model_config)
+    context = model_config.get("max_position_embeddings")
+    if context is None or training_config.max_seq_length <= context:
+        return training_config
+    if "max_seq_length" in training_config.model_fields_set:
+        raise ValueError(
+            f"training_config.max_seq_length: {training_config.max_seq_length} is longer than the base "
+            f"model's context of {context} tokens"
+        )
+    return training_config.model_copy(update={"max_seq_length": context})
 
 
 class Hyperparameters(BaseModel):

@@ -10,7 +10,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import Conflict, InvalidRequest, ModelNotAvailable, NotFound
+from app.errors import Conflict, InvalidRequest, ModelConfigUnavailable, ModelNotAvailable, NotFound
 from app.files.service import get_file
 from app.jobs.schemas import JobCreate
 from app.models import Job, JobEvent, JobStatus, Outbox
@@ -21,7 +21,7 @@ from app.specs import (
     Hyperparameters,
     PeftConfig,
     TrainingConfig,
-    check_against_model,
+    fit_to_model,
 )
 
 
@@ -107,7 +107,7 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
             param="training_config.load_best_model_at_end",
             code="validation_file_required",
         )
-    check_model_fits(peft_config, settings.resolved_base_models[request.model])
+    training_config = fit_to_base_model(training_config, peft_config, request.model, settings)
     job = Job(
         id=new_id("ftjob"),
         tenant_id=tenant_id,
@@ -129,17 +129,48 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
     return job
 
 
-def check_model_fits(peft_config: PeftConfig, base_model: str) -> None:
-    """400 at creation, not a crash in the worker, when the LoRA settings cannot apply to the base model.
-    Reads only the model's config.json, where it is a local directory (the worker checks hub models)."""
-    config_file = Path(base_model) / "config.json"
-    if not config_file.is_file():
-        return
+def fit_to_base_model(
+    training_config: TrainingConfig, peft_config: PeftConfig, model: str, settings: Settings
+) -> TrainingConfig:
+    """The job's training config fitted to the base model's config.json (`app.specs.fit_to_model`): a job
+    the worker could not train is a 400 now, not a failure later. A configured model whose config.json the
+    API cannot read is a 503: the deployment must mount it (read-only) into the API too. The generated tiny
+    model is checked once it exists (`phitune serve` makes it before it starts the API)."""
+    config = read_model_config(settings.resolved_base_models[model])
+    if config is None:
+        if not settings.base_models:
+            return training_config
+        raise ModelConfigUnavailable(
+            f"The API cannot read config.json of base model '{model}' "
+            f"({settings.resolved_base_models[model]}) to check the job against it; mount the model "
+            "directory into the API read-only, as into the workers (see docker-compose.yml)",
+            param="model",
+        )
     try:
-        check_against_model(peft_config, json.loads(config_file.read_text()))
+        return fit_to_model(training_config, peft_config, config)
     except ValueError as problem:
         param, _, message = str(problem).partition(": ")
         raise InvalidRequest(message, param=param, code="incompatible_model") from problem
+
+
+def read_model_config(base_model: str) -> dict[str, Any] | None:
+    """config.json of a base model: a local directory, or a hub id already in the local hub cache (nothing
+    is downloaded); None when it cannot be read."""
+    config_file = Path(base_model) / "config.json"
+    if not config_file.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(base_model, "config.json")
+        except ValueError:  # not a hub id either (HFValidationError)
+            return None
+        if not isinstance(cached, str):
+            return None
+        config_file = Path(cached)
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:

@@ -228,7 +228,10 @@ def gqa_client(settings, tmp_path):
     """An API whose base model uses grouped-query attention (only its config.json is read at creation)."""
     model_dir = tmp_path / "gqa-phi3"
     model_dir.mkdir()
-    config = {"model_type": "phi3", "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64}
+    config = {
+        "model_type": "phi3", "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64,
+        "max_position_embeddings": 1024,
+    }  # fmt: skip
     (model_dir / "config.json").write_text(json.dumps(config))
     with TestClient(
         create_app(settings.model_copy(update={"base_models": {"gqa-phi3": str(model_dir)}}))
@@ -266,3 +269,38 @@ def test_qkv_slices_need_the_loralib_backend(client, auth, training_file):
         create(client, auth, training_file=training_file, peft_config={"qkv_slices": ["q"]}), 400
     )
     assert "qkv_slices" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("peft_config", "param"),
+    [
+        ({"target_modules": ["qkv_proj", "lm_head"]}, "peft_config.target_modules"),
+        ({"target_modules": ["model.embed_tokens"]}, "peft_config.target_modules"),
+        ({"modules_to_save": ["lm_head"]}, "peft_config.modules_to_save"),
+    ],
+)
+def test_layers_neither_trainer_nor_server_can_adapt_are_400(client, auth, training_file, peft_config, param):
+    response = create(client, auth, training_file=training_file, peft_config=peft_config)
+    assert_error(response, 400, param=param)
+
+
+def test_max_seq_length_is_capped_by_the_model_context(gqa_client, auth):
+    file_id = upload_file(gqa_client, auth, CHAT_LINES)
+    body = {"model": "gqa-phi3", "training_file": file_id}
+    job = gqa_client.post("/v1/fine_tuning/jobs", json=body, headers=auth).json()
+    assert job["training_config"]["max_seq_length"] == 1024  # the default 2048, fitted to the context
+    too_long = {**body, "training_config": {"max_seq_length": 2048}}
+    response = gqa_client.post("/v1/fine_tuning/jobs", json=too_long, headers=auth)
+    error = assert_error(response, 400, param="training_config.max_seq_length", code="incompatible_model")
+    assert "context of 1024 tokens" in error["message"]
+
+
+def test_a_configured_model_the_api_cannot_read_is_503_not_unchecked(settings, auth, tmp_path):
+    unmounted = settings.model_copy(update={"base_models": {"phi-3-mini": str(tmp_path / "not-mounted")}})
+    with TestClient(create_app(unmounted)) as client:
+        file_id = upload_file(client, auth, CHAT_LINES)
+        body = {"model": "phi-3-mini", "training_file": file_id}
+        response = client.post("/v1/fine_tuning/jobs", json=body, headers=auth)
+        error = assert_error(response, 503, param="model", code="model_config_unavailable")
+        assert "mount the model directory into the API read-only" in error["message"]
+        assert client.get("/v1/fine_tuning/jobs", headers=auth).json()["data"] == []  # nothing was created

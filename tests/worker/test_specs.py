@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.specs import PeftConfig, TrainingConfig, check_against_model
+from app.specs import PeftConfig, TrainingConfig, check_against_model, fit_to_model
 from tests.worker.conftest import Recorder, persona_inputs
 from worker.recipe import train
 
@@ -36,6 +36,10 @@ def gqa_config(phi3_config: dict) -> dict:
         ({"backend": "loralib", "qkv_slices": ["q", "q"]}, "twice"),
         ({"backend": "loralib", "qkv_slices": []}, "qkv_slices"),
         ({"quantization": "2bit"}, "quantization"),
+        # Nothing the trainer or the inference server cannot apply: embeddings, the output layer, full copies.
+        ({"target_modules": ["qkv_proj", "lm_head"]}, "lm_head: embedding and output layers"),
+        ({"target_modules": ["model.embed_tokens"]}, "embed_tokens"),
+        ({"modules_to_save": ["lm_head"]}, "modules trained in full cannot be served"),
     ],
 )
 def test_peft_config_refuses_what_its_backend_cannot_train(fields: dict, named: str) -> None:
@@ -72,13 +76,23 @@ def test_loralib_cannot_split_a_grouped_query_qkv_proj(phi3_config: dict, gqa_co
 
 
 def test_target_modules_are_checked_against_the_model_type(phi3_config: dict) -> None:
-    check_against_model(PeftConfig(target_modules=["self_attn.qkv_proj", "lm_head"]), phi3_config)
+    check_against_model(PeftConfig(target_modules=["self_attn.qkv_proj", "down_proj"]), phi3_config)
     with pytest.raises(ValueError, match=r"^peft_config\.target_modules: .*q_proj, v_proj"):
         check_against_model(PeftConfig(target_modules=["q_proj", "v_proj"]), phi3_config)
     llama = {"model_type": "llama", "num_attention_heads": 32, "num_key_value_heads": 8}
     check_against_model(PeftConfig(target_modules=["q_proj", "v_proj"]), llama)  # unknown type: not checked
     with pytest.raises(ValueError, match=r"^peft_config\.backend: .*'llama'"):
         check_against_model(PeftConfig(backend="loralib"), llama)
+
+
+def test_max_seq_length_is_capped_by_the_model_context(phi3_config: dict) -> None:
+    context = phi3_config["max_position_embeddings"]
+    short = {**phi3_config, "max_position_embeddings": 1024}
+    assert fit_to_model(TrainingConfig(), PeftConfig(), short).max_seq_length == 1024  # the default, capped
+    assert fit_to_model(TrainingConfig(max_seq_length=512), PeftConfig(), short).max_seq_length == 512
+    assert fit_to_model(TrainingConfig(), PeftConfig(), phi3_config).max_seq_length == min(2048, context)
+    with pytest.raises(ValueError, match=r"^training_config\.max_seq_length: 4096 is longer than .* 1024"):
+        fit_to_model(TrainingConfig(max_seq_length=4096), PeftConfig(), short)
 
 
 def test_the_worker_refuses_a_grouped_query_model_before_loading_it(gqa_config: dict, tmp_path: Path) -> None:
