@@ -75,11 +75,36 @@ def api(host: str, port: int) -> None:
     uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
 
 
+GPU_OPTION = click.option(
+    "--gpu",
+    type=click.IntRange(min=0),
+    default=None,
+    help="The GPU to use, counted among the visible ones (default: PHITUNE_GPU, else the first).",
+)
+
+
+def use_one_gpu(gpu: int | None) -> None:
+    """Pin this process to one GPU before torch loads, and fail now if PHITUNE_DEVICE=cuda cannot be met."""
+    from worker.devices import VISIBLE, pin_one_gpu
+
+    try:
+        os.environ[VISIBLE] = pin_one_gpu(os.environ, gpu)
+    except ValueError as problem:
+        raise click.BadParameter(str(problem), param_hint="--gpu") from None
+    if get_settings().device == "cuda":
+        from worker.hardware import cuda_problem
+
+        if problem := cuda_problem():
+            raise click.ClickException(f"PHITUNE_DEVICE=cuda, but CUDA cannot be used: {problem}")
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8001, show_default=True)
-def inference(host: str, port: int) -> None:
+@GPU_OPTION
+def inference(host: str, port: int, gpu: int | None) -> None:
     """Run the inference server: base models loaded once, adapters on demand, batched generation."""
+    use_one_gpu(gpu)
     import uvicorn
 
     from worker.bootstrap import ensure_tiny_model
@@ -91,8 +116,10 @@ def inference(host: str, port: int) -> None:
 
 
 @main.command()
-def worker() -> None:
-    """Run a Celery training worker (queue `training`, one job at a time)."""
+@GPU_OPTION
+def worker(gpu: int | None) -> None:
+    """Run a Celery training worker (queue `training`, one job at a time) on one GPU: run one per GPU."""
+    use_one_gpu(gpu)
     from worker.bootstrap import ensure_tiny_model
 
     ensure_tiny_model(get_settings())
@@ -123,6 +150,7 @@ def serve(host: str, port: int, inference_port: int) -> None:
     """
     from app.supervisor import Child, Supervisor
     from worker.bootstrap import ensure_tiny_model
+    from worker.devices import gpu_assignment, visible_gpus
 
     settings = get_settings()
     click.get_current_context().invoke(migrate)
@@ -137,14 +165,17 @@ def serve(host: str, port: int, inference_port: int) -> None:
     worker_grace = settings.stop_grace_seconds
     server_grace = min(SERVER_STOP_GRACE_SECONDS, worker_grace)
     cli = [sys.executable, "-m", "app.cli"]
+    gpus = gpu_assignment(len(visible_gpus(os.environ)))
+    worker_gpu = ["--gpu", str(gpus["worker"])] if gpus else []
+    inference_gpu = ["--gpu", str(gpus["inference"])] if gpus else []
     supervisor = Supervisor(
         [
             Child("api", [*cli, "api", "--host", host, "--port", str(port)], server_grace, stop_wave=1),
             # Stopped first: it saves its training state and hands its job back to the API, still up.
-            Child("worker", [*cli, "worker"], worker_grace, stop_wave=0),
+            Child("worker", [*cli, "worker", *worker_gpu], worker_grace, stop_wave=0),
             Child(
                 "inference",
-                [*cli, "inference", "--host", "127.0.0.1", "--port", str(inference_port)],
+                [*cli, "inference", "--host", "127.0.0.1", "--port", str(inference_port), *inference_gpu],
                 server_grace,
                 stop_wave=1,
             ),

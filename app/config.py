@@ -11,6 +11,7 @@ import os
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,6 +55,11 @@ class Settings(BaseSettings):
     )
     max_job_seconds: float = Field(
         7 * 24 * 3600.0, gt=0, description="An attempt that trains longer than this fails (job time limit)."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="Where the worker trains and the inference server serves: cuda fails when CUDA cannot be "
+        "used; auto falls back to the CPU, with a warning, only for models of at most 1B parameters.",
     )
     stop_grace_seconds: float = Field(
         60.0,

@@ -15,14 +15,15 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 Quantization = Literal["4bit", "8bit"]
 
 
-def bitsandbytes_config(quantization: Quantization) -> BitsAndBytesConfig:
-    """4bit: the QLoRA paper's NF4 with double quantisation, computing in bf16; 8bit: LLM.int8()."""
+def bitsandbytes_config(quantization: Quantization, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """4bit: the QLoRA paper's NF4 with double quantisation, computing in `compute_dtype` (bf16 where the
+    hardware has it, fp16 on older GPUs: see `worker.hardware`); 8bit: LLM.int8()."""
     if quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute_dtype,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 

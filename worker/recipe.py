@@ -11,7 +11,9 @@ failed job.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
@@ -27,6 +30,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainerCallback,
@@ -34,15 +38,22 @@ from transformers import (
 )
 from trl import SFTConfig, SFTTrainer
 
-from app.specs import RECIPE_FIELDS, PeftConfig, TrainingConfig, check_against_model
+from app.specs import RECIPE_FIELDS, PeftConfig, TrainingConfig, fit_to_model
 from worker import hardware, loralib_backend, resume_state
 from worker.data import load_tokenized_dataset
+from worker.hardware import DeviceSetting, HardwarePlan
 from worker.loralib_backend import LoralibConfig
+from worker.memory_estimate import estimate_training_memory
 from worker.quantization import bitsandbytes_config, prepare_quantized_for_training
 from worker.tokenizer import load_tokenizer
 
+log = logging.getLogger(__name__)
+
 
 class ProgressReporter(Protocol):
+    def message(self, text: str, *, level: str = "info") -> None:
+        """A message event for the job: where it trains, warnings."""
+
     def on_metrics(self, metrics: dict) -> None:
         """Called at every logging step with step, total_steps, epoch, train_loss, learning_rate,
         tokens_per_second, and eval_loss and eval_mean_token_accuracy when the step was evaluated."""
@@ -74,6 +85,7 @@ class RecipeInputs:
     output_dir: Path  # scratch directory of this attempt
     resume_from: Path | None = None  # an unpacked resume state of this job (checked by resume_state.unpack)
     resume_state_seconds: float | None = None  # a resume state at least this often, besides every save_steps
+    device: DeviceSetting = "auto"  # PHITUNE_DEVICE
 
 
 @dataclass
@@ -105,14 +117,19 @@ def run_recipe(inputs: RecipeInputs, reporter: ProgressReporter) -> RecipeResult
 
 def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
     """Run the whole recipe and keep the trainer, for callers that inspect the trained model."""
-    config, peft_config = inputs.training_config, inputs.peft_config
-    if config.load_best_model_at_end and inputs.validation_file is None:
+    if inputs.training_config.load_best_model_at_end and inputs.validation_file is None:
         raise ValueError("training_config.load_best_model_at_end needs a validation_file")
-    # The API checks this at job creation when it can read the model's config; this catches the rest early.
-    model_config = AutoConfig.from_pretrained(inputs.base_model).to_dict()
-    check_against_model(peft_config, model_config)
+    # The API checked the job against the model's config.json at creation; the worker's copy may differ.
+    architecture = AutoConfig.from_pretrained(inputs.base_model)
+    model_config = architecture.to_dict()
+    fitted = fit_to_model(inputs.training_config, inputs.peft_config, model_config)
+    inputs = dataclasses.replace(inputs, training_config=fitted)
+    config, peft_config = inputs.training_config, inputs.peft_config
+    plan = hardware.plan(inputs.device, parameters=count_parameters(architecture), bf16=config.bf16)
+    if plan.fallback_warning:
+        reporter.message(plan.fallback_warning, level="warn")
     model, tokenizer = load_base_model(
-        inputs.base_model, for_training=True, bf16=config.bf16, quantization=peft_config.quantization
+        inputs.base_model, for_training=True, plan=plan, quantization=peft_config.quantization
     )
     train_data = load_tokenized_dataset(
         inputs.training_file,
@@ -152,10 +169,16 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         prepare_model(model, inputs),
         tokenizer,
         inputs,
+        plan,
         train_data.dataset,
         validation_data.dataset if validation_data else None,
         [progress, checkpoints, states],
     )
+    if trainer.args.n_gpu > 1:  # the trainer would wrap the model in nn.DataParallel across them
+        raise hardware.DeviceUnavailable(
+            f"{trainer.args.n_gpu} GPUs are visible to this worker; pin it to one (phitune worker --gpu N)"
+        )
+    reporter.message(f"{plan.describe()}; {describe_memory(trainer, inputs, plan, architecture)}")
     trainer.train(
         resume_from_checkpoint=str(inputs.resume_from / resume_state.TRAINER_DIR)
         if inputs.resume_from
@@ -204,23 +227,54 @@ def state_fingerprint(inputs: RecipeInputs, model_config: dict | None = None) ->
     return resume_state.fingerprint(model_config, inputs.training_config, inputs.peft_config)
 
 
+def count_parameters(architecture: PretrainedConfig) -> int:
+    """The number of weights of a model, counted on the meta device: nothing is allocated or read."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(architecture)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def describe_memory(
+    trainer: SFTTrainer, inputs: RecipeInputs, plan: HardwarePlan, architecture: PretrainedConfig
+) -> str:
+    """The job's estimated device memory (`worker.memory_estimate`), for its first events."""
+    return estimate_training_memory(
+        trainer.model,
+        batch_size=inputs.training_config.per_device_train_batch_size,
+        sequence_length=inputs.training_config.max_seq_length,
+        hidden_size=architecture.hidden_size,
+        layers=architecture.num_hidden_layers,
+        vocab_size=architecture.vocab_size,
+        half_precision=plan.mixed_precision is not None,
+        checkpointing=trainer.args.activation_checkpointing,
+    ).describe()
+
+
 def load_base_model(
-    name_or_path: str, *, for_training: bool, bf16: bool | None = None, quantization: str | None = None
+    name_or_path: str,
+    *,
+    for_training: bool,
+    plan: HardwarePlan | None = None,
+    device: DeviceSetting = "auto",
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the model and tokenizer for the hardware at hand: bf16 + FlashAttention-2 or SDPA on a GPU,
-    fp32 + SDPA on CPU. `bf16=None` picks bf16 where the GPU supports it. `quantization` ("4bit", "8bit")
-    loads the linear layers quantised by bitsandbytes, for QLoRA."""
-    device = hardware.training_device()
-    dtype = hardware.model_dtype(device, hardware.use_bf16(bf16))
-    options = {"dtype": dtype, "attn_implementation": hardware.attention_implementation(device, dtype)}
+    """Load the model and tokenizer as `plan` says (by default: the plan of `device` for this model, see
+    `worker.hardware`). `quantization` ("4bit", "8bit") loads the linear layers quantised by bitsandbytes,
+    for QLoRA."""
+    if plan is None:
+        plan = hardware.plan(device, parameters=count_parameters(AutoConfig.from_pretrained(name_or_path)))
+        if plan.fallback_warning:
+            log.warning("%s: %s", name_or_path, plan.fallback_warning)
+    log.info("%s: %s", name_or_path, plan.describe())
+    options = {"dtype": plan.dtype, "attn_implementation": plan.attention}
     if quantization is None:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **options).to(device)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **options).to(plan.device)
     else:
         # bitsandbytes quantises while loading onto the device; a quantised model cannot be moved afterwards.
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
-            quantization_config=bitsandbytes_config(quantization),
-            device_map=device,
+            quantization_config=bitsandbytes_config(quantization, plan.quantized_compute_dtype),
+            device_map=plan.device,
             **options,
         )
     if for_training:
@@ -248,7 +302,9 @@ def build_lora_config(peft_config: PeftConfig) -> LoraConfig:
     return LoraConfig(**peft_config.model_dump(exclude=RECIPE_FIELDS))
 
 
-def build_trainer_args(config: TrainingConfig, output_dir: Path, *, evaluate: bool) -> SFTConfig:
+def build_trainer_args(
+    config: TrainingConfig, output_dir: Path, plan: HardwarePlan, *, evaluate: bool
+) -> SFTConfig:
     """The trainer arguments of a job; precision and checkpointing follow the hardware unless set."""
     return SFTConfig(
         output_dir=str(output_dir),
@@ -270,8 +326,12 @@ def build_trainer_args(config: TrainingConfig, output_dir: Path, *, evaluate: bo
         completion_only_loss=True,
         # SFTConfig defaults both to on, which makes CPU training many times slower. Transformers 5 renamed
         # gradient checkpointing to activation checkpointing; the new name wins over TRL's default.
-        bf16=hardware.use_bf16(config.bf16),
-        activation_checkpointing=hardware.use_gradient_checkpointing(config.gradient_checkpointing),
+        bf16=plan.mixed_precision == "bf16",
+        fp16=plan.mixed_precision == "fp16",
+        use_cpu=plan.device.type == "cpu",
+        activation_checkpointing=hardware.use_gradient_checkpointing(
+            config.gradient_checkpointing, plan.device
+        ),
         activation_checkpointing_kwargs=config.gradient_checkpointing_kwargs,
         logging_strategy="steps",
         logging_steps=config.logging_steps,
@@ -281,7 +341,7 @@ def build_trainer_args(config: TrainingConfig, output_dir: Path, *, evaluate: bo
         include_num_input_tokens_seen="non_padding",  # feeds trained_tokens and tokens_per_second
         report_to="none",
         disable_tqdm=True,  # progress goes to the reporter, not to the worker's log
-        dataloader_pin_memory=hardware.training_device().type == "cuda",
+        dataloader_pin_memory=plan.device.type == "cuda",
         log_level=config.log_level or "passive",
     )
 
@@ -290,6 +350,7 @@ def build_trainer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     inputs: RecipeInputs,
+    plan: HardwarePlan,
     train_dataset: Dataset,
     eval_dataset: Dataset | None,
     callbacks: list[TrainerCallback],
@@ -297,7 +358,7 @@ def build_trainer(
     """An SFTTrainer that trains `model`'s LoRA weights on the tokenised datasets; with backend peft it first
     wraps `model` in a fresh PEFT adapter."""
     args = build_trainer_args(
-        inputs.training_config, inputs.output_dir / "trainer", evaluate=eval_dataset is not None
+        inputs.training_config, inputs.output_dir / "trainer", plan, evaluate=eval_dataset is not None
     )
     return RecipeTrainer(
         model=model,

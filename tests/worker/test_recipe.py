@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from app.specs import PeftConfig, TrainingConfig
 from tests.worker.conftest import PERSONA_FILE, Recorder, fresh_base, logits, persona_inputs
+from worker import hardware
 from worker.data import load_tokenized_dataset
 from worker.recipe import (
     RecipeInputs,
@@ -191,9 +192,17 @@ def test_the_seed_decides_the_adapter(tiny_model_dir: Path, tmp_path: Path) -> N
     assert not any(torch.equal(first[name], other[name]) for name in first)
 
 
+def test_the_first_message_says_where_and_how_the_job_trains(recorder: Recorder, run: TrainingRun) -> None:
+    info = [text for level, text in recorder.messages if level == "info"]
+    assert info[0].startswith("Device cpu (CPU), weights float32, full precision, attention sdpa; ")
+    assert "estimated memory" in info[0]
+
+
 def test_trainer_args_fit_the_cpu_unless_set(tmp_path: Path) -> None:
-    args = build_trainer_args(TrainingConfig(), tmp_path, evaluate=False)
-    assert not args.bf16
+    cpu = hardware.plan("cpu", parameters=10**6)
+    args = build_trainer_args(TrainingConfig(), tmp_path, cpu, evaluate=False)
+    assert not args.bf16 and not args.fp16
+    assert args.use_cpu and args.n_gpu == 0
     assert not args.gradient_checkpointing
     assert args.completion_only_loss
     assert args.eval_strategy == "no"
@@ -201,7 +210,10 @@ def test_trainer_args_fit_the_cpu_unless_set(tmp_path: Path) -> None:
     assert args.get_warmup_steps(100) == 10  # warmup_ratio 0.1
 
     args = build_trainer_args(
-        TrainingConfig(gradient_checkpointing=True, logging_steps=3, warmup_ratio=0), tmp_path, evaluate=True
+        TrainingConfig(gradient_checkpointing=True, logging_steps=3, warmup_ratio=0),
+        tmp_path,
+        cpu,
+        evaluate=True,
     )
     assert args.gradient_checkpointing
     assert args.eval_strategy == "steps"

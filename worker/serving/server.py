@@ -206,7 +206,7 @@ def load_models(
     ensure_tiny_model(settings)
     models = {}
     for model_id, path in settings.resolved_base_models.items():
-        model, tokenizer = load_base_model(path, for_training=False)
+        model, tokenizer = load_base_model(path, for_training=False, device=settings.device)
         engine = Engine(
             model,
             tokenizer,

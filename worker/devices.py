@@ -1,0 +1,53 @@
+"""Which GPU a process may see, set through `CUDA_VISIBLE_DEVICES` before torch loads (torch reads it once).
+
+One training worker per GPU: a worker that saw several would have the trainer wrap its model in
+`nn.DataParallel`, so the effective batch and learning-rate schedule would depend on the host. `phitune serve`
+puts its worker and its inference server on different GPUs when there are two or more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+VISIBLE = "CUDA_VISIBLE_DEVICES"
+
+
+def pin_one_gpu(environ: Mapping[str, str], gpu: int | None) -> str:
+    """The `CUDA_VISIBLE_DEVICES` of a worker on GPU `gpu` (else `PHITUNE_GPU`, else the first), counted
+    among the GPUs `environ` makes visible. Harmless on a machine without GPUs."""
+    if gpu is None and environ.get("PHITUNE_GPU", "").strip():
+        gpu = int(environ["PHITUNE_GPU"])
+    visible = _listed(environ)
+    if visible is None:  # every GPU of the machine is visible: they are numbered from 0
+        return str(gpu or 0)
+    if gpu is None:
+        return visible[0] if visible else ""
+    if not 0 <= gpu < len(visible):
+        raise ValueError(
+            f"--gpu {gpu}, but only {len(visible)} GPUs are visible ({VISIBLE}={environ[VISIBLE]})"
+        )
+    return visible[gpu]
+
+
+def visible_gpus(environ: Mapping[str, str]) -> list[str]:
+    """The GPUs this process may hand out: `CUDA_VISIBLE_DEVICES` when set, else every GPU torch finds."""
+    listed = _listed(environ)
+    if listed is not None:
+        return listed
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def gpu_assignment(gpus: int) -> dict[str, int]:
+    """`phitune serve`'s children → the index of their GPU (`--gpu`): training and inference apart when
+    there are two or more, sharing the one there is, none on a machine without GPUs."""
+    if gpus == 0:
+        return {}
+    return {"worker": 0, "inference": 1 if gpus > 1 else 0}
+
+
+def _listed(environ: Mapping[str, str]) -> list[str] | None:
+    if VISIBLE not in environ:
+        return None
+    return [device.strip() for device in environ[VISIBLE].split(",") if device.strip() not in ("", "-1")]
