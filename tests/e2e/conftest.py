@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,9 @@ def production_service(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Service
 
 def _production_service(tmp_path: Path, tiny_model_dir: Path, database_url: str) -> Iterator[Service]:
     port, inference_port, key_prefix = free_port(), free_port(), f"phitune-test-{secrets.token_hex(4)}:"
+    # "missing-weights" has a config.json (the API checks jobs against it) but no weights: training fails.
+    (tmp_path / "none").mkdir()
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "none" / "config.json")
     env = service_env(
         tmp_path,
         port,
