@@ -1,4 +1,5 @@
-"""A job's device memory, estimated before its first step, for the event that says where it trains.
+"""A job's device memory: estimated before its first step, for the event that says where it trains, and
+measured after its last (`measured_peak`).
 
 An estimate, not a measurement: weights as loaded, plus gradients and AdamW's two moments of the trained
 (LoRA) weights, plus the activations of one micro-batch of full-length sequences. Activations follow
@@ -10,8 +11,10 @@ fp32 logits and their gradient (2 · s · vocab · 4 bytes) come on top.
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 GIB = 1024**3
@@ -57,3 +60,24 @@ def estimate_training_memory(
         per_model = 34 * layers * tokens * hidden_size * scale
     logits = 2 * tokens * vocab_size * 4
     return MemoryEstimate(weights, trained * (4 + 8), per_model + logits)
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start measuring the peak from now (CUDA; a process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measured_peak(device: torch.device) -> tuple[str, dict]:
+    """The peak memory since `reset_peak`: what torch allocated on a GPU, else the process's peak RSS. A text
+    and the figures, for an event."""
+    if device.type == "cuda":
+        allocated = torch.cuda.max_memory_allocated(device)
+        reserved = torch.cuda.max_memory_reserved(device)
+        text = f"Peak device memory {allocated / GIB:.2f} GiB allocated ({reserved / GIB:.2f} GiB reserved)"
+        return text, {"peak_memory_bytes": allocated, "peak_reserved_bytes": reserved, "device": str(device)}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return f"Peak memory {peak / GIB:.2f} GiB (the worker's resident set)", {
+        "peak_memory_bytes": peak,
+        "device": "cpu",
+    }

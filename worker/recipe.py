@@ -43,7 +43,7 @@ from worker import hardware, loralib_backend, resume_state
 from worker.data import load_tokenized_dataset
 from worker.hardware import DeviceSetting, HardwarePlan
 from worker.loralib_backend import LoralibConfig
-from worker.memory_estimate import estimate_training_memory
+from worker.memory_estimate import estimate_training_memory, measured_peak, reset_peak
 from worker.quantization import bitsandbytes_config, prepare_quantized_for_training
 from worker.tokenizer import load_tokenizer
 
@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 
 
 class ProgressReporter(Protocol):
-    def message(self, text: str, *, level: str = "info") -> None:
-        """A message event for the job: where it trains, warnings."""
+    def message(self, text: str, *, level: str = "info", data: dict | None = None) -> None:
+        """A message event for the job: where it trains, its peak memory, warnings."""
 
     def on_metrics(self, metrics: dict) -> None:
         """Called at every logging step with step, total_steps, epoch, train_loss, learning_rate,
@@ -179,12 +179,15 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
             f"{trainer.args.n_gpu} GPUs are visible to this worker; pin it to one (phitune worker --gpu N)"
         )
     reporter.message(f"{plan.describe()}; {describe_memory(trainer, inputs, plan, architecture)}")
+    reset_peak(plan.device)
     trainer.train(
         resume_from_checkpoint=str(inputs.resume_from / resume_state.TRAINER_DIR)
         if inputs.resume_from
         else None
     )
 
+    text, figures = measured_peak(plan.device)
+    reporter.message(text, data=figures)
     steps = trainer.state.global_step
     train_loss = last_train_loss(trainer)
     if states.handed_back is not None:

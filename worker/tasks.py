@@ -44,8 +44,8 @@ class ApiReporter:
     def on_metrics(self, metrics: dict[str, Any]) -> None:
         self._post({"type": "metrics", "message": _describe(metrics), "data": metrics})
 
-    def message(self, text: str, *, level: str = "info") -> None:
-        self._post({"type": "message", "level": level, "message": text})
+    def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        self._post({"type": "message", "level": level, "message": text, "data": data})
 
     def on_checkpoint(self, step: int, adapter_dir: Path, metrics: dict[str, Any]) -> None:
         upload_formats(self._attempt, adapter_dir, step=step)

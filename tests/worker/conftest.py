@@ -32,7 +32,7 @@ class Recorder:
     stop_after: int | None = None
     hand_back_at: int | None = None
     events: list[dict] = field(default_factory=list)
-    messages: list[tuple[str, str]] = field(default_factory=list)  # (level, text)
+    messages: list[tuple[str, str, dict | None]] = field(default_factory=list)  # (level, text, data)
     checkpoints: list[dict] = field(default_factory=list)
     states: dict[int, Path] = field(default_factory=dict)  # step → a copy of its resume state
     _steps: int = 0
@@ -40,8 +40,8 @@ class Recorder:
     def on_metrics(self, metrics: dict) -> None:
         self.events.append(metrics)
 
-    def message(self, text: str, *, level: str = "info") -> None:
-        self.messages.append((level, text))
+    def message(self, text: str, *, level: str = "info", data: dict | None = None) -> None:
+        self.messages.append((level, text, data))
 
     def on_checkpoint(self, step: int, adapter_dir: Path, metrics: dict) -> None:
         files = {
