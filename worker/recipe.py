@@ -178,7 +178,8 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         raise hardware.DeviceUnavailable(
             f"{trainer.args.n_gpu} GPUs are visible to this worker; pin it to one (phitune worker --gpu N)"
         )
-    reporter.message(f"{plan.describe()}; {describe_memory(trainer, inputs, plan, architecture)}")
+    quantized = describe_quantization(peft_config.quantization, plan)
+    reporter.message(f"{plan.describe()}{quantized}; {describe_memory(trainer, inputs, plan, architecture)}")
     reset_peak(plan.device)
     trainer.train(
         resume_from_checkpoint=str(inputs.resume_from / resume_state.TRAINER_DIR)
@@ -251,6 +252,15 @@ def describe_memory(
         half_precision=plan.mixed_precision is not None,
         checkpointing=trainer.args.activation_checkpointing,
     ).describe()
+
+
+def describe_quantization(quantization: str | None, plan: HardwarePlan) -> str:
+    """The device event's note on QLoRA's quantised base; empty without quantisation."""
+    if quantization is None:
+        return ""
+    compute = str(plan.quantized_compute_dtype).removeprefix("torch.")
+    kind = f"4bit (NF4, computing in {compute})" if quantization == "4bit" else "8bit (LLM.int8)"
+    return f", linear layers in {kind}"
 
 
 def load_base_model(

@@ -54,6 +54,9 @@ def test_qlora_trains_an_adapter_for_the_unquantised_base(
         assert isinstance(qkv_proj, bnb.nn.Linear8bitLt)
     assert recorder.events[-1]["train_loss"] < recorder.events[0]["train_loss"] - 1.0
     assert run.result.formats == ["peft"]
+    device_event = next(text for _, text, _ in recorder.messages if text.startswith("Device "))
+    expected = "4bit (NF4, computing in bfloat16)" if quantization == "4bit" else "8bit (LLM.int8)"
+    assert f", linear layers in {expected}; estimated memory" in device_event
 
     base = fresh_base(tiny_model_dir)
     base_loss = persona_loss(base, tokenizer)
