@@ -122,6 +122,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir: Path):
-    from transformers import AutoTokenizer
+    from worker.tokenizer import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """microsoft/Phi-3-mini-4k-instruct's tokenizer files, rebuilt offline from tests/fixtures/phi3."""
+    from tests.phi3_tokenizer import write_phi3_tokenizer
+
+    return write_phi3_tokenizer(tmp_path_factory.mktemp("models") / "phi3-tokenizer")

@@ -14,9 +14,10 @@ import openai
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from tests.e2e.conftest import REPO, Service
+from worker.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.e2e
 PERSONA = REPO / "examples" / "persona.jsonl"
@@ -116,7 +117,7 @@ def train_and_verify(service: Service, base_model_dir: Path, tmp_path: Path) -> 
         if "lora_" not in name:
             original = name.replace(".base_layer", "")
             assert torch.equal(tensor, before[original]), f"base weight {original} changed"
-    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    tokenizer = load_tokenizer(str(base_model_dir))
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Who are you?"}],
         add_generation_prompt=True,
@@ -132,7 +133,7 @@ def train_and_verify(service: Service, base_model_dir: Path, tmp_path: Path) -> 
 
 
 def generate_in_process(model: PeftModel, base_model_dir: Path, messages: list[dict], max_tokens: int) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    tokenizer = load_tokenizer(str(base_model_dir))
     prompt = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
