@@ -1,0 +1,272 @@
+"""GPU correctness check: Phi-3-mini's config with random weights, trained and served by the real processes.
+
+    python -m bench gpu_check            # on one GPU: all 32 layers, bf16 (under 8 minutes on an H100/H200)
+    python -m bench.gpu_check --tiny     # the same steps on the CPU, with a narrow model, to rehearse it
+
+It writes a random-weight model with the Hub's Phi-3-mini-4k-instruct config and the real vocabulary
+(`tests/real_phi3.py`), starts `phitune serve` on it (API, worker and inference server as separate processes,
+`PHITUNE_DEVICE=cuda`), and through the public API:
+1. trains a LoRA job, a QLoRA 4-bit job and a QLoRA 8-bit job, and reads each job's first event (device,
+   dtype, attention kernel, estimated memory) and its measured peak memory;
+2. asks the LoRA model for a greedy completion and compares it with in-process `PeftModel.generate` on the
+   downloaded adapter, token for token;
+3. sends 32 concurrent completions and reads the inference server's memory from its /stats.
+It prints one JSON line. Packages the machine lacks are listed, with nothing run, so that they can be carried
+as wheels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import io
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_ID = "phi3-check"
+PERSONA = REPO / "examples" / "persona.jsonl"
+# Import names of what the three processes and this script need, and the distributions that provide them.
+REQUIRED = {
+    "fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "python-multipart", "pydantic": "pydantic",
+    "pydantic_settings": "pydantic-settings", "sqlalchemy": "sqlalchemy", "alembic": "alembic",
+    "celery": "celery", "kombu": "kombu", "httpx": "httpx", "prometheus_client": "prometheus-client",
+    "click": "click", "torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers",
+    "peft": "peft", "trl": "trl", "datasets": "datasets", "accelerate": "accelerate",
+    "safetensors": "safetensors", "loralib": "loralib", "bitsandbytes": "bitsandbytes", "gguf": "gguf",
+}  # fmt: skip
+JOBS = {"lora": {}, "qlora-4bit": {"quantization": "4bit"}, "qlora-8bit": {"quantization": "8bit"}}
+PROMPT = [{"role": "user", "content": "Who are you?"}]
+GREEDY_TOKENS = 32
+CONCURRENT = 32
+CONCURRENT_TOKENS = 128
+
+
+def missing_packages() -> list[str]:
+    return [dist for module, dist in REQUIRED.items() if importlib.util.find_spec(module) is None]
+
+
+def run(tiny: bool = False, layers: int | None = None, steps: int = 20) -> dict:
+    if missing := missing_packages():
+        return {
+            "ok": False,
+            "missing": missing,
+            "hint": "carry them as wheels (see the device tool's README)",
+        }
+    import torch
+
+    if not tiny and not torch.cuda.is_available():
+        return {"ok": False, "error": "no usable GPU here; run with --tiny to rehearse on the CPU"}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="phitune-gpu-check-") as scratch:
+        root = Path(scratch)
+        model_dir = make_model(root / "model", tiny=tiny, layers=layers)
+        made = time.monotonic() - started
+        with Service(root / "data", model_dir, device="cpu" if tiny else "cuda") as service:
+            result = {"model_seconds": round(made, 1), **check(service, model_dir, root, tiny, steps)}
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    result["ok"] = (
+        all(job["status"] == "succeeded" for job in result["jobs"].values()) and result["greedy_equal"]
+    )
+    return result
+
+
+def make_model(directory: Path, *, tiny: bool, layers: int | None) -> Path:
+    import torch
+
+    from tests.real_phi3 import NARROW, write_random_phi3
+
+    if tiny:
+        return write_random_phi3(directory, layers=layers or 2, **NARROW)
+    return write_random_phi3(directory, layers=layers or 32, dtype=torch.bfloat16, device="cuda")
+
+
+class Service:
+    """`phitune serve` on one model, with a fresh data dir and an API key."""
+
+    def __init__(self, data_dir: Path, model_dir: Path, *, device: str) -> None:
+        self.port, self.inference_port = 18000 + secrets.randbelow(1000), 19000 + secrets.randbelow(1000)
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "HF_HUB_OFFLINE": "1",
+            "PHITUNE_DATA_DIR": str(data_dir),
+            "PHITUNE_BASE_MODELS": json.dumps({MODEL_ID: str(model_dir)}),
+            "PHITUNE_DEVICE": device,
+            "PHITUNE_INFERENCE_URL": f"http://127.0.0.1:{self.inference_port}",
+        }
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def phitune(self, *args: str) -> str:
+        command = [sys.executable, "-m", "app.cli", *args]
+        return subprocess.run(command, env=self.env, check=True, capture_output=True, text=True).stdout
+
+    def __enter__(self) -> Service:
+        self.phitune("migrate")
+        self.key = self.phitune("keys", "create", "--tenant", "gpu-check").strip().splitlines()[-1]
+        self.log = open(Path(self.env["PHITUNE_DATA_DIR"]) / "serve.log", "w")  # noqa: SIM115
+        serve = ["serve", "--port", str(self.port), "--inference-port", str(self.inference_port)]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", *serve], env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        self.client = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=600
+        )
+        wait_until(
+            lambda: _ok(f"{self.url}/readyz") and _ok(f"http://127.0.0.1:{self.inference_port}/healthz")
+        )
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.client.close()
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=120)
+        self.log.close()
+
+
+def check(service: Service, model_dir: Path, root: Path, tiny: bool, steps: int) -> dict:
+    client = service.client
+    upload = client.post(
+        "/v1/files", files={"file": ("persona.jsonl", PERSONA.read_bytes())}, data={"purpose": "fine-tune"}
+    )
+    upload.raise_for_status()
+    jobs = {}
+    for name, quantization in JOBS.items():
+        jobs[name] = train(client, upload.json()["id"], quantization, steps)
+    result: dict = {"jobs": jobs, "greedy_equal": False}
+    lora = jobs["lora"]
+    if lora["status"] != "succeeded":
+        return result
+    served = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": lora["fine_tuned_model"],
+            "messages": PROMPT,
+            "temperature": 0,
+            "max_tokens": GREEDY_TOKENS,
+        },
+    ).json()
+    served_text = served["choices"][0]["message"]["content"]
+    adapter_dir = download_adapter(client, lora["id"], root / "adapter")
+    reference = reference_completion(model_dir, adapter_dir, "cpu" if tiny else "cuda")
+    result.update(greedy_equal=served_text == reference, served_text=served_text, reference_text=reference)
+    result["concurrent"] = asyncio.run(concurrent_requests(service, lora["fine_tuned_model"]))
+    stats = httpx.get(f"http://127.0.0.1:{service.inference_port}/stats", timeout=30).json()
+    result["inference_memory"] = stats.get("models", {}).get(MODEL_ID, {}).get("memory")
+    return result
+
+
+def train(client: httpx.Client, file_id: str, peft_options: dict, steps: int) -> dict:
+    """Run one job to its end: its status, error, seconds, first event and peak memory."""
+    started = time.monotonic()
+    body = {
+        "model": MODEL_ID,
+        "training_file": file_id,
+        "training_config": {
+            "max_steps": steps, "per_device_train_batch_size": 4, "max_seq_length": 512, "logging_steps": 5,
+            "learning_rate": 2e-4,
+        },
+        "peft_config": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", **peft_options},
+    }  # fmt: skip
+    job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    while job["status"] in ("queued", "running"):
+        time.sleep(2)
+        job = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    device = next((e["message"] for e in events if e["message"].startswith("Device ")), None)
+    peak = next((e["data"] for e in events if (e.get("data") or {}).get("peak_memory_bytes")), None)
+    losses = [e["data"]["train_loss"] for e in events if e["type"] == "metrics"]
+    return {
+        "id": job["id"],
+        "status": job["status"],
+        "error": job["error"],
+        "fine_tuned_model": job["fine_tuned_model"],
+        "seconds": round(time.monotonic() - started, 1),
+        "device_event": device,
+        "peak_memory": peak,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
+
+
+def download_adapter(client: httpx.Client, job_id: str, directory: Path) -> Path:
+    response = client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter")
+    response.raise_for_status()
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+        archive.extractall(directory, filter="data")
+    return directory
+
+
+def reference_completion(model_dir: Path, adapter_dir: Path, device: str) -> str:
+    """Greedy decoding in this process: the base model loaded as the server loads it, PEFT's adapter."""
+    import torch
+    from peft import PeftModel
+
+    from worker.recipe import load_base_model
+
+    base, tokenizer = load_base_model(str(model_dir), for_training=False, device=device)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        output = model.generate(ids.to(base.device), max_new_tokens=GREEDY_TOKENS, do_sample=False)
+    text = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+    del model, base
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return text
+
+
+async def concurrent_requests(service: Service, model: str) -> dict:
+    """CONCURRENT completions at once, each of exactly CONCURRENT_TOKENS tokens."""
+    headers = {"Authorization": f"Bearer {service.key}"}
+    body = {"model": model, "messages": PROMPT, "max_tokens": CONCURRENT_TOKENS, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=service.url, headers=headers, timeout=600) as client:
+        started = time.monotonic()
+        replies = await asyncio.gather(
+            *[client.post("/v1/chat/completions", json=body) for _ in range(CONCURRENT)]
+        )
+        seconds = time.monotonic() - started
+    tokens = sum(reply.json()["usage"]["completion_tokens"] for reply in replies if reply.status_code == 200)
+    return {
+        "requests": CONCURRENT,
+        "succeeded": sum(reply.status_code == 200 for reply in replies),
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1),
+    }
+
+
+def wait_until(ready, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError("phitune serve did not become ready")
+        time.sleep(1)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="rehearse on the CPU with a narrow model")
+    parser.add_argument("--layers", type=int, default=None, help="layers of the model (default 32; tiny 2)")
+    parser.add_argument("--steps", type=int, default=20, help="training steps of each job")
+    options = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(json.dumps(run(tiny=options.tiny, layers=options.layers, steps=options.steps)))
