@@ -6,7 +6,12 @@ import json
 import os
 import sys
 
-BENCHMARKS = {"inference": "bench.inference", "followers": "bench.followers"}
+BENCHMARKS = {
+    "inference": "bench.inference",
+    "followers": "bench.followers",
+    "loralib_step": "bench.loralib_step",
+    "gpu_check": "bench.gpu_check",
+}
 
 
 def main(argv: list[str]) -> int:

@@ -2,9 +2,12 @@
 
 Phi-3 fuses its q, k and v projections into one `qkv_proj`. `lora.MergedLinear` gives each enabled slice of
 it a LoRA of its own (`enable_lora`), so ["q", "v"] adapts the query and value projections only, as the
-LoRA paper did; the other targeted projections get a `lora.Linear`. The adapter is saved as
-`lora.lora_state_dict` in safetensors, and also in PEFT's format when that is exact: when every layer is a
-plain `lora.Linear` and no bias was trained.
+LoRA paper did; the other targeted projections get a `lora.Linear`. qkv_proj's layer is a
+`LowRankMergedLinear` (`worker.loralib_layers`): a `lora.MergedLinear` whose forward goes through the rank
+instead of rebuilding the dense ΔW on every call; its parameters, state dict and merge are loralib's own,
+so its adapters load into plain loralib layers. The adapter is saved as `lora.lora_state_dict` in
+safetensors, and also in PEFT's format when that is exact: when every layer is a plain `lora.Linear` and no
+bias was trained.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from app.specs import PeftConfig
+from worker.loralib_layers import LowRankMergedLinear
 
 LORALIB_DIR = "loralib"
 STATE_DICT_FILE = "lora_state_dict.safetensors"
@@ -95,7 +99,7 @@ def _lora_layer(short_name: str, linear: nn.Linear, config: LoralibConfig, merge
         "dtype": linear.weight.dtype,
     }
     if short_name == "qkv_proj":
-        layer = lora.MergedLinear(
+        layer = LowRankMergedLinear(
             linear.in_features, linear.out_features, enable_lora=config.enable_lora(), **options
         )
     else:
