@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto",
         description="Where the worker trains and the inference server serves: cuda fails when CUDA cannot be "
-        "used; auto falls back to the CPU, with a warning, only for models of at most 1B parameters.",
+        "used; auto falls back to the CPU, with a warning, only for small models (see worker.hardware).",
     )
     stop_grace_seconds: float = Field(
         60.0,

@@ -89,9 +89,12 @@ QkvSlice = Literal["q", "k", "v"]
 LORALIB_TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 """The Phi-3 projections the loralib backend adapts; its "all-linear" means all four."""
 
-# Embedding and output layers, under the names of the common architectures: TRL's trainer cannot put a LoRA
-# on them (it fails in the worker) and the inference server applies LoRA to linear projections only.
-UNADAPTABLE_MODULES = {"lm_head", "embed_tokens", "wte", "wpe", "embed_out", "word_embeddings"}
+# Embedding and output layers, under the names of the common architectures: the inference server applies
+# LoRA to the linear projections of the layers only, so an adapter of these could be trained but not served.
+UNADAPTABLE_MODULES = {
+    "lm_head", "embed_tokens", "wte", "wpe", "embed_out", "embed_in", "word_embeddings", "tok_embeddings",
+    "score",
+}  # fmt: skip
 
 RECIPE_FIELDS = frozenset({"backend", "qkv_slices", "quantization"})
 """PeftConfig fields that choose how phitune trains; the others are `peft.LoraConfig`'s."""
@@ -113,7 +116,7 @@ class PeftConfig(_Closed):
     quantization: Literal["4bit", "8bit"] | None = Field(
         None,
         description="QLoRA: train over a base quantised by bitsandbytes (4bit: NF4, double quantisation, "
-        "bf16 compute). The adapter serves over the unquantised base.",
+        "bf16 compute, fp16 on GPUs without bf16). The adapter serves over the unquantised base.",
     )
     r: PositiveInt = Field(16, le=1024, description="LoRA rank.")
     lora_alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
@@ -137,8 +140,8 @@ class PeftConfig(_Closed):
         names = targets if isinstance(targets, list) else []
         if refused := [name for name in names if name.rsplit(".", 1)[-1] in UNADAPTABLE_MODULES]:
             raise ValueError(
-                f"{', '.join(refused)}: embedding and output layers take no LoRA here (the trainer cannot "
-                "train one, the inference server cannot apply one); adapt the attention and MLP projections"
+                f"{', '.join(refused)}: embedding and output layers take no LoRA here (the inference server "
+                "applies LoRA to the layers' linear projections only); adapt attention and MLP projections"
             )
         return targets
 
@@ -190,7 +193,7 @@ class PeftConfig(_Closed):
 
 
 # The layers LoRA can adapt, for the model types whose layer names are known without loading the model.
-_ADAPTABLE_MODULES = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}
+_ADAPTABLE_MODULES = {"phi3": set(LORALIB_TARGET_MODULES)}
 
 
 def check_against_model(peft_config: PeftConfig, model_config: dict[str, Any]) -> None:
@@ -211,6 +214,11 @@ def check_against_model(peft_config: PeftConfig, model_config: dict[str, Any]) -
                 f"peft_config.target_modules: {model_type} models have no {', '.join(missing)}; "
                 f"LoRA can adapt {', '.join(sorted(known))}"
             )
+    if peft_config.bias != "none" and (model_config.get("attention_bias") or model_config.get("mlp_bias")):
+        raise ValueError(
+            f"peft_config.bias: '{peft_config.bias}' trains this model's linear biases, which the inference "
+            "server cannot apply (it serves LoRA weights only); use 'none'"
+        )
     if peft_config.backend == "loralib" and "qkv_proj" in peft_config.loralib_targets():
         query_heads = model_config["num_attention_heads"]
         kv_heads = model_config.get("num_key_value_heads") or query_heads
@@ -230,7 +238,7 @@ def fit_to_model(
     train this model (see also `check_against_model`). The API calls it at creation, the worker again."""
     check_against_model(peft_config, model_config)
     context = model_config.get("max_position_embeddings")
-    if context is None or training_config.max_seq_length <= context:
+    if not isinstance(context, int) or training_config.max_seq_length <= context:
         return training_config
     if "max_seq_length" in training_config.model_fields_set:
         raise ValueError(

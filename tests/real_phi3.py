@@ -34,9 +34,14 @@ def write_random_phi3(
     fields.update(num_hidden_layers=layers, **overrides)
     fields.pop("auto_map", None)  # the Hub's remote code is not needed: transformers has Phi-3
     config = Phi3Config(**{key: value for key, value in fields.items() if not key.startswith("_")})
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)
-        model = Phi3ForCausalLM(config).to(dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # drawn in `dtype` directly: a 3.8B model drawn in fp32 first needs 15 GB
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            model = Phi3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.generation_config.update(**json.loads((directory / "generation_config.json").read_text()))
     model.save_pretrained(directory)
     return directory

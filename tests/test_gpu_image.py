@@ -18,7 +18,6 @@ REQUIREMENTS = {Requirement(line).name: Requirement(line) for line in PROJECT["d
 # The libraries that run on the image's torch, and the extras of theirs phitune relies on.
 TORCH_USERS = {
     "transformers": {"torch"},
-    "trl": set(),
     "peft": set(),
     "accelerate": set(),
     "bitsandbytes": set(),
@@ -44,6 +43,11 @@ def declared_torch_requirements(distribution: str, extras: set[str]) -> list[Req
     return found
 
 
+def test_the_image_keeps_its_torch() -> None:
+    # pip may not swap the base image's torch for another: the install pins it to the image's version.
+    assert re.search(rf'pip install [^\n]*"torch=={re.escape(str(image_torch()))}"', DOCKERFILE)
+
+
 def test_the_image_torch_satisfies_pyproject() -> None:
     torch = image_torch()
     assert torch in REQUIREMENTS["torch"].specifier, f"pyproject.toml asks {REQUIREMENTS['torch']}"
@@ -60,7 +64,7 @@ def test_the_image_torch_satisfies_every_library_that_uses_it() -> None:
 
 
 def test_the_tested_versions_satisfy_pyproject_and_every_dependency_has_a_floor() -> None:
-    for distribution in [*TORCH_USERS, "torch", "tokenizers", "datasets"]:
+    for distribution in [*TORCH_USERS, "torch", "trl", "tokenizers", "datasets"]:
         installed = Version(metadata.version(distribution))
         requirement = REQUIREMENTS[distribution]
         assert installed in requirement.specifier, f"{distribution} {installed} violates {requirement}"

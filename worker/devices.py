@@ -17,8 +17,10 @@ def pin_one_gpu(environ: Mapping[str, str], gpu: int | None) -> str:
     among the GPUs `environ` makes visible. Harmless on a machine without GPUs."""
     if gpu is None and environ.get("PHITUNE_GPU", "").strip():
         gpu = int(environ["PHITUNE_GPU"])
+    if gpu is not None and gpu < 0:
+        raise ValueError(f"--gpu {gpu}: GPUs are numbered from 0")
     visible = _listed(environ)
-    if visible is None:  # every GPU of the machine is visible: they are numbered from 0
+    if visible is None:  # every GPU of the machine is visible, numbered from 0 (a missing one: no GPU)
         return str(gpu or 0)
     if gpu is None:
         return visible[0] if visible else ""

@@ -44,12 +44,13 @@ class HardwarePlan:
     mixed_precision: MixedPrecision | None  # the trainer's autocast; None: full precision
     attention: str  # transformers' attn_implementation
     device_name: str
+    has_bf16: bool  # the device computes in bf16 natively (a CPU counts: bitsandbytes' kernels do)
     fallback_warning: str | None = None  # why auto chose the CPU
 
     @property
     def quantized_compute_dtype(self) -> torch.dtype:
         """QLoRA's compute dtype: bf16 where the hardware has it, fp16 on GPUs without it."""
-        return torch.float16 if self.mixed_precision == "fp16" else torch.bfloat16
+        return torch.bfloat16 if self.has_bf16 else torch.float16
 
     def describe(self) -> str:
         """One line for the job's events and the server's log."""
@@ -68,9 +69,9 @@ def plan(setting: DeviceSetting, *, parameters: int, bf16: bool | None = None) -
     without it."""
     device, warning = select_device(setting, parameters)
     if device.type == "cuda":
-        index = torch.cuda.current_device()
-        name = torch.cuda.get_device_name(index)
-        has_bf16 = torch.cuda.is_bf16_supported()
+        name = torch.cuda.get_device_name(device)
+        # Without excluding emulation, Volta and Turing answer True and would train bf16 slowly in software.
+        has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         hardware = f"the GPU {name}"
     else:
         name, has_bf16, hardware = "CPU", False, "the CPU"
@@ -86,7 +87,8 @@ def plan(setting: DeviceSetting, *, parameters: int, bf16: bool | None = None) -
         dtype, mixed = torch.bfloat16, "bf16"
     else:  # pre-Ampere GPUs: fp16 weights, fp16 autocast with loss scaling (the LoRA weights stay fp32)
         dtype, mixed = torch.float16, "fp16"
-    return HardwarePlan(device, dtype, mixed, attention_implementation(device, dtype), name, warning)
+    attention = attention_implementation(device, dtype)
+    return HardwarePlan(device, dtype, mixed, attention, name, has_bf16 or device.type == "cpu", warning)
 
 
 def select_device(setting: DeviceSetting, parameters: int) -> tuple[torch.device, str | None]:

@@ -32,7 +32,7 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         return (
-            f"estimated memory {self.total / GIB:.2f} GiB (weights {self.weights / GIB:.2f}, "
+            f"Estimated memory {self.total / GIB:.2f} GiB (weights {self.weights / GIB:.2f}, "
             f"LoRA training state {self.trained_state / GIB:.2f}, activations {self.activations / GIB:.2f})"
         )
 
@@ -77,7 +77,7 @@ def measured_peak(device: torch.device) -> tuple[str, dict]:
         text = f"Peak device memory {allocated / GIB:.2f} GiB allocated ({reserved / GIB:.2f} GiB reserved)"
         return text, {"peak_memory_bytes": allocated, "peak_reserved_bytes": reserved, "device": str(device)}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return f"Peak memory {peak / GIB:.2f} GiB (the worker's resident set)", {
+    return f"Peak memory {peak / GIB:.2f} GiB (the worker process's resident set since it started)", {
         "peak_memory_bytes": peak,
         "device": "cpu",
     }

@@ -32,3 +32,12 @@ def prepare_quantized_for_training(model: PreTrainedModel) -> PreTrainedModel:
     """Freeze the quantised model and upcast its remaining half-precision weights (norms, embeddings) to
     fp32 for stable training. Activation checkpointing is left to the trainer, which enables it when asked."""
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def describe_quantization(quantization: Quantization | None, compute_dtype: torch.dtype) -> str:
+    """How `bitsandbytes_config` quantises, for the job's device event; empty without quantisation."""
+    if quantization is None:
+        return ""
+    if quantization == "8bit":
+        return ", linear layers in 8bit (LLM.int8)"
+    return f", linear layers in 4bit (NF4, computing in {str(compute_dtype).removeprefix('torch.')})"

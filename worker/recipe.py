@@ -11,7 +11,6 @@ failed job.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ from worker.data import load_tokenized_dataset
 from worker.hardware import DeviceSetting, HardwarePlan
 from worker.loralib_backend import LoralibConfig
 from worker.memory_estimate import estimate_training_memory, measured_peak, reset_peak
-from worker.quantization import bitsandbytes_config, prepare_quantized_for_training
+from worker.quantization import bitsandbytes_config, describe_quantization, prepare_quantized_for_training
 from worker.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -119,15 +118,19 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
     """Run the whole recipe and keep the trainer, for callers that inspect the trained model."""
     if inputs.training_config.load_best_model_at_end and inputs.validation_file is None:
         raise ValueError("training_config.load_best_model_at_end needs a validation_file")
-    # The API checked the job against the model's config.json at creation; the worker's copy may differ.
+    config, peft_config = inputs.training_config, inputs.peft_config
+    # The API ran the same check on the same config.json at creation (and fitted max_seq_length then); the
+    # worker's copy of the model may differ from the API's, so it runs again before any weight is read.
+    fit_to_model(config, peft_config, PretrainedConfig.get_config_dict(inputs.base_model)[0])
     architecture = AutoConfig.from_pretrained(inputs.base_model)
     model_config = architecture.to_dict()
-    fitted = fit_to_model(inputs.training_config, inputs.peft_config, model_config)
-    inputs = dataclasses.replace(inputs, training_config=fitted)
-    config, peft_config = inputs.training_config, inputs.peft_config
     plan = hardware.plan(inputs.device, parameters=count_parameters(architecture), bf16=config.bf16)
     if plan.fallback_warning:
         reporter.message(plan.fallback_warning, level="warn")
+    # Said before loading, so that a job that runs out of memory while loading has said where it ran.
+    reporter.message(
+        f"{plan.describe()}{describe_quantization(peft_config.quantization, plan.quantized_compute_dtype)}"
+    )
     model, tokenizer = load_base_model(
         inputs.base_model, for_training=True, plan=plan, quantization=peft_config.quantization
     )
@@ -178,8 +181,13 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         raise hardware.DeviceUnavailable(
             f"{trainer.args.n_gpu} GPUs are visible to this worker; pin it to one (phitune worker --gpu N)"
         )
-    quantized = describe_quantization(peft_config.quantization, plan)
-    reporter.message(f"{plan.describe()}{quantized}; {describe_memory(trainer, inputs, plan, architecture)}")
+    if plan.mixed_precision == "fp16":
+        # fp16 autocast scales the loss, and the scaler unscales only fp32 gradients: TRL leaves QLoRA's LoRA
+        # weights in bf16, which must train in fp32 here.
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    reporter.message(describe_memory(trainer, inputs, plan, architecture))
     reset_peak(plan.device)
     trainer.train(
         resume_from_checkpoint=str(inputs.resume_from / resume_state.TRAINER_DIR)
@@ -242,7 +250,7 @@ def describe_memory(
     trainer: SFTTrainer, inputs: RecipeInputs, plan: HardwarePlan, architecture: PretrainedConfig
 ) -> str:
     """The job's estimated device memory (`worker.memory_estimate`), for its first events."""
-    return estimate_training_memory(
+    estimate = estimate_training_memory(
         trainer.model,
         batch_size=inputs.training_config.per_device_train_batch_size,
         sequence_length=inputs.training_config.max_seq_length,
@@ -251,16 +259,8 @@ def describe_memory(
         vocab_size=architecture.vocab_size,
         half_precision=plan.mixed_precision is not None,
         checkpointing=trainer.args.activation_checkpointing,
-    ).describe()
-
-
-def describe_quantization(quantization: str | None, plan: HardwarePlan) -> str:
-    """The device event's note on QLoRA's quantised base; empty without quantisation."""
-    if quantization is None:
-        return ""
-    compute = str(plan.quantized_compute_dtype).removeprefix("torch.")
-    kind = f"4bit (NF4, computing in {compute})" if quantization == "4bit" else "8bit (LLM.int8)"
-    return f", linear layers in {kind}"
+    )
+    return estimate.describe()
 
 
 def load_base_model(

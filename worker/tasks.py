@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -19,6 +19,9 @@ from app.internal.contracts import ClaimReply, LeaseReply
 from app.specs import PeftConfig, TrainingConfig
 from worker import resume_state, shutdown
 from worker.client import ApiClient, ApiUnreachable, AttemptClient, ClaimRefused, LeaseLost
+
+if TYPE_CHECKING:
+    from worker.recipe import RecipeInputs
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +224,7 @@ def train(claim: ClaimReply, attempt: AttemptClient, settings: Settings, scratch
 
 def _run(claim: ClaimReply, attempt: AttemptClient, reporter: ApiReporter, settings: Settings, scratch: Path):
     """Fetch the inputs and the newest usable resume state, then train; None if shutdown came first."""
-    from worker.recipe import RecipeInputs, run_recipe, state_fingerprint  # torch loads only when a job runs
+    from worker.recipe import run_recipe, state_fingerprint  # torch loads only when a job runs
 
     training_file = attempt.download_file(claim.training_file, scratch / "train.jsonl")
     validation_file = (
@@ -229,7 +232,21 @@ def _run(claim: ClaimReply, attempt: AttemptClient, reporter: ApiReporter, setti
         if claim.validation_file
         else None
     )
-    inputs = RecipeInputs(
+    inputs = recipe_inputs(claim, settings, training_file, validation_file, scratch)
+    if shutdown.requested.is_set():
+        return None
+    if claim.resume_states:
+        inputs.resume_from = restore_state(claim, attempt, reporter, state_fingerprint(inputs), scratch)
+    return run_recipe(inputs, reporter)
+
+
+def recipe_inputs(
+    claim: ClaimReply, settings: Settings, training_file: Path, validation_file: Path | None, scratch: Path
+) -> RecipeInputs:
+    """What the recipe needs to train a claimed job on this worker."""
+    from worker.recipe import RecipeInputs
+
+    return RecipeInputs(
         base_model=resolve_base_model(settings, claim.model),
         training_file=training_file,
         validation_file=validation_file,
@@ -237,12 +254,8 @@ def _run(claim: ClaimReply, attempt: AttemptClient, reporter: ApiReporter, setti
         peft_config=PeftConfig(**claim.peft_config),
         output_dir=scratch / "output",
         resume_state_seconds=settings.resume_state_seconds,
+        device=settings.device,
     )
-    if shutdown.requested.is_set():
-        return None
-    if claim.resume_states:
-        inputs.resume_from = restore_state(claim, attempt, reporter, state_fingerprint(inputs), scratch)
-    return run_recipe(inputs, reporter)
 
 
 def report_failure(attempt: AttemptClient, message: str) -> None:

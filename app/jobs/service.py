@@ -151,26 +151,28 @@ def fit_to_base_model(
     except ValueError as problem:
         param, _, message = str(problem).partition(": ")
         raise InvalidRequest(message, param=param, code="incompatible_model") from problem
+    except (KeyError, TypeError) as problem:  # a field missing, or of the wrong type
+        raise ModelConfigUnavailable(
+            f"config.json of base model '{model}' is not a usable model config ({problem!r})", param="model"
+        ) from problem
 
 
 def read_model_config(base_model: str) -> dict[str, Any] | None:
     """config.json of a base model: a local directory, or a hub id already in the local hub cache (nothing
-    is downloaded); None when it cannot be read."""
-    config_file = Path(base_model) / "config.json"
-    if not config_file.is_file():
-        from huggingface_hub import try_to_load_from_cache
+    is downloaded); None when it cannot be read or is no JSON object."""
+    from huggingface_hub import try_to_load_from_cache
 
-        try:
-            cached = try_to_load_from_cache(base_model, "config.json")
-        except ValueError:  # not a hub id either (HFValidationError)
-            return None
-        if not isinstance(cached, str):
-            return None
-        config_file = Path(cached)
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config_file = Path(base_model) / "config.json"
+        if not config_file.is_file():
+            cached = try_to_load_from_cache(base_model, "config.json")  # ValueError: not a hub id either
+            if not isinstance(cached, str):
+                return None
+            config_file = Path(cached)
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable (permissions included), or not JSON
         return None
+    return config if isinstance(config, dict) else None
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:

@@ -304,3 +304,40 @@ def test_a_configured_model_the_api_cannot_read_is_503_not_unchecked(settings, a
         error = assert_error(response, 503, param="model", code="model_config_unavailable")
         assert "mount the model directory into the API read-only" in error["message"]
         assert client.get("/v1/fine_tuning/jobs", headers=auth).json()["data"] == []  # nothing was created
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        ("[1, 2]", 503),  # JSON, but no object
+        ("not json", 503),
+        ('{"model_type": "phi3", "num_attention_heads": 4, "max_position_embeddings": "4k"}', 200),  # no cap
+        ('{"model_type": "phi3"}', 503),  # loralib must know the heads
+    ],
+)
+def test_an_odd_model_config_is_never_a_500(settings, auth, tmp_path, content, status):
+    model_dir = tmp_path / "odd"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(content)
+    with TestClient(
+        create_app(settings.model_copy(update={"base_models": {"odd": str(model_dir)}}))
+    ) as client:
+        file_id = upload_file(client, auth, CHAT_LINES)
+        body = {"model": "odd", "training_file": file_id, "peft_config": {"backend": "loralib"}}
+        response = client.post("/v1/fine_tuning/jobs", json=body, headers=auth)
+        assert response.status_code == status, response.text
+        if status == 503:
+            assert response.json()["error"]["code"] == "model_config_unavailable"
+
+
+def test_trained_biases_the_server_cannot_apply_are_400(settings, auth, tmp_path):
+    model_dir = tmp_path / "biased"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "attention_bias": True}))
+    with TestClient(
+        create_app(settings.model_copy(update={"base_models": {"biased": str(model_dir)}}))
+    ) as client:
+        file_id = upload_file(client, auth, CHAT_LINES)
+        body = {"model": "biased", "training_file": file_id, "peft_config": {"bias": "all"}}
+        response = client.post("/v1/fine_tuning/jobs", json=body, headers=auth)
+        assert_error(response, 400, param="peft_config.bias", code="incompatible_model")

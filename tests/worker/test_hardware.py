@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.config import Settings
+from app.internal.contracts import ClaimReply
 from app.specs import PeftConfig, TrainingConfig
 from tests.worker.conftest import Recorder, persona_inputs
 from worker import hardware
 from worker.devices import gpu_assignment, pin_one_gpu, visible_gpus
 from worker.memory_estimate import estimate_training_memory
 from worker.recipe import train
+from worker.tasks import recipe_inputs
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a usable GPU")
 
@@ -57,6 +60,16 @@ def test_bf16_on_the_cpu_is_a_readable_job_error(tiny_model_dir: Path, tmp_path:
         train(inputs, Recorder())
 
 
+def test_the_worker_setting_reaches_every_job(tiny_model_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, device="cpu", base_models={"tiny-phi3": str(tiny_model_dir)})
+    claim = ClaimReply(
+        job_id="ftjob-1", attempt=1, token="t", model="tiny-phi3", training_file="file-1",
+        validation_file=None, training_config={}, peft_config={}, heartbeat_seconds=10,
+    )  # fmt: skip
+    inputs = recipe_inputs(claim, settings, tmp_path / "train.jsonl", None, tmp_path)
+    assert inputs.device == "cpu" and inputs.base_model == str(tiny_model_dir)
+
+
 def test_flash_attention_is_used_only_where_it_imports() -> None:
     # flash-attn is not installed here: the import test must say so rather than trust package metadata.
     assert hardware.flash_attention_importable() is False
@@ -69,6 +82,8 @@ def test_a_worker_is_pinned_to_one_gpu() -> None:
     assert pin_one_gpu({"CUDA_VISIBLE_DEVICES": "2,5"}, gpu=None) == "2"  # never DataParallel over both
     assert pin_one_gpu({"CUDA_VISIBLE_DEVICES": "2,5"}, gpu=1) == "5"  # --gpu counts the visible ones
     assert pin_one_gpu({"PHITUNE_GPU": "1"}, gpu=None) == "1"
+    with pytest.raises(ValueError, match="numbered from 0"):
+        pin_one_gpu({"PHITUNE_GPU": "-1"}, gpu=None)
     with pytest.raises(ValueError, match="--gpu 2, but only 2 GPUs are visible"):
         pin_one_gpu({"CUDA_VISIBLE_DEVICES": "2,5"}, gpu=2)
 
@@ -97,4 +112,4 @@ def test_the_memory_estimate_counts_weights_training_state_and_activations() -> 
     assert estimate.weights == (1000 * 1000 + 1000 * 10 + 10) * 4
     assert estimate.trained_state == (1000 * 10 + 10) * 12  # fp32 gradient and two AdamW moments
     assert estimate.activations == 34 * 2 * 200 * 1000 * 2 + 2 * 200 * 10 * 4
-    assert "estimated memory" in estimate.describe()
+    assert estimate.describe().startswith("Estimated memory 0.03 GiB (weights 0.00, ")
