@@ -168,6 +168,9 @@ def serve(host: str, port: int, inference_port: int) -> None:
     gpus = gpu_assignment(len(visible_gpus(os.environ)))
     worker_gpu = ["--gpu", str(gpus["worker"])] if gpus else []
     inference_gpu = ["--gpu", str(gpus["inference"])] if gpus else []
+    if gpus and gpus["worker"] == gpus["inference"]:
+        # One GPU for both: the inference server's KV cache must leave the training job room.
+        env.setdefault("PHITUNE_INFERENCE_GPU_MEMORY_FRACTION", "0.25")
     supervisor = Supervisor(
         [
             Child("api", [*cli, "api", "--host", host, "--port", str(port)], server_grace, stop_wave=1),

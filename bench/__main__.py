@@ -11,6 +11,7 @@ BENCHMARKS = {
     "followers": "bench.followers",
     "loralib_step": "bench.loralib_step",
     "gpu_check": "bench.gpu_check",
+    "engine_memory": "bench.engine_memory",
 }
 
 

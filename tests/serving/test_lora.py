@@ -49,6 +49,40 @@ def test_each_row_gets_the_logits_of_its_peft_model(
 
 
 @exact_only_on_cpu
+def test_each_adapters_rows_are_grouped_and_get_its_peft_logits(
+    multi_lora: tuple[torch.nn.Module, MultiLora], references: References
+) -> None:
+    model, lora = multi_lora
+    slots = [0, 0, 1, 1, 1, 3]  # several rows per adapter; slot 2 has none
+    ids = torch.randint(5, 800, (len(slots), 7), generator=torch.Generator().manual_seed(2)).to(model.device)
+    lora.select_rows(slots)
+    mixed = logits(model, ids)
+    adapters = [None, *ADAPTERS]
+    for row, slot in enumerate(slots):
+        expected = logits(references.model(adapters[slot]), ids[row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sorted by adapter slot"):
+        lora.select_rows([2, 1])
+
+
+def test_adapters_apply_in_the_models_dtype(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+    model = load_model(tiny_model_dir).to(torch.bfloat16)
+    lora = MultiLora(model)
+    lora.install(1, read_adapter(adapter_dirs["ftjob-plain"], lora.linear_shapes, model.device))
+    assert {layer._a.dtype for layer in lora._layers.values()} == {torch.bfloat16}
+    ids = torch.randint(5, 800, (2, 9), generator=torch.Generator().manual_seed(3)).to(model.device)
+    results = {}
+    for slots in ([0, 0], [1, 1], [0, 1]):  # the base model, one adapter, a mixed batch
+        lora.select_rows(slots)
+        results[tuple(slots)] = logits(model, ids)
+    assert {result.dtype for result in results.values()} == {torch.bfloat16}
+    base, adapted, mixed = results.values()
+    assert torch.equal(mixed[0], base[0])
+    torch.testing.assert_close(mixed[1], adapted[1], rtol=0.02, atol=0.05)
+    assert not torch.allclose(adapted[1], base[1], rtol=0.02, atol=0.05)
+
+
+@exact_only_on_cpu
 def test_a_removed_adapter_leaves_its_slot_to_the_base_model(
     tiny_model_dir: Path, adapter_dirs: dict[str, Path], references: References
 ) -> None:

@@ -1,92 +1,84 @@
-"""The tensors of the sequences that decode together: a left-padded KV cache and what each row needs next.
+"""The inputs of one forward pass over some rows: their new tokens and positions, a 4D attention mask, and the
+cache view that stores and gathers their keys and values in the pool (`worker.serving.kv_cache`).
 
-Rows are right-aligned: every row's newest token sits in the last column, so one decode step appends one
-column for all rows. A row's padding columns are masked out of attention, and its position ids count only its
-own tokens, so each row computes what it would compute alone.
+A forward pass feeds each row its next tokens: a chunk of its prompt, or in a decode step the token it
+sampled last. Rows with fewer new tokens are left-padded, so that every row's newest token is in the last
+column and `logits_to_keep=1` gives each row's next-token logits. A padding token stores its key and value
+in the padding slot, sits at position 0 and attends to its row's first token (a query that attends to nothing
+gives NaN); its output is never read.
+
+The gathered keys of a row hold its positions 0, 1, ... from column 0 on, as `generate` holds a single
+sequence's, so a row computes what it would compute alone (on the CPU in fp32, bit for bit). The mask is the
+caller's own, so transformers builds none: causal over each row's positions, the columns past a row's end
+hidden, and those a sliding window leaves out (Phi-3-mini's 2047 tokens) hidden too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
+
+from worker.serving.kv_cache import BLOCK_TOKENS, PADDING_SLOT, ZERO_BLOCK, KvPool, PooledCache
+from worker.serving.transfer import to_device
+
+PADDING_TOKEN = 0  # any id the embedding has
 
 
-class RunningBatch:
-    """The KV cache, attention mask, next positions and next input tokens of the running rows."""
+@dataclass(eq=False)
+class CacheRow:
+    """Where one sequence's keys and values live: its reserved blocks, and how many tokens they hold."""
 
-    def __init__(
-        self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor
-    ) -> None:
-        self.cache = cache
-        self.mask = mask  # [rows, columns]: 1 where the cache holds a real token of the row
-        self.positions = positions  # [rows]: the position id of each row's next input token
-        self.tokens = tokens  # [rows]: each row's next input token, the last one sampled
+    blocks: list[int]
+    length: int = 0
 
-    @staticmethod
-    def prompt_inputs(
-        prompts: list[list[int]], pad_id: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input ids, attention mask and position ids of left-padded prompts, for a prefill forward pass."""
-        width = max(len(prompt) for prompt in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return ids.to(device), mask.to(device), positions.to(device)
-
-    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input ids, attention mask and position ids of the next decode step."""
-        mask = F.pad(self.mask, (0, 1), value=1)
-        return self.tokens.unsqueeze(1), mask, self.positions.unsqueeze(1)
-
-    def advance(self, mask: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Record a decode step that ran with `mask` and sampled `tokens`."""
-        self.mask = mask
-        self.positions = self.positions + 1
-        self.tokens = tokens
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only `rows` (in that order), and drop the columns that are padding in every kept row."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        first = int(mask.any(0).long().argmax())  # the first column any kept row uses
-        layers = [
-            (keys.index_select(0, index)[:, :, first:], values.index_select(0, index)[:, :, first:])
-            for keys, values, _ in self.cache
-        ]
-        self.cache = DynamicCache(layers)
-        self.mask = mask[:, first:]
-        self.positions = self.positions.index_select(0, index)
-        self.tokens = self.tokens.index_select(0, index)
-
-    def extend(self, other: RunningBatch) -> None:
-        """Append the rows of `other` after these, left-padding whichever cache is shorter."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        layers = [
-            (_stack_rows(keys, other_keys, width), _stack_rows(values, other_values, width))
-            for (keys, values, _), (other_keys, other_values, _) in zip(self.cache, other.cache, strict=True)
-        ]
-        self.cache = DynamicCache(layers)
-        self.mask = _stack_rows(self.mask, other.mask, width)
-        self.positions = torch.cat([self.positions, other.positions])
-        self.tokens = torch.cat([self.tokens, other.tokens])
-
-    def __len__(self) -> int:
-        return self.mask.shape[0]
+    def slot(self, position: int) -> int:
+        return self.blocks[position // BLOCK_TOKENS] * BLOCK_TOKENS + position % BLOCK_TOKENS
 
 
-def _stack_rows(first: torch.Tensor, second: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.cat([_pad_left(first, width), _pad_left(second, width)])
+@dataclass(frozen=True)
+class ForwardInputs:
+    input_ids: torch.Tensor  # [rows, width]
+    position_ids: torch.Tensor  # [rows, width]
+    attention_mask: torch.Tensor  # [rows, 1, width, gathered columns], True where a query may attend
+    cache: PooledCache
 
 
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero-pad the sequence dimension (-2 of KV tensors [rows, heads, seq, dim], -1 of masks) to `width`."""
-    dim = -1 if tensor.dim() == 2 else -2
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    padding = (missing, 0) if dim == -1 else (0, 0, missing, 0)
-    return F.pad(tensor, padding)
+class RowBatch:
+    """Rows that run forward passes together. Their slot table stays on the device while the rows do not
+    change: a decode step only sends the few numbers of its new tokens."""
+
+    def __init__(self, pool: KvPool, rows: list[CacheRow], sliding_window: int | None) -> None:
+        self.rows = rows
+        self._pool = pool
+        self._sliding_window = sliding_window
+        self._device = pool.storage.device
+        widest = max(len(row.blocks) for row in rows)
+        padded = [row.blocks + [ZERO_BLOCK] * (widest - len(row.blocks)) for row in rows]
+        blocks = to_device(padded, self._device)
+        offsets = torch.arange(BLOCK_TOKENS, device=self._device)
+        # [rows, reserved tokens]: the slot of each position of each row (the zero block's past its blocks)
+        self._slots = (blocks[:, :, None] * BLOCK_TOKENS + offsets).flatten(1)
+
+    def feed(self, tokens: list[list[int]]) -> ForwardInputs:
+        """The inputs of a forward pass that feeds row i the tokens `tokens[i]`, stored after the row's
+        `length` tokens. The rows count them as stored from now on (a pass that fails fails its rows)."""
+        rows, width = len(self.rows), max(len(new) for new in tokens)
+        ids, positions, writes = [], [], []
+        for row, new in zip(self.rows, tokens, strict=True):
+            padding = width - len(new)
+            stored = range(row.length, row.length + len(new))
+            ids += [PADDING_TOKEN] * padding + new
+            positions += [0] * padding + list(stored)
+            writes += [PADDING_SLOT] * padding + [row.slot(position) for position in stored]
+            row.length += len(new)
+        # One copy to the device for everything the host decides.
+        host = to_device(ids + positions + writes, self._device).view(3, rows, width)
+        columns = max(row.length for row in self.rows)
+        query = host[1, :, :, None]
+        column = torch.arange(columns, device=self._device)
+        mask = column <= query
+        if self._sliding_window is not None:
+            mask &= column > query - self._sliding_window
+        cache = PooledCache(self._pool, host[2].flatten(), self._slots[:, :columns].flatten(), rows, columns)
+        return ForwardInputs(host[0], host[1], mask[:, None], cache)

@@ -3,20 +3,32 @@
 PEFT's own mixed-batch path (`adapter_names=[...]`) loops over the adapters of a batch in every layer and
 registers hooks on every module at every forward: on the tiny Phi-3 an 8-row decode step took 6.0 ms with 8
 adapters against 1.4 ms with one active adapter. Here each adapted `nn.Linear` is wrapped in a
-`MultiLoraLinear` that keeps every loaded adapter stacked by slot, so that a mixed batch costs two batched
-matmuls whatever the number of adapters (1.5 ms for the same step). A batch whose rows share one adapter
-takes PEFT's arithmetic, so its outputs equal `PeftModel.generate` bit for bit; mixed batches did too on the
-CPU (a batched matmul over the same layout rounds alike), with rank padding and GPUs as possible exceptions.
+`MultiLoraLinear` that keeps every loaded adapter stacked by slot, in the base layer's dtype. A batch whose
+rows share one adapter takes PEFT's arithmetic, so in fp32 its outputs equal `PeftModel.generate` bit for bit.
+A mixed batch comes with its rows sorted by slot (the engine keeps them so), and each adapter's tokens take
+its own A and B: they are gathered into one segment per slot, padded to the longest, and two batched matmuls
+run over a view of the stacks, with no copy of the weights (`Segments`). Rows of the base model are left
+alone. On the CPU its outputs match PeftModel's to rounding.
+
+`torch.nn.functional.grouped_mm` would skip the padding, but outside its native kernels (bf16 on Hopper) it
+loops over the groups: on the CPU that cost twice the batched matmuls here for one row per adapter, and on
+other GPUs its loop first copies the offsets to the host, a sync in every adapted layer. Padding is only
+needed when segments differ in length or slots in the range have no rows; it costs low-rank compute and a
+gather of the adapted tokens' activations, at worst for tokens × slots in the range.
+
+Over a bf16 base the deltas are computed in bf16, unlike PEFT, which keeps adapters in fp32 and upcasts each
+layer's input: serving saves that activation-sized copy per adapted layer.
 
 Only plain LoRA is applied: `read_adapter` refuses every PEFT feature that changes the arithmetic (DoRA,
-modules_to_save, LoRA biases, ...) rather than serving it wrong. Adapter weights are cast to LORA_DTYPE on
-reading, so QLoRA's bf16 adapters apply over an fp32 base as PEFT applies them. loralib adapters are read
-into the same form by `worker.serving.loralib_adapter`.
+modules_to_save, LoRA biases, ...) rather than serving it wrong. Adapter weights are read in LORA_DTYPE and
+cast to the model's dtype when installed, so QLoRA's bf16 adapters apply over an fp32 base as PEFT applies
+them. loralib adapters are read into the same form by `worker.serving.loralib_adapter`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -30,11 +42,12 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 from torch import nn
 
+from worker.serving.transfer import to_device
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 BASE_SLOT = 0  # the slot of rows without an adapter; it never holds weights
-# PEFT keeps adapter weights in fp32 even over a bf16/fp16 base (autocast_adapter_dtype), and so does this.
-LORA_DTYPE = torch.float32
+LORA_DTYPE = torch.float32  # adapters are read in it, then installed in the model's dtype
 
 # LoraConfig fields that are free to take any value: they describe the adapter or its training, or they only
 # decide which modules have weights (the weights file says that) and with which rank and alpha (read below).
@@ -163,13 +176,64 @@ def _split_key(key: str) -> tuple[str, str]:
     raise InvalidAdapter(f"unsupported tensor {key}: only lora_A and lora_B weights are served")
 
 
+@dataclass(frozen=True)
+class Segments:
+    """How a mixed batch's adapted tokens (those of rows with an adapter, the last ones: rows are sorted by
+    slot) are laid out for the batched matmuls: [slots, longest], one segment per slot from `first_slot`,
+    each padded to the longest with copies of an adapted token, whose results are dropped."""
+
+    first_slot: int
+    slots: int
+    longest: int
+    first_token: int  # the adapted tokens are the batch's tokens from this one on
+    # [slots * longest]: the batch's token in each place of the layout, and [adapted tokens]: each adapted
+    # token's place; None when the adapted tokens already are the layout (equal segments, no slot skipped).
+    gather: torch.Tensor | None
+    scatter: torch.Tensor | None
+
+    @staticmethod
+    def of(row_slots: list[int], tokens_per_row: int, device: torch.device) -> Segments:
+        token_slots = [slot for slot in row_slots if slot != BASE_SLOT for _ in range(tokens_per_row)]
+        first_token = len(row_slots) * tokens_per_row - len(token_slots)
+        by_slot: dict[int, list[int]] = {}
+        for token, slot in enumerate(token_slots, start=first_token):
+            by_slot.setdefault(slot, []).append(token)
+        first_slot, slots = token_slots[0], token_slots[-1] - token_slots[0] + 1
+        longest = max(len(segment) for segment in by_slot.values())
+        if slots * longest == len(token_slots):
+            return Segments(first_slot, slots, longest, first_token, None, None)
+        gather, scatter = [], []
+        for index in range(slots):
+            segment = by_slot.get(first_slot + index, [])
+            scatter += range(index * longest, index * longest + len(segment))
+            gather += segment + [first_token] * (longest - len(segment))
+        return Segments(
+            first_slot, slots, longest, first_token, to_device(gather, device), to_device(scatter, device)
+        )
+
+
 class RowAdapters:
     """Which adapter slot each row of the next forward pass uses; shared by every MultiLoraLinear."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.uniform: int | None = BASE_SLOT  # the slot of every row, or None when the rows differ
-        self.slots = torch.zeros(0, dtype=torch.long, device=device)  # one per row, read when uniform is None
+        self._slots: list[int] = []  # one per row, sorted
+        self._segments: dict[int, Segments] = {}
+
+    def select(self, slots: list[int]) -> None:
+        if any(later < earlier for earlier, later in itertools.pairwise(slots)):
+            raise ValueError("the rows of a mixed-adapter batch must be sorted by adapter slot")
+        self.uniform = slots[0] if slots[0] == slots[-1] else None
+        self._slots = slots
+        self._segments = {}
+
+    def segments(self, tokens: int) -> Segments:
+        """The layout of a mixed batch of `tokens` tokens in all, made by the first layer that asks (the
+        layers of one forward pass all see the same tokens)."""
+        if tokens not in self._segments:
+            self._segments[tokens] = Segments.of(self._slots, tokens // len(self._slots), self.device)
+        return self._segments[tokens]
 
 
 class MultiLoraLinear(nn.Module):
@@ -181,14 +245,15 @@ class MultiLoraLinear(nn.Module):
         self._rows = rows
         # Slot s holds adapter s's matrices, zero-padded to the largest rank. A slot without weights (the base
         # model's, a free one, or one whose adapter leaves this layer alone) is all zeros. The matrices keep
-        # PEFT's layout: a batched matmul with their transposes rounds exactly as PEFT's F.linear does.
-        self._a = torch.zeros(1, 0, base_layer.in_features, device=rows.device, dtype=LORA_DTYPE)
-        self._b = torch.zeros(1, base_layer.out_features, 0, device=rows.device, dtype=LORA_DTYPE)
-        self._scaling = torch.zeros(1, 1, 1, device=rows.device, dtype=LORA_DTYPE)
+        # PEFT's layout, so a one-adapter batch multiplies by views of them exactly as PEFT's F.linear does.
+        weight = base_layer.weight
+        self._a = weight.new_zeros(1, 0, base_layer.in_features)
+        self._b = weight.new_zeros(1, base_layer.out_features, 0)
+        self._scaling = weight.new_zeros(1, 1)
         self._modules_by_slot: dict[int, LoraModule] = {}  # views into the stacks, for one-adapter batches
 
     def put(self, slot: int, module: LoraModule) -> None:
-        """Load `module` into `slot`."""
+        """Load `module` into `slot`, in the base layer's dtype."""
         self.reserve(slots=slot + 1, rank=module.rank)
         self._a[slot].zero_()
         self._b[slot].zero_()
@@ -211,16 +276,23 @@ class MultiLoraLinear(nn.Module):
             module = self._modules_by_slot.get(uniform)
             if module is None:
                 return result
-            # PeftModel's arithmetic, to the bit: lora_B(lora_A(x)) * scaling, in the adapter's dtype.
-            delta = F.linear(F.linear(x.to(LORA_DTYPE), module.a), module.b) * module.scaling
-            return (result + delta).to(result.dtype)
-        slots = self._rows.slots
-        a = self._a.index_select(0, slots)  # [rows, rank, in]
-        b = self._b.index_select(0, slots)  # [rows, out, rank]
-        # Scaled after the matmuls, as PEFT does; folding the scaling into B would change the rounding.
-        delta = torch.bmm(torch.bmm(x.to(LORA_DTYPE), a.transpose(1, 2)), b.transpose(1, 2))
-        delta = delta * self._scaling.index_select(0, slots)
-        return (result + delta).to(result.dtype)
+            # PeftModel's arithmetic, to the bit: result + lora_B(lora_A(x)) * scaling.
+            return result + F.linear(F.linear(x, module.a), module.b) * module.scaling
+        flat_x, flat_result = x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1])
+        segments = self._rows.segments(flat_x.shape[0])
+        if segments.gather is None:
+            laid_out = flat_x[segments.first_token :]
+        else:
+            laid_out = flat_x.index_select(0, segments.gather)
+        slots = slice(segments.first_slot, segments.first_slot + segments.slots)
+        # Each slot's tokens by its own A, then B: views of the stacks, no copy. Scaled after the matmuls, as
+        # PEFT does; folding the scaling into B would change the rounding.
+        low_rank = torch.bmm(laid_out.view(segments.slots, segments.longest, -1), self._a[slots].mT)
+        delta = (torch.bmm(low_rank, self._b[slots].mT) * self._scaling[slots, None]).flatten(0, 1)
+        if segments.scatter is not None:
+            delta = delta.index_select(0, segments.scatter)
+        flat_result[segments.first_token :].add_(delta)
+        return result
 
     def _view(self, slot: int, rank: int, scaling: float) -> LoraModule:
         return LoraModule(self._a[slot, :rank], self._b[slot, :, :rank], scaling)
@@ -233,7 +305,7 @@ class MultiLoraLinear(nn.Module):
         slots, rank = max(slots, 2 * current_slots), max(rank, current_rank)
         a = self._a.new_zeros(slots, rank, self._a.shape[2])
         b = self._b.new_zeros(slots, self._b.shape[1], rank)
-        scaling = self._scaling.new_zeros(slots, 1, 1)
+        scaling = self._scaling.new_zeros(slots, 1)
         a[:current_slots, :current_rank] = self._a
         b[:current_slots, :, :current_rank] = self._b
         scaling[:current_slots] = self._scaling
@@ -262,7 +334,7 @@ class MultiLora:
     def install(self, slot: int, adapter: AdapterWeights) -> None:
         """Load `adapter` into `slot`, wrapping the linear layers it adapts on first use."""
         if slot >= self._slots:
-            # Every layer must take every slot: a mixed batch gathers all rows' slots in every layer.
+            # Every layer must take every slot: a mixed batch reads every layer's stacks up to its last slot.
             self._slots = slot + 1
             for layer in self._layers.values():
                 layer.reserve(slots=self._slots)
@@ -276,11 +348,9 @@ class MultiLora:
             self._layers[name].clear(slot)
 
     def select_rows(self, slots: list[int]) -> None:
-        """Set the adapter slot of each row for the next forward pass."""
-        first = slots[0]
-        self.rows.uniform = first if all(slot == first for slot in slots) else None
-        if self.rows.uniform is None:
-            self.rows.slots = torch.tensor(slots, dtype=torch.long, device=self.rows.device)
+        """Set the adapter slot of each row for the next forward pass; rows of different adapters must come
+        sorted by slot, each adapter's rows together."""
+        self.rows.select(slots)
 
     def _layer(self, name: str) -> MultiLoraLinear:
         if name not in self._layers:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -139,7 +140,11 @@ def create_inference_app(
     async def stats(request: Request) -> dict:
         models: dict[str, ServedModel] = request.app.state.models
         per_model = {
-            model_id: {"loaded_adapters": served.adapters.loaded(), **served.engine.stats()}
+            model_id: {
+                "loaded_adapters": served.adapters.loaded(),
+                **served.engine.stats(),
+                "memory": device_memory(served.engine.model.device),
+            }
             for model_id, served in models.items()
         }
         return {
@@ -212,6 +217,9 @@ def load_models(
             tokenizer,
             max_batch_size=serving.max_batch_size,
             batch_window_seconds=serving.batch_window_ms / 1000,
+            max_batch_tokens=serving.max_batch_tokens,
+            prefill_chunk_tokens=serving.prefill_chunk_tokens,
+            gpu_memory_fraction=serving.gpu_memory_fraction,
         )
         engine.start()
         directory = settings.data_dir / "inference" / "adapters"
@@ -219,6 +227,19 @@ def load_models(
             engine, AdapterCache(engine, fetch, directory, capacity=settings.max_loaded_adapters)
         )
     return models
+
+
+def device_memory(device: torch.device) -> dict[str, int | str]:
+    """What the process holds on `device`: torch's allocator on a GPU (now and at its peak), else the peak
+    resident set of the process."""
+    if device.type == "cuda":
+        return {
+            "device": str(device),
+            "allocated_bytes": torch.cuda.memory_allocated(device),
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "reserved_bytes": torch.cuda.memory_reserved(device),
+        }
+    return {"device": "cpu", "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 class EventQueue:

@@ -17,6 +17,27 @@ class ServingSettings(BaseSettings):
         "op: the tiny model decoded 15x slower with 2 threads than with 1 while another process ran.",
     )
     max_batch_size: int = Field(32, gt=0, description="Sequences decoded together, at most.")
+    max_batch_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="KV cache budget per base model, in tokens: the cache allocated when the server starts "
+        "and what requests are admitted against (each reserves its prompt plus max_tokens). Default: what "
+        "fits in 80% of the GPU memory free once the model is loaded (in 4 GiB on the CPU), at most "
+        "max_batch_size full contexts. Below the model's context, it also caps the context accepted.",
+    )
+    gpu_memory_fraction: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Without max_batch_tokens, the KV cache takes this share of the GPU memory free once the "
+        "model is loaded. `phitune serve` sets 0.25 when its worker trains on the same GPU.",
+    )
+    prefill_chunk_tokens: int = Field(
+        512,
+        gt=0,
+        description="Prompt tokens prefilled per forward pass, padding included: a long prompt is prefilled "
+        "in chunks, between decode steps of the running sequences, rather than stalling them.",
+    )
     batch_window_ms: float = Field(
         2.0, ge=0, description="How long an idle engine waits for more requests to share a first step."
     )
