@@ -26,19 +26,13 @@ import time
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 
+from tests.phi3_tokenizer import FIXTURES as PHI3_FIXTURES
 from worker.serving.engine import Engine, Event, Finished, GenerationRequest
 from worker.serving.kv_cache import BLOCK_TOKENS, RESERVED_BLOCKS, bytes_per_token
 from worker.tiny_model import build_tokenizer
 
-ROWS, CONTEXT = 32, 4096
-PHI3_MINI = Phi3Config(
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=CONTEXT,
-)
+PHI3_MINI = Phi3Config.from_json_file(str(PHI3_FIXTURES / "config.json"))  # the Hub's config.json
+ROWS, CONTEXT = 32, PHI3_MINI.max_position_embeddings
 MEASURED_LAYERS = 2
 REQUESTS, PROMPT_TOKENS, MAX_TOKENS = 32, 512, 16
 GIB, MIB = 2**30, 2**20

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
@@ -223,20 +225,29 @@ def test_best_model_selection_needs_a_validation_file(client, auth, training_fil
     assert ok.status_code == 200 and ok.json()["training_config"]["load_best_model_at_end"] is True
 
 
+@contextmanager
+def client_for_model(settings, tmp_path, model: str, config_json: str | None) -> Iterator[TestClient]:
+    """An API whose only base model is a directory holding just `config_json` as config.json (all the API
+    reads at creation), or nothing at all when it is None."""
+    model_dir = tmp_path / model
+    if config_json is not None:
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(config_json)
+    with TestClient(
+        create_app(settings.model_copy(update={"base_models": {model: str(model_dir)}}))
+    ) as client:
+        yield client
+
+
 @pytest.fixture
 def gqa_client(settings, tmp_path):
-    """An API whose base model uses grouped-query attention (only its config.json is read at creation)."""
-    model_dir = tmp_path / "gqa-phi3"
-    model_dir.mkdir()
+    """An API whose base model uses grouped-query attention."""
     config = {
         "model_type": "phi3", "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64,
         "max_position_embeddings": 1024,
     }  # fmt: skip
-    (model_dir / "config.json").write_text(json.dumps(config))
-    with TestClient(
-        create_app(settings.model_copy(update={"base_models": {"gqa-phi3": str(model_dir)}}))
-    ) as c:
-        yield c
+    with client_for_model(settings, tmp_path, "gqa-phi3", json.dumps(config)) as client:
+        yield client
 
 
 @pytest.mark.parametrize(
@@ -296,8 +307,7 @@ def test_max_seq_length_is_capped_by_the_model_context(gqa_client, auth):
 
 
 def test_a_configured_model_the_api_cannot_read_is_503_not_unchecked(settings, auth, tmp_path):
-    unmounted = settings.model_copy(update={"base_models": {"phi-3-mini": str(tmp_path / "not-mounted")}})
-    with TestClient(create_app(unmounted)) as client:
+    with client_for_model(settings, tmp_path, "phi-3-mini", None) as client:
         file_id = upload_file(client, auth, CHAT_LINES)
         body = {"model": "phi-3-mini", "training_file": file_id}
         response = client.post("/v1/fine_tuning/jobs", json=body, headers=auth)
@@ -316,12 +326,7 @@ def test_a_configured_model_the_api_cannot_read_is_503_not_unchecked(settings, a
     ],
 )
 def test_an_odd_model_config_is_never_a_500(settings, auth, tmp_path, content, status):
-    model_dir = tmp_path / "odd"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(content)
-    with TestClient(
-        create_app(settings.model_copy(update={"base_models": {"odd": str(model_dir)}}))
-    ) as client:
+    with client_for_model(settings, tmp_path, "odd", content) as client:
         file_id = upload_file(client, auth, CHAT_LINES)
         body = {"model": "odd", "training_file": file_id, "peft_config": {"backend": "loralib"}}
         response = client.post("/v1/fine_tuning/jobs", json=body, headers=auth)
@@ -331,12 +336,8 @@ def test_an_odd_model_config_is_never_a_500(settings, auth, tmp_path, content, s
 
 
 def test_trained_biases_the_server_cannot_apply_are_400(settings, auth, tmp_path):
-    model_dir = tmp_path / "biased"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "attention_bias": True}))
-    with TestClient(
-        create_app(settings.model_copy(update={"base_models": {"biased": str(model_dir)}}))
-    ) as client:
+    config = json.dumps({"model_type": "llama", "attention_bias": True})
+    with client_for_model(settings, tmp_path, "biased", config) as client:
         file_id = upload_file(client, auth, CHAT_LINES)
         body = {"model": "biased", "training_file": file_id, "peft_config": {"bias": "all"}}
         response = client.post("/v1/fine_tuning/jobs", json=body, headers=auth)
