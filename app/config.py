@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     max_loaded_adapters: int = Field(8, gt=0, description="Adapters the inference server keeps in memory.")
     worker_token: str | None = Field(None, description="Shared secret workers use to claim jobs.")
     lease_seconds: int = Field(
-        120, gt=0, description="A running job whose worker is silent this long is failed."
+        120,
+        gt=0,
+        description="A running job whose worker is silent this long is re-queued (3 attempts at most).",
     )
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker renews its lease.")
     outbox_relay_seconds: float = Field(5.0, gt=0, description="How often unsent job messages are re-sent.")
