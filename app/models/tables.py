@@ -12,7 +12,6 @@ from app.models.base import Base, now
 
 
 class JobStatus(enum.StrEnum):
-    VALIDATING_FILES = "validating_files"
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
