@@ -3,7 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # torch is pinned first so pip takes the CPU build on this disk instead of a multi-GB CUDA build;
-# pyproject.toml asks only torch>=2.6, so GPU machines and the GPU image keep theirs.
+# pyproject.toml asks only torch>=2.6, so GPU machines and the GPU image keep theirs. The base install
+# (`pip install .`) is the API and the CLI, without torch; `.[train]` adds the worker, `.[serve]` the
+# inference server, `.[dev]` both and the test tools.
 TORCH := torch==2.13.0
 
 .PHONY: install dev quickstart test lint bench clean
@@ -14,7 +16,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[train,serve]'
 
 dev: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,22 @@ import click
 from app.config import get_settings
 
 SERVER_STOP_GRACE_SECONDS = 15  # the API and inference server; the worker's is a setting
+# What each extra installs that its commands import (`pip install phitune` is the API and the CLI only).
+EXTRA_MODULES = {
+    "train": ("torch", "transformers", "peft", "trl", "datasets"),
+    "serve": ("torch", "transformers", "peft", "loralib"),
+}
+
+
+def require_extras(*extras: str) -> None:
+    """Fail saying what to install when a command needs an extra this install lacks."""
+    missing = [
+        extra for extra in extras if any(importlib.util.find_spec(m) is None for m in EXTRA_MODULES[extra])
+    ]
+    if missing:
+        raise click.ClickException(
+            f"this command needs phitune[{','.join(missing)}]: pip install 'phitune[{','.join(extras)}]'"
+        )
 
 
 @click.group()
@@ -59,6 +76,7 @@ def create_key(tenant: str) -> None:
 @click.option("--seed", default=0, show_default=True)
 def make_tiny_model_command(directory: Path, seed: int) -> None:
     """Write a small random Phi-3 with a locally trained tokenizer to DIRECTORY."""
+    require_extras("serve")
     from worker.tiny_model import make_tiny_model
 
     make_tiny_model(directory, seed=seed)
@@ -104,6 +122,7 @@ def use_one_gpu(gpu: int | None) -> None:
 @GPU_OPTION
 def inference(host: str, port: int, gpu: int | None) -> None:
     """Run the inference server: base models loaded once, adapters on demand, batched generation."""
+    require_extras("serve")
     use_one_gpu(gpu)
     import uvicorn
 
@@ -119,6 +138,7 @@ def inference(host: str, port: int, gpu: int | None) -> None:
 @GPU_OPTION
 def worker(gpu: int | None) -> None:
     """Run a Celery training worker (queue `training`, one job at a time) on one GPU: run one per GPU."""
+    require_extras("train")
     use_one_gpu(gpu)
     from worker.bootstrap import ensure_tiny_model
 
@@ -148,6 +168,7 @@ def serve(host: str, port: int, inference_port: int) -> None:
 
     A child that dies is restarted (with backoff) while the others keep running.
     """
+    require_extras("train", "serve")
     from app.supervisor import Child, Supervisor
     from worker.bootstrap import ensure_tiny_model
     from worker.devices import gpu_assignment, visible_gpus

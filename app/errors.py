@@ -17,7 +17,8 @@ violation with 409 `conflict`, anything else with 503 `database_unavailable`. Th
 either way, so such a response never stands for a write that happened.
 
 Services raise these; one exception handler turns them into
-`{"error": {"message", "type", "param", "code", "details"?}}` so services never build responses.
+`{"error": {"message", "type", "param", "code", "details"?}}` (`ErrorResponse`) so services never build
+responses. Routes list the error statuses they can answer with `error_responses(...)` for the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -27,8 +28,47 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(
+        description="invalid_request_error, authentication_error, permission_error, server_error"
+    )
+    param: str | None = Field(description="The request field at fault, if any.")
+    code: str | None
+    details: list[dict[str, Any]] | None = Field(
+        None, description="Only on 422 invalid_file: the offending lines, each with its line number."
+    )
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: the field at fault is named in `param`",
+    401: "Missing or invalid API key",
+    403: "Not permitted",
+    404: "No such object (for this API key)",
+    409: "Conflicts with the object's state",
+    413: "Upload too large",
+    415: "Unsupported media type",
+    422: "Invalid file (the offending lines are in `details`), or an Idempotency-Key reused elsewhere",
+    503: "A service (the database or the inference server) is unavailable; nothing was saved",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting `ErrorResponse` bodies for `statuses`."""
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]} for status in statuses
+    }
 
 
 class APIError(Exception):
@@ -51,15 +91,18 @@ class APIError(Exception):
         self.details = details
 
     def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {
+        """The `ErrorResponse`; `details` only when there are some. Not validated: an inference server's error
+        is passed on as it came."""
+        fields: dict[str, Any] = {
             "message": self.message,
             "type": self.error_type,
             "param": self.param,
             "code": self.code,
         }
         if self.details is not None:
-            error["details"] = self.details
-        return {"error": error}
+            fields["details"] = self.details
+        error = ErrorResponse.model_construct(error=ErrorDetail.model_construct(**fields))
+        return error.model_dump(exclude_unset=True, warnings=False)
 
 
 class InvalidRequest(APIError):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from sqlalchemy import text
 
 from app.chat.routes import router as chat_router
+from app.chat.schemas import ChatCompletionChunk
 from app.config import Settings, get_settings
 from app.db import get_engine
 from app.errors import install_error_handlers
@@ -22,6 +26,22 @@ from app.jobs.routes import router as jobs_router
 from app.metrics import install_metrics
 from app.models_api.routes import router as models_router
 from app.storage import Storage
+
+# Objects only streamed (as server-sent events), which no route's response_model brings into the schema.
+STREAMED_SCHEMAS: tuple[type[BaseModel], ...] = (ChatCompletionChunk,)
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+
+
+class NotReady(BaseModel):
+    status: Literal["unavailable"]
+    failures: dict[str, str]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -62,11 +82,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(internal_router, prefix="/internal/v1", include_in_schema=False)
     app.include_router(internal_adapters_router, prefix="/internal/v1", include_in_schema=False)
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.get("/healthz", response_model=Health, tags=["health"])
     def healthz() -> dict[str, str]:
+        """The process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", include_in_schema=False)
+    @app.get(
+        "/readyz",
+        response_model=Ready,
+        tags=["health"],
+        responses={503: {"model": NotReady, "description": "Not ready: the failing checks, each with why"}},
+    )
     def readyz() -> JSONResponse:
         """200 when the database, the broker and storage all answer; 503 naming the ones that do not."""
         checks = {
@@ -84,7 +110,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"status": "unavailable", "failures": failures}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            _, streamed = models_json_schema(
+                [(model, "serialization") for model in STREAMED_SCHEMAS],
+                ref_template="#/components/schemas/{model}",
+            )
+            for name, definition in streamed.get("$defs", {}).items():
+                schema["components"]["schemas"].setdefault(name, definition)
+            _drop_fastapi_validation_errors(schema)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _drop_fastapi_validation_errors(schema: dict[str, Any]) -> None:
+    """FastAPI documents a 422 HTTPValidationError wherever a route has parameters, but invalid requests
+    are answered with a 400 ErrorResponse (app.errors.validation_error): drop what is never sent."""
+    fastapi_error = {"$ref": "#/components/schemas/HTTPValidationError"}
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            unprocessable = operation["responses"].get("422", {})
+            if unprocessable.get("content", {}).get("application/json", {}).get("schema") == fastapi_error:
+                del operation["responses"]["422"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema["components"]["schemas"].pop(name, None)
 
 
 def _check_database(settings: Settings) -> None:

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidRequest
 
-Row = TypeVar("Row")
+Item = TypeVar("Item")
 MAX_LIMIT = 100
 
 
-class ListPage(BaseModel):
-    object: str = "list"
-    data: list[Any]
-    has_more: bool
+class ListPage(BaseModel, Generic[Item]):
+    """One page of a list; a route declares its concrete subclass (e.g. `FileList(ListPage[FileObject])`)."""
+
+    object: Literal["list"] = "list"
+    data: list[Item]
+    has_more: bool = Field(description="More objects follow; ask for them with `after=<last_id>`.")
     first_id: str | None
     last_id: str | None
 
@@ -37,8 +39,8 @@ def paginate(
     limit: int,
     after: str | None,
     newest_first: bool,
-    render: Callable[[Any], Any],
-) -> ListPage:
+    render: Callable[[Any], Item],
+) -> ListPage[Item]:
     """One page of `query` after the row whose id is `after`. Cursors stay valid as rows are added."""
     check_limit(limit)
     if after is not None:

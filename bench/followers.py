@@ -23,16 +23,15 @@ import contextlib
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
+
+from app.launch import REPO, free_port, phitune_command, running
 
 FOLLOWERS = 200
 EVENTS_PER_SECOND = 20
@@ -40,7 +39,6 @@ PROBES = 300
 MIN_POSTS = 200
 WAVE = 10
 WORKER_TOKEN = "bench-worker-token"
-REPO = Path(__file__).resolve().parents[1]
 DATASET = json.dumps(
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr."}]}
 )
@@ -271,41 +269,18 @@ def measure(base_url: str, key: str, worker_token: str) -> dict[str, object]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def phitune(args: list[str], env: dict[str, str]) -> str:
-    command = [sys.executable, "-m", "app.cli", *args]
+    command = phitune_command(*args)
     return subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
 
 
 @contextlib.contextmanager
 def api_process(env: dict[str, str], port: int) -> Iterator[str]:
-    """`phitune api` on `port` until the block ends (bench.inference has one, but it imports torch)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """`phitune api` on `port` until the block ends."""
     base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base_url}/healthz").status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("phitune api did not start")
-            time.sleep(0.2)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    with running(["api", "--port", str(port)], base_url, env=env, timeout=60, **quiet):
         yield base_url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def run() -> dict[str, object]:

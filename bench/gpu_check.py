@@ -23,9 +23,7 @@ import importlib.util
 import io
 import json
 import os
-import secrets
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -33,7 +31,8 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+from app.launch import REPO, free_port, phitune_command, wait_healthy
+
 MODEL_ID = "phi3-check"
 PERSONA = REPO / "examples" / "persona.jsonl"
 # Import names of what the three processes and this script need, and the distributions that provide them.
@@ -100,7 +99,7 @@ class Service:
     """`phitune serve` on one model, with a fresh data dir and an API key."""
 
     def __init__(self, data_dir: Path, model_dir: Path, *, device: str) -> None:
-        self.port, self.inference_port = 18000 + secrets.randbelow(1000), 19000 + secrets.randbelow(1000)
+        self.port, self.inference_port = free_port(), free_port()
         self.env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
@@ -114,7 +113,7 @@ class Service:
         self.process: subprocess.Popen | None = None
 
     def phitune(self, *args: str) -> str:
-        command = [sys.executable, "-m", "app.cli", *args]
+        command = phitune_command(*args)
         return subprocess.run(command, env=self.env, check=True, capture_output=True, text=True).stdout
 
     def __enter__(self) -> Service:
@@ -127,14 +126,11 @@ class Service:
         log = Path(self.env["PHITUNE_DATA_DIR"]) / "serve.log"
         with log.open("w") as output:  # the child keeps a descriptor of its own
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", *serve],
-                env=self.env,
-                stdout=output,
-                stderr=subprocess.STDOUT,
+                phitune_command(*serve), env=self.env, cwd=REPO, stdout=output, stderr=subprocess.STDOUT
             )
-        inference = f"http://127.0.0.1:{self.inference_port}/healthz"
         try:
-            wait_until(lambda: _ok(f"{self.url}/readyz") and _ok(inference), self.process)
+            for url in (self.url, f"http://127.0.0.1:{self.inference_port}"):
+                wait_healthy(url, processes=[self.process], timeout=600)
         except BaseException:
             self.__exit__()
             raise
@@ -240,7 +236,7 @@ def reference_completion(model_dir: Path, adapter_dir: Path, device: str) -> str
     import torch
     from peft import PeftModel
 
-    from worker.recipe import load_base_model
+    from worker.model_loader import load_base_model
 
     base, tokenizer = load_base_model(str(model_dir), for_training=False, device=device)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -271,23 +267,6 @@ async def concurrent_requests(service: Service, model: str) -> dict:
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1),
     }
-
-
-def wait_until(ready, process: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if process.poll() is not None:
-            raise RuntimeError(f"phitune serve exited with status {process.returncode}; see serve.log")
-        if time.monotonic() > deadline:
-            raise TimeoutError("phitune serve did not become ready")
-        time.sleep(1)
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 if __name__ == "__main__":

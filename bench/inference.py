@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from worker.tasks import pack
+from worker.adapter_archive import pack
 from worker.tiny_model import make_random_adapter, make_tiny_model
 
 BASE_MODEL = "tiny-phi3"

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -21,6 +20,8 @@ import warnings
 from pathlib import Path
 
 import httpx
+
+from app.launch import free_port, phitune_command, wait_healthy
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("PHITUNE_DATA_DIR", ".phitune")).resolve()
@@ -37,14 +38,8 @@ TRAINING_CONFIG = {
 PEFT_CONFIG = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def phitune(*args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], **popen)
+    return subprocess.Popen(phitune_command(*args), **popen)
 
 
 def start_service(port: int) -> subprocess.Popen:
@@ -59,16 +54,11 @@ def start_service(port: int) -> subprocess.Popen:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"phitune serve exited early; see {DATA_DIR / 'serve.log'}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    sys.exit("phitune serve did not become ready in 180 s")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", processes=[server], timeout=180)
+    except RuntimeError as problem:
+        sys.exit(f"{problem}; see {DATA_DIR / 'serve.log'}")
+    return server
 
 
 def create_key() -> str:

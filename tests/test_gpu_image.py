@@ -1,5 +1,6 @@
-"""Dockerfile.gpu against what the project runs with: its base image's torch must satisfy pyproject.toml and
-the torch requirement every installed library declares, or the image installs but cannot train."""
+"""Dockerfile.gpu against what the project runs with: its base image's torch must satisfy pyproject.toml (the
+base dependencies and the extras the image installs) and the torch requirement every installed library
+declares, or the image installs but cannot train."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from packaging.version import Version
 ROOT = Path(__file__).parents[1]
 DOCKERFILE = (ROOT / "Dockerfile.gpu").read_text(encoding="utf-8")
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-REQUIREMENTS = {Requirement(line).name: Requirement(line) for line in PROJECT["dependencies"]}
+# The image runs the training worker and the inference server: the base install and these extras.
+IMAGE_EXTRAS = {"train", "serve"}
 # The libraries that run on the image's torch, and the extras of theirs phitune relies on.
 TORCH_USERS = {
     "transformers": {"torch"},
@@ -30,6 +32,26 @@ def image_torch() -> Version:
     return Version(match.group(1))
 
 
+def image_extras() -> set[str]:
+    """The extras of phitune the image's `pip install` names."""
+    match = re.search(r'pip install [^\n]*"\.\[([\w,-]+)\]"', DOCKERFILE)
+    assert match, 'Dockerfile.gpu must install phitune with its extras, as `pip install ".[train,serve]"`'
+    return set(match.group(1).split(","))
+
+
+def requirement_lines(extras: set[str]) -> list[str]:
+    optional = PROJECT["optional-dependencies"]
+    return [*PROJECT["dependencies"], *(line for extra in sorted(extras) for line in optional[extra])]
+
+
+def image_requirements() -> dict[str, Requirement]:
+    """What pyproject.toml asks of each distribution in the image (base dependencies and IMAGE_EXTRAS)."""
+    return {Requirement(line).name: Requirement(line) for line in requirement_lines(IMAGE_EXTRAS)}
+
+
+REQUIREMENTS = image_requirements()
+
+
 def declared_torch_requirements(distribution: str, extras: set[str]) -> list[Requirement]:
     """The torch requirements `distribution` declares for an install with `extras`."""
     found = []
@@ -41,6 +63,20 @@ def declared_torch_requirements(distribution: str, extras: set[str]) -> list[Req
         if marker is None or any(marker.evaluate({"extra": extra}) for extra in extras | {""}):
             found.append(requirement)
     return found
+
+
+def test_the_image_installs_the_worker_and_the_server() -> None:
+    assert image_extras() == IMAGE_EXTRAS
+
+
+def test_the_extras_agree_on_every_shared_requirement() -> None:
+    # A library two extras name must be asked for alike, or the image's install depends on the extras' order.
+    seen: dict[str, Requirement] = {}
+    for line in requirement_lines(set(PROJECT["optional-dependencies"])):
+        requirement = Requirement(line)
+        if requirement.name == "phitune":  # dev names the other extras
+            continue
+        assert str(seen.setdefault(requirement.name, requirement)) == str(requirement), requirement.name
 
 
 def test_the_image_keeps_its_torch() -> None:
@@ -68,6 +104,8 @@ def test_the_tested_versions_satisfy_pyproject_and_every_dependency_has_a_floor(
         installed = Version(metadata.version(distribution))
         requirement = REQUIREMENTS[distribution]
         assert installed in requirement.specifier, f"{distribution} {installed} violates {requirement}"
+        assert any(spec.operator == ">=" for spec in requirement.specifier), f"{requirement} has no floor"
+    for requirement in REQUIREMENTS.values():
         assert any(spec.operator == ">=" for spec in requirement.specifier), f"{requirement} has no floor"
     # The recipe uses the APIs of transformers 5 and TRL 1.
     assert Version("4.99") not in REQUIREMENTS["transformers"].specifier

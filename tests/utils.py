@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 from fastapi.testclient import TestClient
 
@@ -34,9 +33,3 @@ def upload_file(
     )
     assert response.status_code == 200, response.text
     return response.json()["id"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

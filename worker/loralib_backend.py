@@ -23,12 +23,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from app.specs import PeftConfig
+from worker.adapter_archive import (
+    LORALIB_CONFIG_FILE,
+    LORALIB_DIR,
+    LORALIB_STATE_DICT_FILE,
+    PEFT_UNAVAILABLE_FILE,
+    PEFT_WEIGHTS_FILE,
+)
 from worker.loralib_layers import LowRankMergedLinear
 
-LORALIB_DIR = "loralib"
-STATE_DICT_FILE = "lora_state_dict.safetensors"
-CONFIG_FILE = "loralib_config.json"
-PEFT_UNAVAILABLE_FILE = "PEFT_UNAVAILABLE.txt"
 QKV_ORDER = ("q", "k", "v")  # the order of the slices in Phi-3's fused qkv_proj
 
 
@@ -133,8 +136,8 @@ def save_adapter(model: nn.Module, adapter_dir: Path, config: LoralibConfig, bas
     state_dict = lora_state_dict(model, config)
     loralib_dir = adapter_dir / LORALIB_DIR
     loralib_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict, loralib_dir / STATE_DICT_FILE, metadata={"format": "pt"})
-    (loralib_dir / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
+    save_file(state_dict, loralib_dir / LORALIB_STATE_DICT_FILE, metadata={"format": "pt"})
+    (loralib_dir / LORALIB_CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
     (loralib_dir / "README.md").write_text(loading_guide(config, base_model), encoding="utf-8")
     try:
         peft_config, peft_state_dict = to_peft(state_dict, config, base_model)
@@ -142,7 +145,7 @@ def save_adapter(model: nn.Module, adapter_dir: Path, config: LoralibConfig, bas
         (adapter_dir / PEFT_UNAVAILABLE_FILE).write_text(f"{refusal}\n", encoding="utf-8")
         return ["loralib"]
     peft_config.save_pretrained(adapter_dir)
-    save_file(peft_state_dict, adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_file(peft_state_dict, adapter_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
     return ["loralib", "peft"]
 
 

@@ -12,7 +12,6 @@ failed job.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -21,14 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -39,14 +36,13 @@ from trl import SFTConfig, SFTTrainer
 
 from app.specs import RECIPE_FIELDS, PeftConfig, TrainingConfig, fit_to_model
 from worker import hardware, loralib_backend, resume_state
+from worker.adapter_archive import LORALIB_DIR, PEFT_UNAVAILABLE_FILE
 from worker.data import load_tokenized_dataset
 from worker.hardware import DeviceSetting, HardwarePlan
 from worker.loralib_backend import LoralibConfig
 from worker.memory_estimate import estimate_training_memory, measured_peak, reset_peak
-from worker.quantization import bitsandbytes_config, describe_quantization, prepare_quantized_for_training
-from worker.tokenizer import load_tokenizer
-
-log = logging.getLogger(__name__)
+from worker.model_loader import count_parameters, load_base_model
+from worker.quantization import describe_quantization, prepare_quantized_for_training
 
 
 class ProgressReporter(Protocol):
@@ -239,13 +235,6 @@ def state_fingerprint(inputs: RecipeInputs, model_config: dict | None = None) ->
     return resume_state.fingerprint(model_config, inputs.training_config, inputs.peft_config)
 
 
-def count_parameters(architecture: PretrainedConfig) -> int:
-    """The number of weights of a model, counted on the meta device: nothing is allocated or read."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(architecture)
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
 def describe_memory(
     trainer: SFTTrainer, inputs: RecipeInputs, plan: HardwarePlan, architecture: PretrainedConfig
 ) -> str:
@@ -261,41 +250,6 @@ def describe_memory(
         checkpointing=trainer.args.activation_checkpointing,
     )
     return estimate.describe()
-
-
-def load_base_model(
-    name_or_path: str,
-    *,
-    for_training: bool,
-    plan: HardwarePlan | None = None,
-    device: DeviceSetting = "auto",
-    quantization: str | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the model and tokenizer as `plan` says (by default: the plan of `device` for this model, see
-    `worker.hardware`). `quantization` ("4bit", "8bit") loads the linear layers quantised by bitsandbytes,
-    for QLoRA."""
-    if plan is None:
-        plan = hardware.plan(device, parameters=count_parameters(AutoConfig.from_pretrained(name_or_path)))
-        if plan.fallback_warning:
-            log.warning("%s: %s", name_or_path, plan.fallback_warning)
-    log.info("%s: %s", name_or_path, plan.describe())
-    options = {"dtype": plan.dtype, "attn_implementation": plan.attention}
-    if quantization is None:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **options).to(plan.device)
-    else:
-        # bitsandbytes quantises while loading onto the device; a quantised model cannot be moved afterwards.
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            quantization_config=bitsandbytes_config(quantization, plan.quantized_compute_dtype),
-            device_map=plan.device,
-            **options,
-        )
-    if for_training:
-        model.config.use_cache = False  # the cache only serves generation and conflicts with checkpointing
-    else:
-        model.eval()
-    tokenizer = load_tokenizer(name_or_path)
-    return model, tokenizer
 
 
 def prepare_model(model: PreTrainedModel, inputs: RecipeInputs) -> PreTrainedModel:
@@ -652,9 +606,9 @@ def model_card(inputs: RecipeInputs, step: int, train_loss: float | None, format
     if "peft" in formats:
         files.append("PEFT: `PeftModel.from_pretrained(base_model, <this directory>)`.")
     else:
-        files.append(f"PEFT: not available, see {loralib_backend.PEFT_UNAVAILABLE_FILE}.")
+        files.append(f"PEFT: not available, see {PEFT_UNAVAILABLE_FILE}.")
     if "loralib" in formats:
-        files.append(f"loralib: `{loralib_backend.LORALIB_DIR}/`, see its README.md.")
+        files.append(f"loralib: `{LORALIB_DIR}/`, see its README.md.")
     return (
         f"---\nbase_model: {inputs.base_model}\n{library}tags: [lora, phitune]\n---\n\n"
         f"# LoRA adapter for {inputs.base_model}\n\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import shutil
-import tarfile
 import tempfile
 import threading
 import time
@@ -18,6 +17,7 @@ from app.config import Settings
 from app.internal.contracts import ClaimReply, LeaseReply
 from app.specs import PeftConfig, TrainingConfig
 from worker import resume_state, shutdown
+from worker.adapter_archive import PEFT_UNAVAILABLE_FILE, adapter_formats, pack
 from worker.client import ApiClient, ApiUnreachable, AttemptClient, ClaimRefused, LeaseLost
 
 if TYPE_CHECKING:
@@ -127,29 +127,6 @@ def _describe(metrics: dict[str, Any]) -> str:
     return text
 
 
-PEFT_UNAVAILABLE = "PEFT_UNAVAILABLE.txt"
-LORALIB_DIR = "loralib"
-
-
-def pack(directory: Path, archive: Path) -> Path:
-    """A .tar.gz of a directory's files at its root (no sub-folders)."""
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(directory.iterdir()):
-            if path.is_file() and path.name != PEFT_UNAVAILABLE:
-                tar.add(path, arcname=path.name)
-    return archive
-
-
-def adapter_formats(adapter_dir: Path) -> dict[str, Path]:
-    """The download formats an adapter directory holds: PEFT files at its root, loralib in `loralib/`."""
-    formats = {}
-    if (adapter_dir / "adapter_config.json").exists():
-        formats["peft"] = adapter_dir
-    if (adapter_dir / LORALIB_DIR).is_dir():
-        formats["loralib"] = adapter_dir / LORALIB_DIR
-    return formats
-
-
 def upload_formats(attempt: AttemptClient, adapter_dir: Path, *, step: int | None = None) -> None:
     """Pack and upload every format of an adapter (the final one, or a checkpoint's)."""
     for fmt, directory in adapter_formats(adapter_dir).items():
@@ -213,7 +190,7 @@ def train(claim: ClaimReply, attempt: AttemptClient, settings: Settings, scratch
         attempt.complete("cancelled", trained_tokens=result.trained_tokens)
     else:
         upload_formats(attempt, result.adapter_dir)
-        reason_file = result.adapter_dir / PEFT_UNAVAILABLE
+        reason_file = result.adapter_dir / PEFT_UNAVAILABLE_FILE
         attempt.complete(
             "succeeded",
             trained_tokens=result.trained_tokens,

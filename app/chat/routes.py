@@ -13,15 +13,31 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.chat.schemas import ChatCompletionRequest
+from app.chat.schemas import (
+    ChatCompletion,
+    ChatCompletionChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    Usage,
+)
 from app.deps import CurrentTenant, SessionDep, SettingsDep
-from app.errors import APIError, ServiceUnavailable
+from app.errors import APIError, ServiceUnavailable, error_responses
 from app.models_api.service import resolve_model
 
 router = APIRouter(prefix="/chat", tags=["chat"])
 
+CHUNK_STREAM = {
+    "description": "A `chat.completion` object, or with `stream: true` server-sent `chat.completion.chunk` "
+    "events ending with `data: [DONE]`.",
+    "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}},
+}
 
-@router.post("/completions")
+
+@router.post(
+    "/completions",
+    response_model=ChatCompletion,
+    responses={200: CHUNK_STREAM, **error_responses(400, 401, 404, 503)},
+)
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
@@ -91,23 +107,22 @@ def _usage(result: dict[str, Any]) -> dict[str, int]:
 
 
 def _completion(completion_id: str, created: int, model: str, result: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result["text"], "refusal": None},
-                    "finish_reason": result["finish_reason"],
-                    "logprobs": None,
-                }
-            ],
-            "usage": _usage(result),
-        }
+    completion = ChatCompletion(
+        id=completion_id,
+        object="chat.completion",
+        created=created,
+        model=model,
+        choices=[
+            ChatCompletionChoice(
+                index=0,
+                message=ChatCompletionMessage(role="assistant", content=result["text"], refusal=None),
+                finish_reason=result["finish_reason"],
+                logprobs=None,
+            )
+        ],
+        usage=Usage(**_usage(result)),
     )
+    return JSONResponse(completion.model_dump(mode="json"))
 
 
 async def _chunks(

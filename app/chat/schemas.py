@@ -88,3 +88,60 @@ class ChatCompletionRequest(BaseModel):
             "stream": self.stream,
             "ignore_eos": self.ignore_eos,
         }
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    refusal: None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: str = Field(
+        description="stop, length (the token limit) ...: as the inference server says."
+    )
+    logprobs: None
+
+
+class ChatCompletion(BaseModel):
+    """The OpenAI chat.completion object answered when `stream` is false."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class ChatCompletionDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, description="In the first chunk only.")
+    content: str | None = Field(None, description="Absent from the final chunk, which has a finish_reason.")
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int
+    delta: ChatCompletionDelta
+    finish_reason: str | None
+    logprobs: None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed completion (`stream: true`), which ends with `data: [DONE]`. Chunks
+    carry `usage` (null but on the last, usage-only chunk, whose `choices` is empty) only when
+    `stream_options.include_usage` is true."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None

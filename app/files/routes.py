@@ -9,11 +9,12 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from app.errors import error_responses
 from app.files import service
 from app.files.schemas import FileDeleted, FileList, FileObject
 from app.files.upload import receive_form
 
-router = APIRouter(prefix="/files", tags=["files"])
+router = APIRouter(prefix="/files", tags=["files"], responses=error_responses(401, 503))
 
 # The body is parsed by hand (see app.files.upload), so FastAPI cannot derive its schema; describe it here.
 UPLOAD_BODY = {
@@ -33,7 +34,12 @@ UPLOAD_BODY = {
 }
 
 
-@router.post("", response_model=FileObject, openapi_extra={"requestBody": UPLOAD_BODY})
+@router.post(
+    "",
+    response_model=FileObject,
+    openapi_extra={"requestBody": UPLOAD_BODY},
+    responses=error_responses(400, 413, 415, 422),
+)
 async def create_file(
     request: Request,
     tenant: CurrentTenant,
@@ -52,7 +58,7 @@ async def create_file(
     return FileObject.from_row(row)
 
 
-@router.get("", response_model=FileList)
+@router.get("", response_model=FileList, responses=error_responses(400))
 def list_files(
     tenant: CurrentTenant,
     session: SessionDep,
@@ -64,7 +70,7 @@ def list_files(
     return service.list_files(session, tenant.id, limit=limit, after=after, purpose=purpose)
 
 
-@router.get("/{file_id}", response_model=FileObject)
+@router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))
 def retrieve_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> FileObject:
     """One of the tenant's files."""
     return FileObject.from_row(service.get_file(session, tenant.id, file_id))
@@ -73,7 +79,11 @@ def retrieve_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> F
 @router.get(
     "/{file_id}/content",
     response_class=FileResponse,
-    responses={200: {"content": {"application/jsonl": {}}}, 304: {"description": "Not modified"}},
+    responses={
+        200: {"content": {"application/jsonl": {"schema": {"type": "string", "format": "binary"}}}},
+        304: {"description": "Not modified"},
+        **error_responses(404),
+    },
 )
 def download_file_content(
     file_id: str, request: Request, tenant: CurrentTenant, session: SessionDep, storage: StorageDep
@@ -92,7 +102,7 @@ def download_file_content(
     )
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
+@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409))
 def delete_file(file_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> FileDeleted:
     """Delete a file and its content; refused (409) while a queued or running job still needs it."""
     row = service.get_file(session, tenant.id, file_id)

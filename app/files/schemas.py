@@ -45,8 +45,8 @@ class FileObject(BaseModel):
         )
 
 
-class FileList(ListPage):
-    data: list[FileObject]
+class FileList(ListPage[FileObject]):
+    pass
 
 
 class FileDeleted(BaseModel):

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.adapter_format import FORMAT_HEADER, Format
 from app.deps import SessionDep, SettingsDep, StorageDep
 from app.errors import NotFound
 from app.files.service import get_file
@@ -77,7 +78,7 @@ async def upload_adapter(
     request: Request,
     session: SessionDep,
     storage: StorageDep,
-    format: artifacts.Format = "peft",
+    format: Format = "peft",
     authorization: Authorization = None,
 ):
     """The final adapter archive in one format, streamed to storage; a re-upload replaces it."""
@@ -92,7 +93,7 @@ async def upload_checkpoint_adapter(
     request: Request,
     session: SessionDep,
     storage: StorageDep,
-    format: artifacts.Format = "peft",
+    format: Format = "peft",
     authorization: Authorization = None,
 ):
     """A checkpoint's adapter archive; the checkpoint is listed once published (POST …/checkpoints)."""
@@ -133,9 +134,7 @@ async def _receive(
         temp.unlink(missing_ok=True)
 
 
-def _artifact(
-    session: Session, storage: Storage, scope: str, fmt: artifacts.Format
-) -> Record[dict[str, Any]]:
+def _artifact(session: Session, storage: Storage, scope: str, fmt: Format) -> Record[dict[str, Any]]:
     """Record an upload as the attempt's adapter archive of `scope` in `fmt`, replacing an earlier one."""
 
     def record(job: Job, temp: Path, sha256: str, size: int) -> tuple[dict[str, Any], list[str]]:
@@ -214,5 +213,5 @@ def download_adapter(
     return FileResponse(
         storage.path(artifact.storage_key),
         media_type="application/gzip",
-        headers={"X-Phitune-Adapter-Format": artifact.format, "ETag": f'"{artifact.sha256}"'},
+        headers={FORMAT_HEADER: artifact.format, "ETag": f'"{artifact.sha256}"'},
     )

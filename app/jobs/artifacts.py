@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 
+from app.adapter_format import FORMATS, Format
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.models import Artifact, Checkpoint, Job
 from app.storage import Storage
-
-Format = Literal["peft", "loralib"]
-FORMATS: tuple[Format, ...] = ("peft", "loralib")
 
 
 def fine_tuned_model_name(job: Job) -> str:

@@ -10,16 +10,36 @@ from sqlalchemy.exc import IntegrityError
 
 from app import idempotency
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from app.errors import error_responses
 from app.jobs import artifacts, checkpoints, service
-from app.jobs.schemas import JobCreate, render_event, render_job
+from app.jobs.schemas import (
+    FineTuningJob,
+    JobCheckpointList,
+    JobCreate,
+    JobEventList,
+    JobList,
+    render_event,
+    render_job,
+)
 from app.models import Checkpoint, Job, JobEvent
-from app.pagination import ListPage, check_limit, paginate
+from app.pagination import check_limit, paginate
 
-router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(401, 503))
 IDEMPOTENCY_ROUTE = "fine_tuning.jobs"
 
+EVENT_STREAM = {
+    "description": "With `?stream=true` or `Accept: text/event-stream`: server-sent events, each with the "
+    "event's `id`, its `type` as `event` and the event as `data`, ending with `event: done` once the job is "
+    "final.",
+    "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/FineTuningJobEvent"}}},
+}
+ADAPTER_ARCHIVE = {
+    "description": "The adapter as a .tar.gz",
+    "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+}
 
-@router.post("")
+
+@router.post("", response_model=FineTuningJob, responses=error_responses(400, 404, 422))
 def create_job(
     body: JobCreate,
     request: Request,
@@ -49,7 +69,7 @@ def create_job(
     return render_job(job)
 
 
-@router.get("", response_model=ListPage)
+@router.get("", response_model=JobList, responses=error_responses(400))
 def list_jobs(
     request: Request,
     tenant: CurrentTenant,
@@ -67,24 +87,28 @@ def list_jobs(
     return paginate(session, query, Job, limit=limit, after=after, newest_first=True, render=render_job)
 
 
-@router.get("/{fine_tuning_job_id}")
+@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=error_responses(404))
 def get_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
     return render_job(service.get_job(session, tenant.id, fine_tuning_job_id))
 
 
-@router.post("/{fine_tuning_job_id}/cancel")
+@router.post(
+    "/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, responses=error_responses(404, 409)
+)
 def cancel_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
     job = service.cancel_job(session, service.get_job(session, tenant.id, fine_tuning_job_id))
     return render_job(job)
 
 
-@router.post("/{fine_tuning_job_id}/pause")
+@router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob, responses=error_responses(404, 409))
 def pause_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
     """Pause: the worker saves the training state and frees the GPU; the job becomes `paused`."""
     return render_job(service.pause_job(session, service.get_job(session, tenant.id, fine_tuning_job_id)))
 
 
-@router.post("/{fine_tuning_job_id}/resume")
+@router.post(
+    "/{fine_tuning_job_id}/resume", response_model=FineTuningJob, responses=error_responses(404, 409)
+)
 def resume_job(request: Request, fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
     """Resume a paused job: queued again, it continues from the step it was paused at."""
     job = service.resume_job(session, service.get_job(session, tenant.id, fine_tuning_job_id))
@@ -93,7 +117,11 @@ def resume_job(request: Request, fine_tuning_job_id: str, tenant: CurrentTenant,
     return render_job(job)
 
 
-@router.get("/{fine_tuning_job_id}/events")
+@router.get(
+    "/{fine_tuning_job_id}/events",
+    response_model=JobEventList,
+    responses={200: EVENT_STREAM, **error_responses(400, 404)},
+)
 def list_events(
     fine_tuning_job_id: str,
     request: Request,
@@ -126,7 +154,9 @@ def list_events(
     )
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints")
+@router.get(
+    "/{fine_tuning_job_id}/checkpoints", response_model=JobCheckpointList, responses=error_responses(400, 404)
+)
 def list_checkpoints(
     fine_tuning_job_id: str,
     tenant: CurrentTenant,
@@ -147,7 +177,11 @@ def list_checkpoints(
     )
 
 
-@router.get("/{fine_tuning_job_id}/adapter")
+@router.get(
+    "/{fine_tuning_job_id}/adapter",
+    response_class=FileResponse,
+    responses={200: ADAPTER_ARCHIVE, **error_responses(400, 404, 409)},
+)
 def download_adapter(
     fine_tuning_job_id: str,
     tenant: CurrentTenant,

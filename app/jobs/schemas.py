@@ -1,4 +1,8 @@
-"""Request bodies of the jobs API and the rendering of jobs and events as OpenAI objects."""
+"""Request bodies of the jobs API, the OpenAI objects it answers with, and the rendering of jobs and events.
+
+The render functions build the dictionaries the routes (and the event stream) send; the response models
+below describe them field for field, in the same order, for the OpenAPI schema (tests/api/test_openapi.py
+checks that they agree)."""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.models import Job, JobEvent
+from app.models import Job, JobEvent, JobStatus
+from app.pagination import ListPage
 from app.specs import Hyperparameters, PeftConfig, TrainingConfig
 
 
@@ -46,6 +51,103 @@ class JobCreate(BaseModel):
             if any(len(k) > 64 or len(v) > 512 for k, v in value.items()):
                 raise ValueError("metadata keys are at most 64 characters, values at most 512")
         return value
+
+
+class JobHyperparameters(BaseModel):
+    """The OpenAI view of the job's resolved training_config."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class JobSupervisedMethod(BaseModel):
+    hyperparameters: JobHyperparameters
+
+
+class JobMethod(BaseModel):
+    type: Literal["supervised"]
+    supervised: JobSupervisedMethod
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    code: str
+    message: str
+    param: str | None
+
+
+class JobProgress(BaseModel):
+    step: int
+    total_steps: int | None
+    epoch: int | float | None
+    percent: float
+
+
+class FineTuningJob(BaseModel):
+    """The OpenAI fine_tuning.job object, phitune's extensions after the OpenAI fields."""
+
+    id: str
+    object: Literal["fine_tuning.job"]
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    status: JobStatus
+    hyperparameters: JobHyperparameters
+    method: JobMethod
+    training_file: str
+    validation_file: str | None
+    result_files: list[str]
+    trained_tokens: int | None
+    seed: int
+    estimated_finish: int | None
+    metadata: dict[str, str] | None
+    error: JobError | None
+    training_config: dict[str, Any] = Field(description="The resolved TrainingConfig (the job's recipe).")
+    peft_config: dict[str, Any] = Field(description="The resolved PeftConfig (the job's recipe).")
+    progress: JobProgress
+    attempt: int = Field(description="Attempts started so far (a lost worker's job is attempted again).")
+    cancel_requested: bool
+    pause_requested: bool
+    resumable_step: int | None = Field(description="The step a resumed attempt continues from.")
+    shipped_step: int | None = Field(description="The step whose adapter the job ships, if not the last.")
+
+
+class JobList(ListPage[FineTuningJob]):
+    pass
+
+
+class FineTuningJobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"]
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None
+
+
+class JobEventList(ListPage[FineTuningJobEvent]):
+    pass
+
+
+class JobCheckpoint(BaseModel):
+    """The OpenAI fine_tuning.job.checkpoint object: a checkpoint stored during training, callable by name."""
+
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"]
+    created_at: int
+    fine_tuning_job_id: str
+    step_number: int
+    fine_tuned_model_checkpoint: str
+    metrics: dict[str, Any]
+
+
+class JobCheckpointList(ListPage[JobCheckpoint]):
+    pass
 
 
 def progress_of(job: Job) -> dict[str, Any]:

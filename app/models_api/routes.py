@@ -8,23 +8,30 @@ import httpx
 from fastapi import APIRouter
 
 from app.deps import CurrentTenant, SessionDep, SettingsDep
+from app.errors import error_responses
 from app.models_api import service
+from app.models_api.schemas import Model, ModelDeleted, ModelList
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(401, 503))
 log = logging.getLogger(__name__)
 
 
-@router.get("")
+@router.get("", response_model=ModelList, response_model_exclude_unset=True)
 def list_models(tenant: CurrentTenant, session: SessionDep, settings: SettingsDep):
     return {"object": "list", "data": service.list_models(session, settings, tenant.id)}
 
 
-@router.get("/{model_id:path}")
+@router.get(
+    "/{model_id:path}",
+    response_model=Model,
+    response_model_exclude_unset=True,
+    responses=error_responses(404),
+)
 def get_model(model_id: str, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep):
     return service.get_model(session, settings, tenant.id, model_id)
 
 
-@router.delete("/{model_id:path}")
+@router.delete("/{model_id:path}", response_model=ModelDeleted, responses=error_responses(403, 404))
 def delete_model(model_id: str, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep):
     """Delete a fine-tuned model (its job and adapter stay downloadable); it can no longer be called."""
     job = service.delete_model(session, settings, tenant.id, model_id)

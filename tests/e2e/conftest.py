@@ -8,7 +8,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,16 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.launch import REPO, free_port, healthy, phitune_command
 from tests.conftest import POSTGRES_URL, REDIS_URL, fresh_postgres_database
-from tests.utils import free_port
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def phitune(*args: str, env: dict[str, str]) -> str:
     """Run a phitune CLI command to completion and return its stdout."""
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
+        phitune_command(*args),
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -60,7 +57,7 @@ class Service:
         self.logs.append(log)
         with log.open("w") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", *args],
+                phitune_command(*args),
                 env={**self.env, **env},
                 cwd=REPO,
                 stdout=out,
@@ -73,18 +70,11 @@ class Service:
         """Wait until the API (and any other server at `urls`) answers /healthz."""
         deadline = time.monotonic() + timeout
         for url in (self.base_url, *urls):
-            while not self._healthy(url):
+            while not healthy(url):
                 for process in self.processes:
                     assert process.poll() is None, f"a process exited early:\n{self.tail_logs()}"
                 assert time.monotonic() < deadline, f"{url} not ready after {timeout}s:\n{self.tail_logs()}"
                 time.sleep(0.2)
-
-    @staticmethod
-    def _healthy(url: str) -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     def tail_logs(self, lines: int = 60) -> str:
         return "\n".join(

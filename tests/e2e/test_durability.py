@@ -22,10 +22,10 @@ import pytest
 
 from app.broker import enqueue_training, make_celery
 from app.config import Settings
+from app.launch import free_port
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import Service, api_alone
 from tests.e2e.test_fine_tune import all_events, create_job, wait_final
-from tests.utils import free_port
 
 pytestmark = pytest.mark.e2e
 # 40 persona conversations in batches of 4: 10 steps an epoch, 120 in all; long enough to interrupt.

@@ -20,10 +20,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.config import Settings
 from tests.serving.stub_store import adapter_store_app, serve_in_thread
-from worker.recipe import load_base_model
+from worker.adapter_archive import pack
+from worker.model_loader import load_base_model
 from worker.serving.server import create_inference_app
 from worker.serving.settings import ServingSettings
-from worker.tasks import pack
 from worker.tiny_model import make_random_adapter
 
 BASE_MODEL = "tiny-phi3"

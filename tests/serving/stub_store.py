@@ -12,7 +12,8 @@ import uvicorn
 from fastapi import FastAPI, Header, HTTPException
 from fastapi.responses import FileResponse
 
-from tests.utils import free_port
+from app.adapter_format import FORMAT_HEADER
+from app.launch import free_port
 
 
 @contextlib.contextmanager
@@ -50,7 +51,7 @@ def adapter_store_app(
         return FileResponse(
             archives[adapter_id],
             media_type="application/gzip",
-            headers={"X-Phitune-Adapter-Format": formats.get(adapter_id, "peft")},
+            headers={FORMAT_HEADER: formats.get(adapter_id, "peft")},
         )
 
     return app

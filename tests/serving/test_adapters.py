@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerBase
 
+from app.launch import free_port
 from tests.serving.conftest import ADAPTERS, PICKLED_ADAPTER, WORKER_TOKEN, load_model
-from tests.utils import free_port
+from worker.adapter_archive import SERVED_FILES, InvalidAdapter, extract_adapter
 from worker.serving.adapters import AdapterCache, AdapterFetchFailed, AdapterNotFound, HttpAdapterFetcher
-from worker.serving.archive import SERVED_FILES, extract_adapter
 from worker.serving.engine import Engine, Finished, GenerationRequest
-from worker.serving.lora import InvalidAdapter
 
 
 def test_the_http_fetcher_downloads_the_archive(
@@ -61,12 +60,12 @@ def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def test_only_the_served_files_are_extracted(adapter_dirs: dict[str, Path], tmp_path: Path) -> None:
     archive = tmp_path / "adapter.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        for name in SERVED_FILES:
+        for name in SERVED_FILES["peft"]:
             tar.add(adapter_dirs["ftjob-plain"] / name, arcname=f"./{name}")
         add_file(tar, "../escaped.txt", b"outside")
         add_file(tar, "nested/adapter_config.json", b"{}")
     files = extract_adapter(archive, tmp_path / "extract" / "files")
-    assert {path.name for path in files.iterdir()} == SERVED_FILES
+    assert {path.name for path in files.iterdir()} == SERVED_FILES["peft"]
     assert [path.name for path in (tmp_path / "extract").iterdir()] == ["files"]
     assert not (tmp_path / "escaped.txt").exists()
 

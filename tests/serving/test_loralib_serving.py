@@ -27,17 +27,14 @@ from tests.serving.conftest import (
     load_model,
 )
 from tests.serving.stub_store import adapter_store_app, serve_in_thread
+from worker.adapter_archive import LORALIB_CONFIG_FILE, LORALIB_DIR, LORALIB_STATE_DICT_FILE, pack
 from worker.loralib_backend import (
-    CONFIG_FILE,
-    LORALIB_DIR,
-    STATE_DICT_FILE,
     LoralibConfig,
     add_lora_layers,
     merge_loralib_into,
     save_adapter,
 )
 from worker.serving.loralib_adapter import read_loralib_adapter
-from worker.tasks import pack
 from worker.tiny_model import make_random_adapter
 
 ALL_LINEAR = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -71,11 +68,11 @@ def make_loralib_adapter(model_dir: Path, adapter_dir: Path, config: LoralibConf
 def with_trained_bias(loralib_dir: Path, target: Path) -> Path:
     """A copy of a loralib adapter that also trained a bias (`bias="all"` over a layer that has one)."""
     shutil.copytree(loralib_dir, target)
-    config = LoralibConfig.from_json((target / CONFIG_FILE).read_text())
-    (target / CONFIG_FILE).write_text(dataclasses.replace(config, bias="all").to_json())
-    state_dict = load_file(target / STATE_DICT_FILE)
+    config = LoralibConfig.from_json((target / LORALIB_CONFIG_FILE).read_text())
+    (target / LORALIB_CONFIG_FILE).write_text(dataclasses.replace(config, bias="all").to_json())
+    state_dict = load_file(target / LORALIB_STATE_DICT_FILE)
     state_dict["model.layers.0.self_attn.qkv_proj.bias"] = torch.ones(192)  # the tiny qkv_proj outputs
-    save_file(state_dict, target / STATE_DICT_FILE)
+    save_file(state_dict, target / LORALIB_STATE_DICT_FILE)
     return target
 
 
@@ -141,8 +138,8 @@ def merged_references(
         tiny_model_dir, {PEFT_ADAPTER: adapter_dirs[PEFT_ADAPTER], BF16_ADAPTER: bf16_dir}, tokenizer
     )
     for adapter_id in LORALIB_ADAPTERS:
-        config = LoralibConfig.from_json((loralib_dirs[adapter_id] / CONFIG_FILE).read_text())
-        state_dict = load_file(loralib_dirs[adapter_id] / STATE_DICT_FILE)
+        config = LoralibConfig.from_json((loralib_dirs[adapter_id] / LORALIB_CONFIG_FILE).read_text())
+        state_dict = load_file(loralib_dirs[adapter_id] / LORALIB_STATE_DICT_FILE)
         references.add(adapter_id, merge_loralib_into(load_model(tiny_model_dir), state_dict, config))
     return references
 
@@ -161,9 +158,9 @@ def test_a_merged_linear_reads_as_one_block_lora(enable_lora: list[bool], tmp_pa
     )
     save_file(
         {"qkv_proj.lora_A": layer.lora_A.detach(), "qkv_proj.lora_B": layer.lora_B.detach()},
-        tmp_path / STATE_DICT_FILE,
+        tmp_path / LORALIB_STATE_DICT_FILE,
     )
-    (tmp_path / CONFIG_FILE).write_text(config.to_json())
+    (tmp_path / LORALIB_CONFIG_FILE).write_text(config.to_json())
     module = read_loralib_adapter(tmp_path, {"qkv_proj": (16, 24)}, torch.device("cpu")).modules["qkv_proj"]
     assert module.rank == 2 * sum(enable_lora)
     x = torch.randn(5, 16)

@@ -26,7 +26,7 @@ from tests.phi3_tokenizer import (
     write_phi3_model_configs,
 )
 from worker.data import tokenize_conversation
-from worker.recipe import load_base_model
+from worker.model_loader import load_base_model
 from worker.serving.engine import Engine, Finished, GenerationRequest, TextDelta
 from worker.tokenizer import load_tokenizer, restore_pipeline
 

@@ -17,7 +17,8 @@ from transformers import GenerationConfig
 from app.specs import PeftConfig, TrainingConfig
 from tests.real_phi3 import write_random_phi3
 from tests.worker.conftest import Recorder, persona_inputs
-from worker.recipe import load_base_model, train
+from worker.model_loader import load_base_model
+from worker.recipe import train
 from worker.serving.engine import Engine, Finished, GenerationRequest, TextDelta
 from worker.serving.lora import read_adapter
 

@@ -6,7 +6,6 @@ kv_cache.py  the preallocated KV cache pool, written in place, and the Cache vie
 batch.py     the inputs of one forward pass over some rows: tokens, positions, 4D mask, cache view
 lora.py      adapters read from safetensors and applied per row of a batch, grouped by adapter
 adapters.py  the LRU cache of loaded adapters, fetched through the API on first use
-archive.py   safe extraction of adapter archives
 sampling.py  greedy and seeded top-p sampling of all rows at once
 transfer.py  host-to-device copies that do not wait for the device
 text.py      incremental detokenisation and stop strings

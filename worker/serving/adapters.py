@@ -27,22 +27,18 @@ from pathlib import Path
 import httpx
 import torch
 
-from worker.serving.archive import SERVED_FILES, extract_adapter
+from app.adapter_format import FORMAT_HEADER, Format
+from worker.adapter_archive import extract_adapter
 from worker.serving.engine import Engine
-from worker.serving.lora import AdapterWeights, InvalidAdapter, read_adapter
-from worker.serving.loralib_adapter import LORALIB_FILES, read_loralib_adapter
+from worker.serving.lora import AdapterWeights, read_adapter
+from worker.serving.loralib_adapter import read_loralib_adapter
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # also a safe directory name
 
 # (adapter_id, destination): writes the adapter's .tar.gz and returns its format, None meaning PEFT.
 AdapterFetcher = Callable[[str, Path], str | None]
-FORMAT_HEADER = "X-Phitune-Adapter-Format"
 AdapterReader = Callable[[Path, dict[str, tuple[int, int]], torch.device], AdapterWeights]
-# Each format's files in the archive, and their reader.
-FORMATS: dict[str, tuple[set[str], AdapterReader]] = {
-    "peft": (SERVED_FILES, read_adapter),
-    "loralib": (LORALIB_FILES, read_loralib_adapter),
-}
+READERS: dict[Format, AdapterReader] = {"peft": read_adapter, "loralib": read_loralib_adapter}
 
 
 class AdapterNotFound(LookupError):
@@ -198,10 +194,8 @@ class AdapterCache:
         try:
             archive = work_dir / "adapter.tar.gz"
             adapter_format = self._fetch(adapter_id, archive) or "peft"
-            if adapter_format not in FORMATS:
-                raise InvalidAdapter(f"unsupported adapter format {adapter_format!r}")
-            served_files, read = FORMATS[adapter_format]
-            files = extract_adapter(archive, work_dir / "files", served_files)
+            files = extract_adapter(archive, work_dir / "files", adapter_format)  # refuses unknown formats
+            read = READERS[adapter_format]
             return read(files, self._engine.lora.linear_shapes, self._engine.model.device)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)

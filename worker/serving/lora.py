@@ -42,10 +42,9 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 from torch import nn
 
+from worker.adapter_archive import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, InvalidAdapter
 from worker.serving.transfer import to_device
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 BASE_SLOT = 0  # the slot of rows without an adapter; it never holds weights
 LORA_DTYPE = torch.float32  # adapters are read in it, then installed in the model's dtype
 
@@ -59,10 +58,6 @@ _DESCRIPTIVE_FIELDS = {
 }  # fmt: skip
 # Initialisations that leave the base weights alone; PiSSA, OLoRA, LoftQ and the like rewrite them.
 _PLAIN_INITS = {True, False, "gaussian"}
-
-
-class InvalidAdapter(ValueError):
-    """The adapter cannot be served over this base model: not plain LoRA, or shapes that do not fit."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +85,10 @@ def read_adapter(
 ) -> AdapterWeights:
     """Read and check a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for a base model
     whose linear layers have `linear_shapes` ({name: (in_features, out_features)})."""
-    config = _read_config(directory / CONFIG_FILE)
-    weights_path = directory / WEIGHTS_FILE
+    config = _read_config(directory / PEFT_CONFIG_FILE)
+    weights_path = directory / PEFT_WEIGHTS_FILE
     if not weights_path.is_file():
-        raise InvalidAdapter(f"the adapter has no {WEIGHTS_FILE}")
+        raise InvalidAdapter(f"the adapter has no {PEFT_WEIGHTS_FILE}")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(weights_path).items():
         name, part = _split_key(key)
@@ -139,7 +134,7 @@ def _read_config(path: Path) -> _Scaling:
     try:
         fields = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise InvalidAdapter(f"unreadable {CONFIG_FILE}: {exc}") from exc
+        raise InvalidAdapter(f"unreadable {PEFT_CONFIG_FILE}: {exc}") from exc
     if not isinstance(fields, dict) or fields.get("peft_type") != "LORA":
         raise InvalidAdapter("only LoRA adapters (peft_type LORA) are served")
     defaults = LoraConfig()

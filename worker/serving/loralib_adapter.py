@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from worker.loralib_backend import CONFIG_FILE, STATE_DICT_FILE, LoralibConfig
-from worker.serving.lora import LORA_DTYPE, AdapterWeights, InvalidAdapter, LoraModule
+from worker.adapter_archive import LORALIB_CONFIG_FILE, LORALIB_STATE_DICT_FILE, InvalidAdapter
+from worker.loralib_backend import LoralibConfig
+from worker.serving.lora import LORA_DTYPE, AdapterWeights, LoraModule
 
-LORALIB_FILES = {CONFIG_FILE, STATE_DICT_FILE}
 MERGED_LAYER = "qkv_proj"  # the layer the backend adapts with lora.MergedLinear
 
 
@@ -31,10 +31,10 @@ def read_loralib_adapter(
 ) -> AdapterWeights:
     """Read and check a loralib adapter (loralib_config.json + lora_state_dict.safetensors) for a base model
     whose linear layers have `linear_shapes` ({name: (in_features, out_features)})."""
-    config = _read_config(directory / CONFIG_FILE)
-    weights_path = directory / STATE_DICT_FILE
+    config = _read_config(directory / LORALIB_CONFIG_FILE)
+    weights_path = directory / LORALIB_STATE_DICT_FILE
     if not weights_path.is_file():
-        raise InvalidAdapter(f"the adapter has no {STATE_DICT_FILE}")
+        raise InvalidAdapter(f"the adapter has no {LORALIB_STATE_DICT_FILE}")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(weights_path).items():
         name, _, part = key.rpartition(".")
@@ -47,7 +47,9 @@ def read_loralib_adapter(
         if name not in linear_shapes:
             raise InvalidAdapter(f"the base model has no linear layer {name}")
         if name not in expected:
-            raise InvalidAdapter(f"layer {name} has LoRA weights but {CONFIG_FILE} does not target it")
+            raise InvalidAdapter(
+                f"layer {name} has LoRA weights but {LORALIB_CONFIG_FILE} does not target it"
+            )
         if set(pair) != {"lora_A", "lora_B"}:
             raise InvalidAdapter(f"layer {name} lacks lora_A or lora_B")
         a, b = _lora_matrices(name, pair["lora_A"], pair["lora_B"], linear_shapes[name], config)
@@ -66,9 +68,9 @@ def _read_config(path: Path) -> LoralibConfig:
     try:
         config = LoralibConfig.from_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError) as exc:
-        raise InvalidAdapter(f"unreadable {CONFIG_FILE}: {exc}") from exc
+        raise InvalidAdapter(f"unreadable {LORALIB_CONFIG_FILE}: {exc}") from exc
     if not isinstance(config.r, int) or config.r < 1 or not isinstance(config.lora_alpha, int | float):
-        raise InvalidAdapter(f"{CONFIG_FILE}: r must be a positive integer and lora_alpha a number")
+        raise InvalidAdapter(f"{LORALIB_CONFIG_FILE}: r must be a positive integer and lora_alpha a number")
     return config
 
 
@@ -121,5 +123,5 @@ def _check_shapes(
     if a.shape != a_shape or b.shape != b_shape:
         raise InvalidAdapter(
             f"layer {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit "
-            f"{CONFIG_FILE} over this base model (expected {a_shape} and {b_shape})"
+            f"{LORALIB_CONFIG_FILE} over this base model (expected {a_shape} and {b_shape})"
         )

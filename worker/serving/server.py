@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.errors import APIError, InvalidRequest, NotFound, install_error_handlers
-from worker.recipe import load_base_model
+from worker.model_loader import load_base_model
 from worker.serving.adapters import (
     AdapterCache,
     AdapterFetcher,
