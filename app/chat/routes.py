@@ -22,6 +22,7 @@ from app.chat.schemas import (
 )
 from app.deps import CurrentTenant, SessionDep, SettingsDep
 from app.errors import APIError, ServiceUnavailable, error_responses
+from app.inference_contract import DELTA, GenerateBody, GenerateFinish, GenerateResult
 from app.models_api.service import resolve_model
 
 router = APIRouter(prefix="/chat", tags=["chat"])
@@ -62,21 +63,21 @@ async def create_chat_completion(
     )
 
 
-async def _call(inference: httpx.AsyncClient, generation: dict[str, Any]) -> dict[str, Any]:
+async def _call(inference: httpx.AsyncClient, generation: GenerateBody) -> GenerateResult:
     try:
-        response = await inference.post("/generate", json=generation)
+        response = await inference.post("/generate", json=generation.model_dump())
     except httpx.HTTPError as exc:
         raise ServiceUnavailable(f"The inference server is unreachable: {exc}") from exc
     if response.status_code != 200:
         raise _upstream_error(response.status_code, response.content)
-    return response.json()
+    return GenerateResult.model_validate_json(response.content)
 
 
-async def _open_stream(inference: httpx.AsyncClient, generation: dict[str, Any]) -> httpx.Response:
+async def _open_stream(inference: httpx.AsyncClient, generation: GenerateBody) -> httpx.Response:
     """Open the upstream stream before answering, so errors (e.g. context too long) keep their status."""
     try:
         upstream = await inference.send(
-            inference.build_request("POST", "/generate", json=generation), stream=True
+            inference.build_request("POST", "/generate", json=generation.model_dump()), stream=True
         )
     except httpx.HTTPError as exc:
         raise ServiceUnavailable(f"The inference server is unreachable: {exc}") from exc
@@ -101,12 +102,12 @@ def _upstream_error(status: int, content: bytes) -> APIError:
     return result
 
 
-def _usage(result: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = result["prompt_tokens"], result["completion_tokens"]
+def _usage(result: GenerateFinish) -> dict[str, int]:
+    prompt, completion = result.prompt_tokens, result.completion_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _completion(completion_id: str, created: int, model: str, result: dict[str, Any]) -> JSONResponse:
+def _completion(completion_id: str, created: int, model: str, result: GenerateResult) -> JSONResponse:
     completion = ChatCompletion(
         id=completion_id,
         object="chat.completion",
@@ -115,8 +116,8 @@ def _completion(completion_id: str, created: int, model: str, result: dict[str, 
         choices=[
             ChatCompletionChoice(
                 index=0,
-                message=ChatCompletionMessage(role="assistant", content=result["text"], refusal=None),
-                finish_reason=result["finish_reason"],
+                message=ChatCompletionMessage(role="assistant", content=result.text, refusal=None),
+                finish_reason=result.finish_reason,
                 logprobs=None,
             )
         ],
@@ -145,8 +146,8 @@ async def _chunks(
                 if not line.startswith("data: "):
                     continue
                 event = json.loads(line[6:])
-                if "delta" in event:
-                    text.append(event["delta"])
+                if DELTA in event:
+                    text.append(event[DELTA])
                     continue
                 if text:
                     yield chunks.content("".join(text))
@@ -154,9 +155,10 @@ async def _chunks(
                 if "error" in event:  # generation failed mid-stream: pass the error on, end without [DONE]
                     yield f"data: {json.dumps(event)}\n\n"
                     return
-                yield chunks.delta({}, event["finish_reason"])
+                finish = GenerateFinish.model_validate(event)
+                yield chunks.delta({}, finish.finish_reason)
                 if include_usage:
-                    yield chunks.usage(_usage(event))
+                    yield chunks.usage(_usage(finish))
             if text:
                 yield chunks.content("".join(text))
         yield "data: [DONE]\n\n"

@@ -6,7 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_STOP_SEQUENCES = 4
+from app.inference_contract import MAX_STOP_SEQUENCES, GenerateBody
+
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -74,20 +75,20 @@ class ChatCompletionRequest(BaseModel):
     def token_limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
 
-    def generation_request(self, base_model: str, adapter_id: str | None) -> dict:
+    def generation_request(self, base_model: str, adapter_id: str | None) -> GenerateBody:
         """The inference server's /generate body."""
-        return {
-            "base_model": base_model,
-            "adapter_id": adapter_id,
-            "messages": [message.as_template_message() for message in self.messages],
-            "max_tokens": self.token_limit,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "stop": self.stop,
-            "seed": self.seed,
-            "stream": self.stream,
-            "ignore_eos": self.ignore_eos,
-        }
+        return GenerateBody(
+            base_model=base_model,
+            adapter_id=adapter_id,
+            messages=[message.as_template_message() for message in self.messages],
+            max_tokens=self.token_limit,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            seed=self.seed,
+            stream=self.stream,
+            ignore_eos=self.ignore_eos,
+        )
 
 
 class Usage(BaseModel):

@@ -22,16 +22,15 @@ import resource
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.errors import APIError, InvalidRequest, NotFound, install_error_handlers
+from app.inference_contract import DELTA, GenerateBody, GenerateFinish, GenerateResult
 from worker.model_loader import load_base_model
 from worker.serving.adapters import (
     AdapterCache,
@@ -54,8 +53,6 @@ from worker.serving.engine import (
 from worker.serving.lora import BASE_SLOT, InvalidAdapter
 from worker.serving.settings import ServingSettings
 
-MAX_STOP_SEQUENCES = 4
-
 
 class UnservableAdapter(APIError):
     status_code = 422
@@ -67,38 +64,6 @@ class AdapterUnavailable(APIError):
     status_code = 502
     error_type = "server_error"
     default_code = "adapter_unavailable"
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    base_model: str
-    adapter_id: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    ignore_eos: bool = Field(False, description="Generate past end-of-sequence tokens (benchmarks).")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, stop: str | list[str] | None) -> list[str] | None:
-        return [stop] if isinstance(stop, str) else stop
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, stop: list[str] | None) -> list[str] | None:
-        if stop is not None and (len(stop) > MAX_STOP_SEQUENCES or not all(stop)):
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, none of them empty")
-        return stop
 
 
 @dataclass
@@ -309,12 +274,12 @@ async def _completion(
         text, last = collected.result()
         if isinstance(last, Failed):
             raise APIError(last.message, code="generation_failed")
-        return {
-            "text": text,
-            "finish_reason": last.finish_reason,
-            "prompt_tokens": last.prompt_tokens,
-            "completion_tokens": last.completion_tokens,
-        }
+        return GenerateResult(
+            text=text,
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+        ).model_dump()
     finally:
         collected.cancel()
         hang_up.cancel()
@@ -341,18 +306,18 @@ async def _wait_for_disconnect(request: Request) -> None:
 async def _server_sent_events(
     events: EventQueue, generation: Generation, lease: AdapterLease | None
 ) -> AsyncIterator[str]:
-    """`data: {"delta"}` events, then `data: {"finish_reason", "prompt_tokens", "completion_tokens"}`, or
-    `data: {"error"}` if generation failed. Starlette cancels this when the client disconnects."""
+    """`data: {DELTA}` events, then `data: GenerateFinish`, or `data: {"error"}` if generation failed
+    (`app.inference_contract`). Starlette cancels this when the client disconnects."""
     try:
         async for event in events.events():
             if isinstance(event, TextDelta):
-                payload = {"delta": event.text}
+                payload = {DELTA: event.text}
             elif isinstance(event, Finished):
-                payload = {
-                    "finish_reason": event.finish_reason,
-                    "prompt_tokens": event.prompt_tokens,
-                    "completion_tokens": event.completion_tokens,
-                }
+                payload = GenerateFinish(
+                    finish_reason=event.finish_reason,
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                ).model_dump()
             else:
                 payload = APIError(event.message, code="generation_failed").body()
             yield f"data: {json.dumps(payload)}\n\n"
