@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
+from tests.loralib_reference import merge_loralib_into
 from tests.serving.conftest import (
     BASE_MODEL,
     WORKER_TOKEN,
@@ -28,12 +29,7 @@ from tests.serving.conftest import (
 )
 from tests.serving.stub_store import adapter_store_app, serve_in_thread
 from worker.adapter_archive import LORALIB_CONFIG_FILE, LORALIB_DIR, LORALIB_STATE_DICT_FILE, pack
-from worker.loralib_backend import (
-    LoralibConfig,
-    add_lora_layers,
-    merge_loralib_into,
-    save_adapter,
-)
+from worker.loralib_backend import LoralibConfig, add_lora_layers, save_adapter
 from worker.serving.loralib_adapter import read_loralib_adapter
 from worker.tiny_model import make_random_adapter
 

@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from app.specs import PeftConfig, TrainingConfig
+from tests.loralib_reference import merge_loralib_into
 from tests.worker.conftest import Recorder, fresh_base, logits, persona_inputs
-from worker.loralib_backend import LoralibConfig, merge_loralib_into
+from worker.loralib_backend import LoralibConfig
 from worker.loralib_layers import LowRankMergedLinear
 from worker.recipe import TrainingRun, train
 
