@@ -17,10 +17,14 @@ from app.auth import hash_token
 from app.config import Settings
 from app.errors import Conflict, NotFound, Unauthorized
 from app.internal.contracts import ClaimReply, LeaseReply, Outcome, WorkerEvent
-from app.jobs import artifacts, resume_states
-from app.jobs.service import add_event, finish_job, hold_paused, requeue, resume_point, transition
+from app.jobs import artifacts, resume_states, states
+from app.jobs.service import add_event, finish_job, hold_paused, requeue, resume_point
+from app.jobs.states import Transition
 from app.models import Artifact, Checkpoint, Job, JobEvent, JobStatus
 from app.models.base import now
+
+# Outcomes that hand the job back with its state saved (OutcomeStatus "requeued" is no job status).
+HANDED_BACK = (JobStatus.PAUSED, "requeued")
 
 
 def _bearer(authorization: str | None) -> str:
@@ -64,8 +68,10 @@ def claim_job(session: Session, settings: Settings, job_id: str, authorization: 
     check_worker_token(settings, authorization)
     job = _job(session, job_id)
     # Guarded, so that of two workers holding copies of the job's message exactly one starts an attempt.
-    if not transition(session, job, Job.status == JobStatus.QUEUED, status=JobStatus.RUNNING):
-        raise Conflict(f"Job {job_id} is {job.status}, not queued", code="job_not_claimable")
+    try:
+        states.transition(session, job, Transition.CLAIM)
+    except states.IllegalTransition:
+        raise Conflict(f"Job {job_id} is {job.status}, not queued", code="job_not_claimable") from None
     job.attempt += 1
     token = f"{job.attempt}.{secrets.token_urlsafe(32)}"
     job.attempt_token_hash = hash_token(token)
@@ -143,7 +149,14 @@ def record_events(session: Session, job: Job, events: list[WorkerEvent]) -> None
 def complete_job(session: Session, job: Job, outcome: Outcome) -> None:
     """Record the attempt's outcome: succeeded (adapter stored), cancelled, failed with a message, or handed
     back with its state saved: paused, or requeued for another worker (not counted as a lost attempt)."""
-    if outcome.status in ("paused", "requeued"):
+    try:
+        _end_attempt(session, job, outcome)
+    except states.IllegalTransition:  # attempt_job found it running, and holds its row (PostgreSQL)
+        raise Conflict(f"Job {job.id} is {job.status}; this attempt is over", code="attempt_over") from None
+
+
+def _end_attempt(session: Session, job: Job, outcome: Outcome) -> None:
+    if outcome.status in HANDED_BACK:
         _hand_back(session, job, outcome)
         return
     status = JobStatus(outcome.status)
@@ -185,7 +198,7 @@ def _hand_back(session: Session, job: Job, outcome: Outcome) -> None:
         hold_paused(session, job, f"Job paused; resuming it continues from {resume_point(job)}")
     else:
         reason = outcome.reason or (
-            "the pause was withdrawn" if outcome.status == "paused" else "it was stopped"
+            "the pause was withdrawn" if outcome.status == JobStatus.PAUSED else "it was stopped"
         )
         requeue(
             session,

@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from app.adapter_format import FORMATS, Format
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.models import Artifact, Checkpoint, Job
+from app.models import Artifact, Checkpoint, Job, JobStatus
 from app.storage import Storage
 
 
@@ -88,7 +88,7 @@ def for_download(session: Session, job: Job, *, fmt: str | None, checkpoint_id: 
         if checkpoint is None:
             raise NotFound(f"Job {job.id} has no checkpoint '{checkpoint_id}'", param="checkpoint")
         scope = checkpoint_scope(checkpoint.step_number)
-    elif job.status != "succeeded":
+    elif job.status != JobStatus.SUCCEEDED:
         raise Conflict(
             f"Job {job.id} is {job.status}; its adapter exists once it has succeeded",
             code="adapter_not_ready",

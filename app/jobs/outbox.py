@@ -1,8 +1,7 @@
 """The job outbox: Celery messages leave only after the job row has committed, and are re-sent if lost.
 
-The same background loop recovers jobs whose worker went silent (its lease expired): they are queued
-again as a new attempt, which resumes from the newest resume state, until MAX_ATTEMPTS attempts were lost;
-then the job fails with the reason. It also deletes the resume states of jobs that have ended, and sends
+The same background loop (OutboxRelay) also reaps expired leases (app.jobs.leases: a job whose worker went
+silent loses that attempt), deletes the resume states of jobs that have ended, and sends
 again the message of a queued job that the broker lost (a Redis restart keeps nothing): when the training
 queue is empty but jobs have been queued for longer than `redeliver_seconds`, their messages are gone.
 """
@@ -19,14 +18,12 @@ from sqlalchemy.orm import Session
 from app.broker import TRAINING_QUEUE, enqueue_training, make_celery
 from app.config import Settings
 from app.db import session_scope
-from app.jobs import resume_states
-from app.jobs.service import finish_job, hold_paused, requeue, resume_point, transition
+from app.jobs import leases, resume_states
 from app.models import Job, JobStatus, Outbox
 from app.models.base import now
 from app.storage import Storage
 
 log = logging.getLogger(__name__)
-MAX_ATTEMPTS = 3
 # The request that created a job sends its message itself; the relay only picks up rows this old.
 RELAY_GRACE_SECONDS = 5
 
@@ -76,50 +73,9 @@ def resend_lost(session: Session, celery: Celery, *, min_age: float) -> int:
     return len(stale)
 
 
-def recover_expired_leases(session: Session) -> int:
-    """Re-queue (or fail) running jobs whose worker stopped heartbeating."""
-    expired = list(
-        session.scalars(select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now()))
-    )
-    for job in expired:
-        # Guarded: a heartbeat or an outcome that committed since the read keeps the job its attempt.
-        still_lost = (
-            Job.status == JobStatus.RUNNING,
-            Job.lease_expires_at < now(),
-            Job.attempt == job.attempt,
-        )
-        if not transition(session, job, *still_lost, lease_expires_at=None):
-            continue
-        job.lost_attempts += 1
-        if job.cancel_requested:
-            finish_job(session, job, JobStatus.CANCELLED, "Job cancelled; its worker stopped responding")
-        elif job.lost_attempts >= MAX_ATTEMPTS:
-            finish_job(
-                session,
-                job,
-                JobStatus.FAILED,
-                f"Worker stopped responding on attempt {job.attempt}; {job.lost_attempts} attempts were lost",
-                error={"code": "worker_lost", "message": "The worker stopped responding", "param": None},
-            )
-        elif job.pause_requested:
-            hold_paused(
-                session,
-                job,
-                f"Job paused; its worker stopped responding. Resuming continues from {resume_point(job)}",
-            )
-        else:
-            requeue(
-                session,
-                job,
-                f"Worker stopped responding; retrying as attempt {job.attempt + 1}, from {resume_point(job)}",
-                level="warn",
-            )
-        session.commit()
-    return len(expired)
-
-
 class OutboxRelay:
-    """A daemon thread in the API process that runs the outbox and lease checks periodically."""
+    """A daemon thread in the API process that, every round, reaps expired leases (app.jobs.leases), sends
+    lost and pending outbox messages, and purges the resume states of jobs that ended."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -150,7 +106,7 @@ class OutboxRelay:
 
     def run_once(self) -> None:
         with session_scope(self.settings.resolved_database_url) as session:
-            recover_expired_leases(session)
+            leases.reap_expired_leases(session)
             resend_lost(session, self.celery, min_age=self.settings.redeliver_seconds)
             send_pending(session, self.celery, min_age=RELAY_GRACE_SECONDS)
             doomed = resume_states.purge_finished(session)

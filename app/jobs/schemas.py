@@ -153,7 +153,9 @@ class JobCheckpointList(ListPage[JobCheckpoint]):
 def progress_of(job: Job) -> dict[str, Any]:
     progress = job.progress or {}
     step, total = progress.get("step", 0), progress.get("total_steps")
-    percent = 100.0 if job.status == "succeeded" else (round(100.0 * step / total, 1) if total else 0.0)
+    percent = round(100.0 * step / total, 1) if total else 0.0
+    if job.status == JobStatus.SUCCEEDED:
+        percent = 100.0
     return {"step": step, "total_steps": total, "epoch": progress.get("epoch"), "percent": percent}
 
 

@@ -1,4 +1,5 @@
-"""Jobs: create (with the recipe's two dictionaries resolved), read, list, cancel, and their events."""
+"""Jobs: create (with the recipe's two dictionaries resolved), read, list, cancel, pause, resume, and their
+events. Every status change goes through app.jobs.states."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Conflict, InvalidRequest, ModelConfigUnavailable, ModelNotAvailable, NotFound
 from app.files.service import get_file
+from app.jobs import states
 from app.jobs.schemas import JobCreate
+from app.jobs.states import Transition
 from app.models import Job, JobEvent, JobStatus, Outbox
-from app.models.base import new_id, now
+from app.models.base import new_id
 from app.specs import (
     DEFAULT_LEARNING_RATE,
     HYPERPARAMETER_FIELDS,
@@ -190,49 +193,34 @@ def list_jobs_query(tenant_id: str, metadata: dict[str, str]):
 
 
 def finish_job(session: Session, job: Job, status: JobStatus, message: str, **fields: Any) -> None:
-    """Move a job to a final status with an event; the attempt's token stops working."""
-    job.status = status
-    job.finished_at = now()
-    job.lease_expires_at = None
-    job.pause_requested = False  # nothing is left to pause
-    for name, value in fields.items():
-        setattr(job, name, value)
+    """End a running job in a final status with an event; the attempt's token stops working.
+    IllegalTransition if the job is no longer running."""
+    states.transition(session, job, states.FINISH[status], **fields)
     level = {JobStatus.FAILED: "error", JobStatus.CANCELLED: "warn"}.get(status, "info")
     add_event(session, job.id, message, level=level)
 
 
 def cancel_job(session: Session, job: Job) -> Job:
-    """Cancel at once when queued; a running job is asked to stop and does so within one logging step.
-    Of concurrent requests, only the one whose conditional UPDATE matches the row writes an event: the
-    UPDATE holds the row's write lock (SQLite: the database's) until commit, and then the others' no longer
-    match (the job is cancelled, or its cancellation already requested)."""
-    requested = session.execute(
-        update(Job)
-        .where(
-            Job.id == job.id,
-            Job.status.not_in([status for status in JobStatus if status.is_final]),
-            or_(Job.status != JobStatus.RUNNING, Job.cancel_requested.is_(False)),
+    """Cancel at once when queued or paused; a running job is asked to stop and does so within one logging
+    step. Of concurrent requests only the one whose guarded UPDATE matches the row writes an event (see
+    app.jobs.states); the others find the job cancelled, or its cancellation already requested."""
+    try:
+        done = states.first_of(
+            session, job, Transition.CANCEL_QUEUED, Transition.CANCEL_PAUSED, Transition.REQUEST_CANCEL
         )
-        .values(cancel_requested=True)
-    ).rowcount
-    session.refresh(job)
-    if requested != 1:
-        if job.status != JobStatus.CANCELLED and JobStatus(job.status).is_final:
+    except states.IllegalTransition:
+        if job.status != JobStatus.CANCELLED:
             raise Conflict(
                 f"Job {job.id} already {job.status}; it cannot be cancelled", code="job_not_cancellable"
-            )
-        return job  # already cancelled, or its cancellation already requested
-    if job.status == JobStatus.RUNNING:
+            ) from None
+        return job  # already cancelled
+    if done == Transition.REQUEST_CANCEL:
         add_event(session, job.id, "Cancellation requested; the worker stops at its next step")
-    else:
-        paused = job.status == JobStatus.PAUSED
-        finish_job(
-            session,
-            job,
-            JobStatus.CANCELLED,
-            "Job cancelled while paused" if paused else "Job cancelled before it started",
-        )
-    return job
+    elif done is not None:
+        paused = done == Transition.CANCEL_PAUSED
+        message = "Job cancelled while paused" if paused else "Job cancelled before it started"
+        add_event(session, job.id, message, level="warn")
+    return job  # done is None: its cancellation was already requested
 
 
 def events_query(job_id: str):
@@ -258,63 +246,50 @@ def resume_point(job: Job) -> str:
 
 def hold_paused(session: Session, job: Job, message: str) -> None:
     """Park a running job whose pause was asked for as `paused`; resuming continues from resume_point."""
-    job.status, job.pause_requested, job.lease_expires_at = JobStatus.PAUSED, False, None
+    states.transition(session, job, Transition.PARK_PAUSED)
     add_event(session, job.id, message)
 
 
 def requeue(session: Session, job: Job, message: str, *, level: str = "info") -> None:
     """Queue a running job again as a new attempt, which resumes from its newest resume state."""
-    job.status = JobStatus.QUEUED
-    job.lease_expires_at = None
+    states.transition(session, job, Transition.REQUEUE)
     session.add(Outbox(job_id=job.id))
     add_event(session, job.id, message, level=level)
-
-
-def transition(session: Session, job: Job, *conditions: Any, **values: Any) -> bool:
-    """Set `values` on the job's row only if it still matches `conditions`, and refresh `job`. The UPDATE …
-    WHERE holds the row's lock (on SQLite the database's) until commit, so of concurrent requests exactly one
-    makes a given transition; the others see the row as it is now."""
-    done = session.execute(update(Job).where(Job.id == job.id, *conditions).values(**values)).rowcount == 1
-    session.refresh(job)
-    return done
 
 
 def pause_job(session: Session, job: Job) -> Job:
     """Pause: a queued job at once; a running one is asked to save its state and stop at its next step
     (it stays `running` with `pause_requested` until it has). Pausing a paused job changes nothing."""
-    if transition(session, job, Job.status == JobStatus.QUEUED, status=JobStatus.PAUSED):
-        add_event(session, job.id, "Job paused before its next attempt started")
-        return job
-    asked = transition(
-        session,
-        job,
-        Job.status == JobStatus.RUNNING,
-        Job.pause_requested.is_(False),
-        Job.cancel_requested.is_(False),
-        pause_requested=True,
-    )
-    if asked:
-        add_event(session, job.id, "Pause requested; the worker saves its state and stops at its next step")
-    elif job.status == JobStatus.RUNNING and job.cancel_requested:
-        raise Conflict(f"Job {job.id} is being cancelled; it cannot be paused", code="job_not_pausable")
-    elif job.status not in (JobStatus.RUNNING, JobStatus.PAUSED):
+    try:
+        done = states.first_of(session, job, Transition.PAUSE_QUEUED, Transition.REQUEST_PAUSE)
+    except states.IllegalTransition:
+        if job.status == JobStatus.PAUSED:
+            return job
         raise Conflict(
             f"Job {job.id} is {job.status}; only a queued or running job can be paused",
             code="job_not_pausable",
-        )
-    return job
+        ) from None
+    if done == Transition.PAUSE_QUEUED:
+        add_event(session, job.id, "Job paused before its next attempt started")
+    elif done == Transition.REQUEST_PAUSE:
+        add_event(session, job.id, "Pause requested; the worker saves its state and stops at its next step")
+    elif job.cancel_requested:
+        raise Conflict(f"Job {job.id} is being cancelled; it cannot be paused", code="job_not_pausable")
+    return job  # its pause was already requested
 
 
 def resume_job(session: Session, job: Job) -> Job:
     """Resume a paused job: it is queued and continues from the step it was paused at. A running job whose
     pause was asked for but not yet carried out simply goes on."""
-    if transition(session, job, Job.status == JobStatus.PAUSED, status=JobStatus.QUEUED):
+    try:
+        done = states.first_of(session, job, Transition.RESUME, Transition.WITHDRAW_PAUSE)
+    except states.IllegalTransition:
+        done = None
+    if done == Transition.RESUME:
         session.add(Outbox(job_id=job.id))
         add_event(session, job.id, f"Job resumed; it continues from {resume_point(job)}")
         return job
-    if transition(
-        session, job, Job.status == JobStatus.RUNNING, Job.pause_requested.is_(True), pause_requested=False
-    ):
+    if done == Transition.WITHDRAW_PAUSE:
         add_event(session, job.id, "Pause withdrawn; training goes on")
         return job
     raise Conflict(

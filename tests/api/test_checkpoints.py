@@ -99,14 +99,14 @@ def test_a_superseded_attempt_cannot_store_artifacts(client, running_job, databa
     from sqlalchemy import update
 
     from app.db import session_scope
-    from app.jobs.outbox import recover_expired_leases
+    from app.jobs.leases import reap_expired_leases
     from app.models import Job
 
     job_id, attempt = running_job
     with session_scope(database_url) as session:
         session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=0))
     with session_scope(database_url) as session:
-        recover_expired_leases(session)
+        reap_expired_leases(session)
     claim(client, job_id)
     stale = client.put(f"/internal/v1/jobs/{job_id}/adapter", content=tiny_archive(), headers=attempt)
     assert stale.status_code == 409

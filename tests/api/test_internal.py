@@ -9,7 +9,7 @@ import tarfile
 from sqlalchemy import update
 
 from app.db import session_scope
-from app.jobs.outbox import MAX_ATTEMPTS, recover_expired_leases
+from app.jobs.leases import MAX_ATTEMPTS, reap_expired_leases
 from app.models import Job
 from tests.utils import CHAT_LINES, jsonl, upload_file
 
@@ -131,7 +131,7 @@ def test_expired_lease_requeues_and_supersedes_the_old_attempt(client, job_id, a
         with session_scope(database_url) as session:
             session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=0))
         with session_scope(database_url) as session:
-            recover_expired_leases(session)
+            reap_expired_leases(session)
         job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()
         if attempt_number < MAX_ATTEMPTS:
             assert job["status"] == "queued"
