@@ -34,6 +34,20 @@ def tiny_archive() -> bytes:
     return gzip.compress(buffer.getvalue(), mtime=0)
 
 
+def succeeded_job(client, auth: dict[str, str]) -> str:
+    """The id of a job that succeeded through the worker routes, as a real worker's would."""
+    file_id = upload_file(client, auth, CHAT_LINES)
+    job_id = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny-phi3", "training_file": file_id, "suffix": "bot"},
+        headers=auth,
+    ).json()["id"]
+    _, attempt = claim(client, job_id)
+    client.put(f"/internal/v1/jobs/{job_id}/adapter", content=tiny_archive(), headers=attempt)
+    client.post(f"/internal/v1/jobs/{job_id}/complete", json={"status": "succeeded"}, headers=attempt)
+    return job_id
+
+
 def test_internal_routes_are_not_in_the_public_schema(client):
     assert not [path for path in client.get("/openapi.json").json()["paths"] if path.startswith("/internal")]
 

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.test_internal import WORKER, claim, tiny_archive
+from tests.api.test_internal import WORKER, succeeded_job, tiny_archive
 from tests.api.test_jobs import assert_error
-from tests.utils import CHAT_LINES, upload_file
 
 
 @pytest.fixture
 def fine_tuned_model(client, auth) -> str:
     """A succeeded job's model id, reached through the worker routes as a real worker would."""
-    file_id = upload_file(client, auth, CHAT_LINES)
-    job_id = client.post(
-        "/v1/fine_tuning/jobs",
-        json={"model": "tiny-phi3", "training_file": file_id, "suffix": "bot"},
-        headers=auth,
-    ).json()["id"]
-    _, attempt = claim(client, job_id)
-    client.put(f"/internal/v1/jobs/{job_id}/adapter", content=tiny_archive(), headers=attempt)
-    client.post(f"/internal/v1/jobs/{job_id}/complete", json={"status": "succeeded"}, headers=attempt)
+    job_id = succeeded_job(client, auth)
     return client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()["fine_tuned_model"]
 
 

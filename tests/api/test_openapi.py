@@ -39,7 +39,7 @@ from app.models import Checkpoint, Job, JobEvent
 from app.models_api.schemas import Model, ModelDeleted, ModelList
 from app.models_api.service import render_base_model, render_fine_tuned_model
 from tests.api.test_checkpoints import store_checkpoint
-from tests.api.test_internal import claim, tiny_archive
+from tests.api.test_internal import claim, succeeded_job, tiny_archive
 from tests.utils import CHAT_LINES, upload_file
 
 PUBLIC_PREFIXES = ("/v1/", "/healthz", "/readyz")
@@ -312,15 +312,7 @@ def test_files_jobs_events_checkpoints_and_errors_validate(client, auth, openapi
 
 
 def test_models_validate_and_keep_their_keys(client, auth, openapi, settings, database_url):
-    file_id = upload_file(client, auth, CHAT_LINES)
-    job_id = client.post(
-        "/v1/fine_tuning/jobs",
-        json={"model": "tiny-phi3", "training_file": file_id, "suffix": "bot"},
-        headers=auth,
-    ).json()["id"]
-    _, attempt = claim(client, job_id)
-    client.put(f"/internal/v1/jobs/{job_id}/adapter", content=tiny_archive(), headers=attempt)
-    client.post(f"/internal/v1/jobs/{job_id}/complete", json={"status": "succeeded"}, headers=attempt)
+    job_id = succeeded_job(client, auth)
 
     models = assert_documented(
         openapi, client.get("/v1/models", headers=auth), "get", "/v1/models", ModelList
