@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import click
@@ -169,6 +168,7 @@ def serve(host: str, port: int, inference_port: int) -> None:
     A child that dies is restarted (with backoff) while the others keep running.
     """
     require_extras("train", "serve")
+    from app.launch import phitune_command
     from app.supervisor import Child, Supervisor
     from worker.bootstrap import ensure_tiny_model
     from worker.devices import gpu_assignment, visible_gpus
@@ -185,7 +185,6 @@ def serve(host: str, port: int, inference_port: int) -> None:
     # The worker's grace is long enough to save its training state; the servers only finish requests.
     worker_grace = settings.stop_grace_seconds
     server_grace = min(SERVER_STOP_GRACE_SECONDS, worker_grace)
-    cli = [sys.executable, "-m", "app.cli"]
     gpus = gpu_assignment(len(visible_gpus(os.environ)))
     worker_gpu = ["--gpu", str(gpus["worker"])] if gpus else []
     inference_gpu = ["--gpu", str(gpus["inference"])] if gpus else []
@@ -194,12 +193,16 @@ def serve(host: str, port: int, inference_port: int) -> None:
         env.setdefault("PHITUNE_INFERENCE_GPU_MEMORY_FRACTION", "0.25")
     supervisor = Supervisor(
         [
-            Child("api", [*cli, "api", "--host", host, "--port", str(port)], server_grace, stop_wave=1),
+            Child(
+                "api", phitune_command("api", "--host", host, "--port", str(port)), server_grace, stop_wave=1
+            ),
             # Stopped first: it saves its training state and hands its job back to the API, still up.
-            Child("worker", [*cli, "worker", *worker_gpu], worker_grace, stop_wave=0),
+            Child("worker", phitune_command("worker", *worker_gpu), worker_grace, stop_wave=0),
             Child(
                 "inference",
-                [*cli, "inference", "--host", "127.0.0.1", "--port", str(inference_port), *inference_gpu],
+                phitune_command(
+                    "inference", "--host", "127.0.0.1", "--port", str(inference_port), *inference_gpu
+                ),
                 server_grace,
                 stop_wave=1,
             ),

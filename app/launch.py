@@ -28,6 +28,16 @@ def phitune_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "app.cli", *args]
 
 
+def run_phitune(*args: str, env: Mapping[str, str], timeout: float = 300) -> str:
+    """Run `phitune ARGS` to completion and return its stdout; RuntimeError with its stderr if it fails."""
+    done = subprocess.run(
+        phitune_command(*args), env=dict(env), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"phitune {' '.join(args)} exited with status {done.returncode}:\n{done.stderr}")
+    return done.stdout
+
+
 def healthy(url: str) -> bool:
     """True when the server at `url` answers /healthz with 200."""
     try:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from app.launch import REPO, free_port, phitune_command, running
+from app.launch import free_port, run_phitune, running
 
 FOLLOWERS = 200
 EVENTS_PER_SECOND = 20
@@ -269,11 +269,6 @@ def measure(base_url: str, key: str, worker_token: str) -> dict[str, object]:
     }
 
 
-def phitune(args: list[str], env: dict[str, str]) -> str:
-    command = phitune_command(*args)
-    return subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
-
-
 @contextlib.contextmanager
 def api_process(env: dict[str, str], port: int) -> Iterator[str]:
     """`phitune api` on `port` until the block ends."""
@@ -292,7 +287,7 @@ def run() -> dict[str, object]:
             "PHITUNE_API_URL": f"http://127.0.0.1:{port}",
             "PHITUNE_WORKER_TOKEN": WORKER_TOKEN,
         }
-        phitune(["migrate"], env)
-        key = phitune(["keys", "create", "--tenant", "bench"], env).strip().splitlines()[-1]
+        run_phitune("migrate", env=env)
+        key = run_phitune("keys", "create", "--tenant", "bench", env=env).strip().splitlines()[-1]
         with api_process(env, port) as base_url:
             return measure(base_url, key, WORKER_TOKEN)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from app.launch import REPO, free_port, phitune_command, wait_healthy
+from app.launch import REPO, free_port, phitune_command, run_phitune, wait_healthy
 
 MODEL_ID = "phi3-check"
 PERSONA = REPO / "examples" / "persona.jsonl"
@@ -113,8 +113,7 @@ class Service:
         self.process: subprocess.Popen | None = None
 
     def phitune(self, *args: str) -> str:
-        command = phitune_command(*args)
-        return subprocess.run(command, env=self.env, check=True, capture_output=True, text=True).stdout
+        return run_phitune(*args, env=self.env)
 
     def __enter__(self) -> Service:
         self.phitune("migrate")

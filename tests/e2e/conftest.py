@@ -17,21 +17,8 @@ import httpx
 import pytest
 
 from app.launch import REPO, free_port, healthy, phitune_command
+from app.launch import run_phitune as phitune
 from tests.conftest import POSTGRES_URL, REDIS_URL, fresh_postgres_database
-
-
-def phitune(*args: str, env: dict[str, str]) -> str:
-    """Run a phitune CLI command to completion and return its stdout."""
-    done = subprocess.run(
-        phitune_command(*args),
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 @dataclass
