@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from app.launch import free_port, run_phitune, running
+from phitune.launch import free_port, run_phitune, running
 
 FOLLOWERS = 200
 EVENTS_PER_SECOND = 20

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from app.launch import REPO, free_port, phitune_command, run_phitune, wait_healthy
+from phitune.launch import REPO, free_port, phitune_command, run_phitune, wait_healthy
 
 MODEL_ID = "phi3-check"
 PERSONA = REPO / "examples" / "persona.jsonl"

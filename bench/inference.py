@@ -183,7 +183,7 @@ def phitune_env(data_dir: Path, base_model_dir: Path, *, api_url: str, inference
 @contextlib.contextmanager
 def phitune_process(args: list[str], env: dict[str, str], base_url: str) -> Iterator[str]:
     """A `phitune` CLI process serving HTTP at `base_url` until the block ends."""
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, cwd=REPO)
+    process = subprocess.Popen([sys.executable, "-m", "phitune", *args], env=env, cwd=REPO)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -200,7 +200,7 @@ def phitune_process(args: list[str], env: dict[str, str], base_url: str) -> Iter
 
 
 def phitune_command(args: list[str], env: dict[str, str]) -> str:
-    command = [sys.executable, "-m", "app.cli", *args]
+    command = [sys.executable, "-m", "phitune", *args]
     return subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from app.launch import free_port, phitune_command, wait_healthy
+from phitune.launch import free_port, phitune_command, wait_healthy
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("PHITUNE_DATA_DIR", ".phitune")).resolve()

@@ -15,7 +15,7 @@ def phitune(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
         "PHITUNE_DATA_DIR": str(data_dir)
     }
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-m", "phitune", *args],
         env=env,
         cwd=REPO,
         capture_output=True,

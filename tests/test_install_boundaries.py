@@ -10,12 +10,14 @@ runs as it would where they were never installed.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 PROJECT = PYPROJECT["project"]
-FIRST_PARTY = {"app", "worker", "migrations", "tests", "bench", "examples"}
+FIRST_PARTY = {"phitune", "app", "worker", "migrations", "tests", "bench", "examples"}
 # What the API must never load: torch and the libraries built on it.
 TRAINING_LIBRARIES = [
     "torch",
@@ -116,9 +118,9 @@ API_AND_CLI = """
 import json, sys
 from pathlib import Path
 
-import app.cli
 import app.main
 import migrations
+import phitune.cli
 from app.config import Settings
 from app.jobs.service import read_model_config
 from click.testing import CliRunner
@@ -133,7 +135,7 @@ assert response.status_code == 200, response.text
 (data_dir / "model" / "config.json").write_text('{"model_type": "phi3"}')
 assert read_model_config(str(data_dir / "model")) == {"model_type": "phi3"}
 assert read_model_config("phitune-tests/not-in-the-hub-cache") is None
-result = CliRunner().invoke(app.cli.main, ["--help"])
+result = CliRunner().invoke(phitune.cli.main, ["--help"])
 assert result.exit_code == 0, result.output
 for command, extras in [
     (["worker"], "train"),
@@ -141,7 +143,7 @@ for command, extras in [
     (["serve"], "train,serve"),
     (["make-tiny-model", str(data_dir / "tiny")], "serve"),
 ]:
-    result = CliRunner().invoke(app.cli.main, command)
+    result = CliRunner().invoke(phitune.cli.main, command)
     assert result.exit_code == 1 and f"needs phitune[{extras}]" in result.output, (command, result.output)
 print(json.dumps(sorted({name.partition(".")[0] for name, module in sys.modules.items() if module})))
 """
@@ -171,8 +173,43 @@ def test_the_extras() -> None:
     assert {"torch", "transformers", "peft", "loralib", "safetensors"} <= install_closure("serve")
 
 
+def test_the_cli_checks_each_extra_as_the_installed_metadata_states_it() -> None:
+    # phitune.cli keeps no list of the extras' libraries: it reads them from the distribution's metadata and
+    # imports each under its distribution's name, which must be a module that distribution provides here.
+    from phitune.cli import extra_modules
+
+    providers = metadata.packages_distributions()
+    for extra in ["train", "serve"]:
+        lines = PROJECT["optional-dependencies"][extra]
+        wanted = {canonicalize_name(Requirement(line).name) for line in lines}
+        modules = extra_modules(extra)
+        provided = {canonicalize_name(d) for module in modules for d in providers.get(module, [])}
+        assert len(modules) == len(wanted) and provided >= wanted, (
+            f"phitune[{extra}]: {modules} against {sorted(wanted)}; a distribution imported under another "
+            "name needs that name in phitune/cli.py, or the installed metadata is older than pyproject.toml "
+            "(pip install -e '.[dev]')"
+        )
+    assert set(extra_modules("dev")) >= set(extra_modules("train")) | {"pytest"}, "dev names the other extras"
+
+
+def test_the_cli_reads_the_extras_from_pyproject_without_an_install(monkeypatch, tmp_path) -> None:
+    from phitune import cli
+
+    installed = {extra: sorted(cli.extra_modules(extra)) for extra in ["train", "serve"]}
+
+    def not_installed(name: str) -> list[str]:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "requires", not_installed)
+    assert {extra: sorted(cli.extra_modules(extra)) for extra in installed} == installed
+    # No metadata and no pyproject.toml: nothing to check against; the command's own imports say what lacks.
+    monkeypatch.setattr(cli, "PYPROJECT", tmp_path / "pyproject.toml")
+    assert cli.extra_modules("train") == []
+    cli.require_extras("train", "serve")
+
+
 def test_the_api_and_the_cli_import_no_training_library() -> None:
-    loaded = run_python("import sys, json, app.main, app.cli; print(json.dumps(sorted(sys.modules)))")
+    loaded = run_python("import sys, json, app.main, phitune.cli; print(json.dumps(sorted(sys.modules)))")
     assert not [name for name in loaded if name.partition(".")[0] in TRAINING_LIBRARIES]
 
 
@@ -183,31 +220,110 @@ def test_the_api_and_the_cli_run_without_the_extras(tmp_path) -> None:
     assert not set(loaded) & set(TRAINING_LIBRARIES)
 
 
-def test_every_import_in_the_api_resolves_to_the_base_install() -> None:
-    # Lazy imports too, which the tests above do not all run; only the CLI commands that start the worker or
-    # the inference server import worker/ (and need the extras), inside their functions.
+def python_files(*packages: str) -> list[Path]:
+    return sorted(path for package in packages for path in (ROOT / package).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_path(name: str) -> Path | None:
+    """The file of first-party module `name`, or None where it is not one (a name imported from a module)."""
+    base = ROOT.joinpath(*name.split("."))
+    return next((path for path in [base.with_suffix(".py"), base / "__init__.py"] if path.is_file()), None)
+
+
+def imports(path: Path) -> Iterator[tuple[int, str, bool]]:
+    """What `path` imports, function-level imports and `importlib.import_module("…")` too: (line, absolute
+    module name, at module level). `from m import n` gives m and m.n, since n may be a module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    module_level = {id(node) for node in tree.body}
+    package = module_name(path).split(".")[: -1 if path.name != "__init__.py" else None]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names = [f"{module}.{alias.name}" for alias in node.names] + ([module] if node.module else [])
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names = [node.args[0].value]
+        else:
+            continue
+        for name in names:
+            yield node.lineno, name, id(node) in module_level
+
+
+def test_the_import_scan_sees_lazy_imports() -> None:
+    found = {(name, at_import) for _, name, at_import in imports(ROOT / "phitune" / "cli.py")}
+    assert {("worker.serving.server", False), ("click", True), ("app.config.get_settings", True)} <= found
+    found = {(name, at_import) for _, name, at_import in imports(ROOT / "worker" / "model_loader.py")}
+    assert ("worker.hardware", True) in found
+
+
+def test_nothing_in_the_api_imports_the_worker() -> None:
+    # The API (its own slim image) never reaches into worker/, not even in a function; only the launcher,
+    # phitune/, composes the API, the worker and the inference server.
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} {name}"
+        for path in python_files("app", "migrations")
+        for line, name, _ in imports(path)
+        if name.partition(".")[0] == "worker"
+    ]
+    assert not wrong, wrong
+
+
+def test_every_import_in_the_api_and_the_launcher_resolves_to_the_base_install() -> None:
+    # Lazy imports too, which the tests above do not all run; only the launcher's commands that start the
+    # worker or the inference server import worker/ (and need the extras), inside their functions.
     base = install_closure()
     providers = metadata.packages_distributions()
     wrong = []
-    for path in sorted([*(ROOT / "app").rglob("*.py"), *(ROOT / "migrations").rglob("*.py")]):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        module_level = {id(node) for node in tree.body}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
+    for path in python_files("phitune", "app", "migrations"):
+        for line, name, at_import in imports(path):
+            top = name.partition(".")[0]
+            where = f"{path.relative_to(ROOT)}:{line} {top}"
+            if top == "worker" and at_import:
+                wrong.append(f"{where} (at import time)")
+            elif top in FIRST_PARTY or top in sys.stdlib_module_names or top in ("__future__", ""):
                 continue
-            for top in {name.partition(".")[0] for name in names}:
-                where = f"{path.relative_to(ROOT)}:{node.lineno} {top}"
-                if top == "worker" and id(node) in module_level:
-                    wrong.append(f"{where} (at import time)")
-                elif top in FIRST_PARTY or top in sys.stdlib_module_names or top == "__future__":
-                    continue
-                elif not any(canonicalize_name(d) in base for d in providers.get(top, [])):
-                    wrong.append(f"{where} (not a base dependency)")
+            elif not any(canonicalize_name(d) in base for d in providers.get(top, [])):
+                wrong.append(f"{where} (not a base dependency)")
     assert not wrong, wrong
+
+
+def test_the_inference_server_never_imports_the_training_recipe() -> None:
+    # Every module of worker/serving/ and the worker modules they import, transitively, lazy imports included
+    # (app/ imports neither worker/ nor a training library: the tests above).
+    pending = [module_name(path) for path in python_files("worker/serving")]
+    seen, wrong = set(), set()
+    while pending:
+        if (module := pending.pop()) in seen:
+            continue
+        seen.add(module)
+        for line, name, _ in imports(module_path(module)):
+            if any(name == recipe or name.startswith(f"{recipe}.") for recipe in RECIPE_MODULES):
+                wrong.add(f"{module}:{line} {name}")
+            elif name.partition(".")[0] == "worker" and module_path(name):
+                pending.append(name)
+    assert {"worker.model_loader", "worker.adapter_archive", "worker.bootstrap"} <= seen, "the scan got lost"
+    assert not wrong, sorted(wrong)
+
+
+def test_the_inference_server_loads_no_training_library_where_they_are_installed() -> None:
+    # Here trl and datasets are importable: nothing that tries them (an `except ImportError` fallback) may.
+    assert all(importlib.util.find_spec(name) for name in ["trl", "datasets"])
+    loaded = run_python(SERVER)
+    assert "worker.serving.server" in loaded
+    assert not set(loaded) & set(RECIPE_MODULES)
 
 
 def test_the_inference_server_runs_without_the_training_recipe() -> None:
@@ -245,7 +361,7 @@ def test_a_real_base_install_runs_the_api_without_torch(tmp_path) -> None:
     source.mkdir()
     for name in ["pyproject.toml", "README.md"]:
         shutil.copy(ROOT / name, source)
-    for name in ["app", "worker", "migrations"]:
+    for name in ["phitune", "app", "worker", "migrations"]:
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=120)
     python = str(tmp_path / "venv" / "bin" / "python")

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.launch import REPO, free_port, healthy, phitune_command
-from app.launch import run_phitune as phitune
+from phitune.launch import REPO, free_port, healthy, phitune_command
+from phitune.launch import run_phitune as phitune
 from tests.conftest import POSTGRES_URL, REDIS_URL, fresh_postgres_database
 
 

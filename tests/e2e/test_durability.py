@@ -22,7 +22,7 @@ import pytest
 
 from app.broker import enqueue_training, make_celery
 from app.config import Settings
-from app.launch import free_port
+from phitune.launch import free_port
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import Service, api_alone
 from tests.e2e.test_fine_tune import all_events, create_job, wait_final

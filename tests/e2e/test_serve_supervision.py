@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.supervisor import Child, Supervisor
+from phitune.supervisor import Child, Supervisor
 from tests.e2e.conftest import Service, serving
 from tests.e2e.test_fine_tune import all_events, create_job, wait_final
 
@@ -26,8 +26,8 @@ def children(pid: int) -> dict[str, int]:
             argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
         except (OSError, IndexError):  # exited while we looked
             continue
-        if int(ppid) == pid and state != "Z" and b"app.cli" in argv:
-            found[argv[argv.index(b"app.cli") + 1].decode()] = int(stat.parent.name)
+        if int(ppid) == pid and state != "Z" and b"phitune" in argv:
+            found[argv[argv.index(b"phitune") + 1].decode()] = int(stat.parent.name)
     return found
 
 

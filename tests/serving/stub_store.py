@@ -13,7 +13,7 @@ from fastapi import FastAPI, Header, HTTPException
 from fastapi.responses import FileResponse
 
 from app.adapter_format import FORMAT_HEADER
-from app.launch import free_port
+from phitune.launch import free_port
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from app.launch import free_port
+from phitune.launch import free_port
 from tests.serving.conftest import ADAPTERS, PICKLED_ADAPTER, WORKER_TOKEN, load_model
 from worker.adapter_archive import SERVED_FILES, InvalidAdapter, extract_adapter
 from worker.serving.adapters import AdapterCache, AdapterFetchFailed, AdapterNotFound, HttpAdapterFetcher

@@ -1,5 +1,5 @@
 """Starting `phitune` processes from outside them (tests, benchmarks, the quickstart) and waiting until they
-serve: the one copy of "free port, spawn `python -m app.cli`, poll /healthz"."""
+serve: the one copy of "free port, spawn `python -m phitune`, poll /healthz"."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def free_port() -> int:
 
 def phitune_command(*args: str) -> list[str]:
     """The command line of `phitune ARGS` with this interpreter (no installed entry point needed)."""
-    return [sys.executable, "-m", "app.cli", *args]
+    return [sys.executable, "-m", "phitune", *args]
 
 
 def run_phitune(*args: str, env: Mapping[str, str], timeout: float = 300) -> str:

@@ -1,0 +1,1 @@
+"""phitune's launcher: the `phitune` command, which composes the API, the worker and the inference server."""
