@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.errors import Unauthorized
-from app.models import ApiKey, Tenant
-from app.models.base import new_id
+from app.models import Tenant
+from app.repositories import tenants
 
 KEY_PREFIX = "pt-"
 
@@ -22,13 +21,9 @@ def hash_token(token: str) -> str:
 
 def create_api_key(session: Session, tenant_name: str) -> str:
     """A new key for `tenant_name` (created if missing). Only the hash is stored."""
-    tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
-    if tenant is None:
-        tenant = Tenant(id=new_id("tenant"), name=tenant_name)
-        session.add(tenant)
-        session.flush()
+    tenant = tenants.tenant_named(session, tenant_name) or tenants.add_tenant(session, tenant_name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_token(key), prefix=key[:10]))
+    tenants.add_key(session, tenant, hash_token(key), key[:10])
     return key
 
 
@@ -39,11 +34,7 @@ def tenant_for_key(session: Session, authorization: str | None) -> Tenant:
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
-    row = session.execute(
-        select(Tenant)
-        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
-        .where(ApiKey.key_hash == hash_token(key.strip()), ApiKey.revoked_at.is_(None))
-    ).scalar_one_or_none()
-    if row is None:
+    tenant = tenants.tenant_of_key(session, hash_token(key.strip()))
+    if tenant is None:
         raise Unauthorized("Invalid API key.")
-    return row
+    return tenant

@@ -1,13 +1,24 @@
-"""Engine and session factory. The schema comes only from Alembic migrations (`phitune migrate`)."""
+"""Engine, session factory and the unit of work. The schema comes only from Alembic migrations
+(`phitune migrate`).
+
+A unit of work (`session_scope`) is the only place that commits: one per API request (app.deps) and one per
+round of a background loop. Services add to its session and never commit; what must happen only once the
+commit succeeded (delete a replaced blob, send a job's message) is registered with `after_commit`, and what
+must be undone if it fails (a blob moved into place) with `on_rollback`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+AFTER_COMMIT, ON_ROLLBACK = "phitune.after_commit", "phitune.on_rollback"
 
 
 @lru_cache(maxsize=8)
@@ -40,13 +51,52 @@ def get_sessionmaker(url: str) -> sessionmaker[Session]:
 
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
-    """A session committed on success and rolled back on error."""
+    """A unit of work: committed on success, rolled back on error, then its callbacks run."""
     session = get_sessionmaker(url)()
     try:
         yield session
         session.commit()
     except BaseException:
         session.rollback()
+        _run(session.info.pop(ON_ROLLBACK, []))
         raise
     finally:
+        session.info.pop(ON_ROLLBACK, None)
         session.close()
+    _run(session.info.pop(AFTER_COMMIT, []))
+
+
+def after_commit(session: Session, callback: Callable[[], object]) -> None:
+    """Run `callback` once the unit of work owning `session` has committed (never if it rolls back)."""
+    session.info.setdefault(AFTER_COMMIT, []).append(callback)
+
+
+def on_rollback(session: Session, callback: Callable[[], object]) -> None:
+    """Run `callback` if the unit of work owning `session` rolls back, e.g. to remove a blob whose row
+    was never committed."""
+    session.info.setdefault(ON_ROLLBACK, []).append(callback)
+
+
+def release_connection(session: Session) -> None:
+    """End a unit of work's read-only transaction, so that no pooled connection (and on PostgreSQL no row
+    lock) is held while a route waits on something slow: a body streaming in, a model generating. The
+    session starts a new transaction when next used. Only for a session that has written nothing yet."""
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError("release_connection would commit pending writes")
+    session.commit()
+
+
+def check_database(url: str) -> None:
+    """Raise unless the database answers (for /readyz)."""
+    with get_engine(url).connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
+def _run(callbacks: list[Callable[[], object]]) -> None:
+    # The transaction is already decided; a failing callback (a blob that cannot be deleted) is logged,
+    # never turned into an error for a request whose writes did commit.
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("unit-of-work callback %r failed", callback)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from app.auth import tenant_for_key
 from app.config import Settings
 from app.db import session_scope
+from app.internal.service import Attempt, check_worker_token, current_attempt
 from app.models import Tenant
 from app.storage import Storage
 
@@ -45,3 +46,23 @@ def get_current_tenant(session: SessionDep, authorization: Annotated[str | None,
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
+
+
+def get_current_attempt(
+    job_id: str, session: SessionDep, authorization: Annotated[str | None, Header()] = None
+) -> Attempt:
+    return current_attempt(session, job_id, authorization)
+
+
+# A worker's attempt of the job in the path, proven by the attempt token (internal routes).
+CurrentAttempt = Annotated[Attempt, Depends(get_current_attempt)]
+
+
+def require_worker_token(
+    settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    check_worker_token(settings, authorization)
+
+
+# On routes only workers may call with the shared worker token: claim, adapter download.
+WorkerOnly = Depends(require_worker_token)

@@ -2,21 +2,24 @@
 
 The key is remembered per tenant and route with a hash of what the request asked for. The same key with
 the same request returns the original object and creates nothing; with a different request it is a 422.
-Keys are kept for KEEP_SECONDS (at least 24 h).
+Keys are kept for KEEP_SECONDS (at least 24 h). `create_once` is the one way a route creates something
+under a key, for every route that accepts one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import APIError, InvalidRequest
-from app.models import IdempotencyKey
-from app.models.base import now
+from app.repositories import idempotency as keys
+
+T = TypeVar("T")
 
 KEEP_SECONDS = 48 * 3600
 MAX_KEY_LENGTH = 255
@@ -43,14 +46,47 @@ def check_key(key: str) -> str:
     return key
 
 
+def create_once(
+    session: Session,
+    tenant_id: str,
+    route: str,
+    key: str | None,
+    request: Any,
+    *,
+    create: Callable[[], T],
+    object_id: Callable[[T], str],
+    load: Callable[[str], T],
+    discard: Callable[[T], None] = lambda _: None,
+) -> T:
+    """`create()`, remembered under `key` with a hash of `request`; a repeat of the request returns
+    `load(id)` of what the first one created. A concurrent twin is settled by the unique key: the loser's
+    insert fails (on PostgreSQL once the winner has committed), its own object is rolled back to a savepoint
+    and `discard`ed, and it answers with the winner's."""
+    if key is None:
+        return create()
+    key, digest = check_key(key), request_hash(request)
+    if existing := replayed_object_id(session, tenant_id, route, key, digest):
+        return load(existing)
+    savepoint = session.begin_nested()
+    created = create()
+    try:
+        keys.add(session, tenant_id, route, key, digest, object_id(created))
+        session.flush()
+    except IntegrityError:
+        savepoint.rollback()
+        discard(created)
+        winner = replayed_object_id(session, tenant_id, route, key, digest)
+        if winner is None:
+            raise
+        return load(winner)
+    savepoint.commit()
+    return created
+
+
 def replayed_object_id(session: Session, tenant_id: str, route: str, key: str, digest: str) -> str | None:
     """The id of the object an earlier request with this key created, or None for a new key."""
-    session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < now() - KEEP_SECONDS))
-    row = session.scalar(
-        select(IdempotencyKey).where(
-            IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.route == route, IdempotencyKey.key == key
-        )
-    )
+    keys.forget_older_than(session, KEEP_SECONDS)
+    row = keys.find(session, tenant_id, route, key)
     if row is None:
         return None
     if row.request_hash != digest:
@@ -58,10 +94,3 @@ def replayed_object_id(session: Session, tenant_id: str, route: str, key: str, d
             f"Idempotency-Key '{key}' was already used with a different request", param="Idempotency-Key"
         )
     return row.object_id
-
-
-def remember(session: Session, tenant_id: str, route: str, key: str, digest: str, object_id: str) -> None:
-    """Record the key in the transaction creating the object; a concurrent twin fails on the unique key."""
-    session.add(
-        IdempotencyKey(tenant_id=tenant_id, route=route, key=key, request_hash=digest, object_id=object_id)
-    )

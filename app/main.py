@@ -1,4 +1,4 @@
-"""create_app(): the FastAPI application with its routers, error handlers and background relay."""
+"""create_app(): the FastAPI application with its routers, error handlers and housekeeping loop."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
-from sqlalchemy import text
 
 from app.chat.routes import router as chat_router
 from app.chat.schemas import ChatCompletionChunk
 from app.config import Settings, get_settings
-from app.db import get_engine
+from app.db import check_database
 from app.errors import install_error_handlers
 from app.files.routes import router as files_router
 from app.internal.routes import adapters_router as internal_adapters_router
 from app.internal.routes import router as internal_router
 from app.jobs.event_stream import EventHub
-from app.jobs.outbox import OutboxRelay
+from app.jobs.housekeeping import Housekeeping
+from app.jobs.outbox import JobMessages
 from app.jobs.routes import router as jobs_router
 from app.metrics import install_metrics
 from app.models_api.routes import router as models_router
@@ -47,12 +47,13 @@ class NotReady(BaseModel):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
-    relay = OutboxRelay(settings)
+    messages = JobMessages(settings)
+    housekeeping = Housekeeping(settings, messages)
     events = EventHub(settings.resolved_database_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        relay.start()
+        housekeeping.start()
         app.state.inference = httpx.AsyncClient(
             base_url=settings.inference_url, timeout=settings.inference_timeout_seconds
         )
@@ -61,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await events.aclose()
             await app.state.inference.aclose()
-            relay.stop()
+            housekeeping.stop()
 
     app = FastAPI(
         title="phitune",
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.storage = Storage(settings.storage_dir)
-    app.state.relay = relay
+    app.state.messages = messages
     app.state.events = events
     install_error_handlers(app)
     install_metrics(app, settings)
@@ -96,8 +97,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def readyz() -> JSONResponse:
         """200 when the database, the broker and storage all answer; 503 naming the ones that do not."""
         checks = {
-            "database": lambda: _check_database(settings),
-            "broker": relay.check_broker,
+            "database": lambda: check_database(settings.resolved_database_url),
+            "broker": messages.check_broker,
             "storage": lambda: _check_storage(settings),
         }
         failures = {}
@@ -120,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for name, definition in streamed.get("$defs", {}).items():
                 schema["components"]["schemas"].setdefault(name, definition)
             _drop_fastapi_validation_errors(schema)
+            return schema  # the dict FastAPI.openapi keeps as app.openapi_schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -137,11 +139,6 @@ def _drop_fastapi_validation_errors(schema: dict[str, Any]) -> None:
                 del operation["responses"]["422"]
     for name in ("HTTPValidationError", "ValidationError"):
         schema["components"]["schemas"].pop(name, None)
-
-
-def _check_database(settings: Settings) -> None:
-    with get_engine(settings.resolved_database_url).connect() as connection:
-        connection.execute(text("SELECT 1"))
 
 
 def _check_storage(settings: Settings) -> None:

@@ -7,11 +7,11 @@ import time
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import func, select
 
 from app.config import Settings
 from app.db import session_scope
-from app.models import Job, JobStatus, Outbox
+from app.models import JobStatus
+from app.repositories import jobs as job_rows
 
 
 class StateCollector:
@@ -22,8 +22,8 @@ class StateCollector:
 
     def collect(self):
         with session_scope(self.settings.resolved_database_url) as session:
-            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            unsent = session.scalar(select(func.count()).select_from(Outbox).where(Outbox.sent_at.is_(None)))
+            counts = job_rows.counts_by_status(session)
+            unsent = job_rows.unsent_count(session)
         jobs = GaugeMetricFamily("phitune_jobs", "Fine-tuning jobs by status", labels=["status"])
         for status in JobStatus:
             jobs.add_metric([status.value], counts.get(status.value, 0))

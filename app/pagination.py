@@ -1,8 +1,8 @@
-"""Cursor pagination over tables with a public `id` and an ordering integer `seq`."""
+"""Pages of a list in OpenAI's shape; the SQL behind them is app.repositories.pagination."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
@@ -10,8 +10,10 @@ from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidRequest
+from app.repositories import pagination
 
 Item = TypeVar("Item")
+Page = TypeVar("Page", bound="ListPage[Any]")
 MAX_LIMIT = 100
 
 
@@ -39,24 +41,16 @@ def paginate(
     limit: int,
     after: str | None,
     newest_first: bool,
-    render: Callable[[Any], Item],
-) -> ListPage[Item]:
-    """One page of `query` after the row whose id is `after`. Cursors stay valid as rows are added."""
-    check_limit(limit)
-    if after is not None:
-        # Looked up through the caller's filtered query, so another tenant's id is no valid cursor.
-        after_seq = session.scalar(query.with_only_columns(table.seq).where(table.id == after))
-        if after_seq is None:
-            raise InvalidRequest(
-                f"No object with id '{after}' to page after", param="after", code="invalid_cursor"
-            )
-        query = query.where(table.seq < after_seq if newest_first else table.seq > after_seq)
-    query = query.order_by(table.seq.desc() if newest_first else table.seq.asc()).limit(limit + 1)
-    rows: Sequence[Any] = session.scalars(query).all()
-    page = rows[:limit]
-    return ListPage(
-        data=[render(row) for row in page],
-        has_more=len(rows) > limit,
-        first_id=page[0].id if page else None,
-        last_id=page[-1].id if page else None,
+    render: Callable[[Any], Any],
+    into: type[Page],
+) -> Page:
+    """One page of `query` after the row whose id is `after`, each row rendered, as the list type `into`."""
+    rows, has_more = pagination.page(
+        session, query, table, limit=check_limit(limit), after=after, newest_first=newest_first
+    )
+    return into(
+        data=[render(row) for row in rows],
+        has_more=has_more,
+        first_id=rows[0].id if rows else None,
+        last_id=rows[-1].id if rows else None,
     )

@@ -20,6 +20,7 @@ from app.chat.schemas import (
     ChatCompletionRequest,
     Usage,
 )
+from app.db import release_connection
 from app.deps import CurrentTenant, SessionDep, SettingsDep
 from app.errors import APIError, ServiceUnavailable, error_responses
 from app.inference_contract import DELTA, GenerateBody, GenerateFinish, GenerateResult
@@ -47,7 +48,7 @@ async def create_chat_completion(
     settings: SettingsDep,
 ):
     resolved = await run_in_threadpool(resolve_model, session, settings, tenant.id, body.model)
-    await run_in_threadpool(session.commit)  # hold no connection while the model generates
+    await run_in_threadpool(release_connection, session)  # hold no connection while the model generates
     inference: httpx.AsyncClient = request.app.state.inference
     generation = body.generation_request(resolved.base_model, resolved.adapter_id)
     completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.db import release_connection
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from app.errors import error_responses
 from app.files import service
@@ -50,7 +51,7 @@ async def create_file(
 ) -> FileObject:
     """Upload a JSONL dataset; it is streamed to storage, validated line by line, and stored only if valid."""
     # End the auth query's transaction so the pooled connection is not held while a large body streams in.
-    await run_in_threadpool(session.commit)
+    await run_in_threadpool(release_connection, session)
     form = await receive_form(request, storage.temp_path(), max_file_bytes=settings.max_upload_bytes)
     row = await run_in_threadpool(
         service.create_file_once, session, storage, tenant.id, form, idempotency_key
@@ -65,7 +66,7 @@ def list_files(
     limit: int = 20,
     after: str | None = None,
     purpose: str | None = None,
-):
+) -> FileList:
     """The tenant's files, newest first."""
     return service.list_files(session, tenant.id, limit=limit, after=after, purpose=purpose)
 
@@ -104,7 +105,7 @@ def download_file_content(
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409))
 def delete_file(file_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> FileDeleted:
-    """Delete a file and its content; refused (409) while a queued or running job still needs it."""
+    """Delete a file and its content; refused (409) while a queued, running or paused job still needs it."""
     row = service.get_file(session, tenant.id, file_id)
     service.check_not_in_use(session, row)
     service.delete_file(session, storage, row)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from sqlalchemy import or_, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import idempotency
+from app.db import after_commit, on_rollback
 from app.errors import Conflict, InvalidFile, InvalidRequest, NotFound
-from app.files.schemas import FileObject
+from app.files.schemas import FileList, FileObject
 from app.files.upload import FILE_FIELD, ReceivedFile, ReceivedForm
 from app.files.validation import Report, read_lines, validate_lines
-from app.models import File, Job, JobStatus
+from app.models import File
 from app.models.base import new_id
-from app.pagination import ListPage, paginate
+from app.pagination import paginate
+from app.repositories import files
 from app.storage import Storage
 
 PURPOSES = ("fine-tune",)
@@ -22,14 +22,14 @@ IDEMPOTENCY_ROUTE = "files"
 
 def get_file(session: Session, tenant_id: str, file_id: str, *, param: str = "file_id") -> File:
     """The tenant's file `file_id`; 404 `file_not_found` naming `param` when it is missing or not theirs."""
-    row = session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+    row = files.get(session, tenant_id, file_id)
     if row is None:
         raise NotFound(f"No file with id '{file_id}'", param=param, code="file_not_found")
     return row
 
 
 def create_file(session: Session, storage: Storage, tenant_id: str, form: ReceivedForm) -> File:
-    """Validate an uploaded form's dataset and store it as a new file (committed).
+    """Validate an uploaded form's dataset and store it as a new file.
     The temp file is consumed either way: moved into storage, or removed on any failure."""
     try:
         received = _required_file(form)
@@ -48,34 +48,25 @@ def create_file_once(
     session: Session, storage: Storage, tenant_id: str, form: ReceivedForm, idempotency_key: str | None
 ) -> File:
     """`create_file`, except that a retried upload with the same Idempotency-Key returns the first file."""
-    if idempotency_key is None:
-        return create_file(session, storage, tenant_id, form)
+    request = {
+        "sha256": form.file.sha256 if form.file else None,
+        "filename": form.file.filename if form.file else None,
+        "purpose": form.fields.get("purpose"),
+    }
     try:
-        key = idempotency.check_key(idempotency_key)
-        digest = idempotency.request_hash(
-            {
-                "sha256": form.file.sha256 if form.file else None,
-                "filename": form.file.filename if form.file else None,
-                "purpose": form.fields.get("purpose"),
-            }
+        return idempotency.create_once(
+            session,
+            tenant_id,
+            IDEMPOTENCY_ROUTE,
+            idempotency_key,
+            request,
+            create=lambda: create_file(session, storage, tenant_id, form),
+            object_id=lambda row: row.id,
+            load=lambda file_id: get_file(session, tenant_id, file_id),
+            discard=lambda row: storage.delete(row.storage_key),  # a concurrent twin's file won
         )
-        existing = idempotency.replayed_object_id(session, tenant_id, IDEMPOTENCY_ROUTE, key, digest)
-    except BaseException:
+    finally:
         form.discard()
-        raise
-    if existing:
-        form.discard()
-        return get_file(session, tenant_id, existing)
-    row = create_file(session, storage, tenant_id, form)
-    idempotency.remember(session, tenant_id, IDEMPOTENCY_ROUTE, key, digest, row.id)
-    try:
-        session.commit()
-    except IntegrityError:  # a concurrent upload with the same key won: keep its file, drop this one
-        session.rollback()
-        delete_file(session, storage, row)
-        existing = idempotency.replayed_object_id(session, tenant_id, IDEMPOTENCY_ROUTE, key, digest)
-        return get_file(session, tenant_id, existing)
-    return row
 
 
 def validate_file(received: ReceivedFile) -> Report:
@@ -86,25 +77,23 @@ def validate_file(received: ReceivedFile) -> Report:
 
 def list_files(
     session: Session, tenant_id: str, *, limit: int, after: str | None, purpose: str | None
-) -> ListPage:
+) -> FileList:
     """One page of the tenant's files, newest first, optionally only those of one purpose."""
-    query = select(File).where(File.tenant_id == tenant_id)
-    if purpose is not None:
-        query = query.where(File.purpose == purpose)
     return paginate(
-        session, query, File, limit=limit, after=after, newest_first=True, render=FileObject.from_row
+        session,
+        files.list_query(tenant_id, purpose),
+        File,
+        limit=limit,
+        after=after,
+        newest_first=True,
+        render=FileObject.from_row,
+        into=FileList,
     )
 
 
 def check_not_in_use(session: Session, row: File) -> None:
-    """409 while an unfinished job will still download this file."""
-    job_id = session.scalar(
-        select(Job.id).where(
-            Job.tenant_id == row.tenant_id,
-            or_(Job.training_file == row.id, Job.validation_file == row.id),
-            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-        )
-    )
+    """409 while an unfinished job (queued, running or paused) will still download this file."""
+    job_id = files.unfinished_job_using(session, row)
     if job_id is not None:
         raise Conflict(
             f"File {row.id} is an input of job {job_id}, which has not finished; cancel it or wait",
@@ -114,10 +103,9 @@ def check_not_in_use(session: Session, row: File) -> None:
 
 
 def delete_file(session: Session, storage: Storage, row: File) -> None:
-    """Delete a file's row, then its blob (committed), so a failure never leaves a row without content."""
-    session.delete(row)
-    session.commit()
-    storage.delete(row.storage_key)
+    """Delete a file's row, and its blob once that has committed: a row never points at nothing."""
+    files.delete(session, row)
+    after_commit(session, lambda: storage.delete(row.storage_key))
 
 
 def _required_file(form: ReceivedForm) -> ReceivedFile:
@@ -147,7 +135,7 @@ def _checked_purpose(purpose: str | None) -> str:
 def _store(
     session: Session, storage: Storage, tenant_id: str, received: ReceivedFile, purpose: str, report: Report
 ) -> File:
-    """Insert the row and move the blob into place; commits so that the blob is removed if the row is not."""
+    """Insert the row and move the blob into place; the blob is removed if the row never commits."""
     file_id = new_id("file")
     row = File(
         id=file_id,
@@ -159,12 +147,7 @@ def _store(
         stats=report.stats(),
         storage_key=f"files/{file_id}.jsonl",
     )
-    session.add(row)
-    session.flush()
+    files.add(session, row)
     storage.commit(received.path, row.storage_key)
-    try:
-        session.commit()
-    except BaseException:
-        storage.delete(row.storage_key)
-        raise
+    on_rollback(session, lambda: storage.delete(row.storage_key))
     return row

@@ -102,6 +102,19 @@ class CheckpointReport(BaseModel):
     metrics: dict[str, Any]
 
 
+class AdapterReceipt(BaseModel):
+    """The API's answer once an adapter archive is stored."""
+
+    bytes: int
+    sha256: str
+
+
+class CompleteReply(BaseModel):
+    """The job's status once the attempt's outcome is recorded."""
+
+    status: str
+
+
 class StateReceipt(BaseModel):
     """The API's answer once a resume state is stored and complete."""
 

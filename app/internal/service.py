@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import hash_token
@@ -20,8 +20,10 @@ from app.internal.contracts import ClaimReply, LeaseReply, Outcome, WorkerEvent
 from app.jobs import artifacts, resume_states, states
 from app.jobs.service import add_event, finish_job, hold_paused, requeue, resume_point
 from app.jobs.states import Transition
-from app.models import Artifact, Checkpoint, Job, JobEvent, JobStatus
+from app.models import Artifact, Job, JobStatus
 from app.models.base import now
+from app.repositories import artifacts as stored
+from app.repositories import jobs
 
 # Outcomes that hand the job back with its state saved (OutcomeStatus "requeued" is no job status).
 HANDED_BACK = (JobStatus.PAUSED, "requeued")
@@ -34,8 +36,17 @@ def _bearer(authorization: str | None) -> str:
     return token.strip()
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """A running attempt of a job, proven by its token; the job's row is locked until the unit of work
+    ends."""
+
+    job: Job
+    token: str
+
+
 def _job(session: Session, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+    job = jobs.lock(session, job_id)
     if job is None:
         raise NotFound(f"No job '{job_id}'", code="job_not_found")
     return job
@@ -46,26 +57,22 @@ def check_worker_token(settings: Settings, authorization: str | None) -> None:
         raise Unauthorized("Invalid worker token")
 
 
-def servable_artifact(
-    session: Session, settings: Settings, adapter_id: str, authorization: str | None
-) -> Artifact:
-    """The archive the inference server loads for a job or checkpoint id (worker token). A deleted model,
-    or a job that has not succeeded, has none."""
-    check_worker_token(settings, authorization)
-    checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.id == adapter_id))
+def servable_artifact(session: Session, adapter_id: str) -> Artifact:
+    """The archive the inference server loads for a job or checkpoint id. A deleted model, or a job that
+    has not succeeded, has none."""
+    checkpoint = stored.checkpoint(session, adapter_id)
     job_id = checkpoint.job_id if checkpoint else adapter_id
     scope = artifacts.checkpoint_scope(checkpoint.step_number) if checkpoint else Artifact.FINAL
-    job = session.scalar(select(Job).where(Job.id == job_id))
+    job = jobs.get(session, job_id)
     artifact = artifacts.for_serving(session, job_id, scope) if job and not job.model_deleted_at else None
     if artifact is None or (checkpoint is None and job.status != JobStatus.SUCCEEDED):
         raise NotFound(f"No servable adapter for '{adapter_id}'", code="model_not_found")
     return artifact
 
 
-def claim_job(session: Session, settings: Settings, job_id: str, authorization: str | None) -> ClaimReply:
+def claim_job(session: Session, settings: Settings, job_id: str) -> ClaimReply:
     """Start a new attempt of a queued job and hand its spec, attempt token and resume states to the worker.
     A job that is not queued (a duplicate or redelivered message, a cancelled or paused job) is a 409."""
-    check_worker_token(settings, authorization)
     job = _job(session, job_id)
     # Guarded, so that of two workers holding copies of the job's message exactly one starts an attempt.
     try:
@@ -93,9 +100,16 @@ def claim_job(session: Session, settings: Settings, job_id: str, authorization: 
     )
 
 
-def attempt_job(session: Session, job_id: str, authorization: str | None) -> Job:
-    """The running job an attempt token belongs to; 409 for a superseded or finished attempt."""
+def current_attempt(session: Session, job_id: str, authorization: str | None) -> Attempt:
+    """The running attempt whose token the Authorization header holds; 409 for a superseded or finished
+    attempt."""
     token = _bearer(authorization)
+    return Attempt(attempt_job(session, job_id, token), token)
+
+
+def attempt_job(session: Session, job_id: str, token: str) -> Job:
+    """The running job an attempt token belongs to, its row locked; 409 for a superseded or finished
+    attempt."""
     job = _job(session, job_id)
     attempt, _, _ = token.partition(".")
     if not (attempt.isascii() and attempt.isdigit()):
@@ -121,20 +135,12 @@ def record_events(session: Session, job: Job, events: list[WorkerEvent]) -> None
     """Store worker events, each numbered event once (a retried post repeats them); a metrics event also
     moves the job's progress."""
     numbered = [event.seq for event in events if event.seq is not None]
-    stored = set(
-        session.scalars(
-            select(JobEvent.worker_seq).where(
-                JobEvent.job_id == job.id, JobEvent.attempt == job.attempt, JobEvent.worker_seq.in_(numbered)
-            )
-        )
-        if numbered
-        else ()
-    )
+    seen = jobs.stored_worker_seqs(session, job.id, job.attempt, numbered)
     for event in events:
-        if event.seq is not None and event.seq in stored:
+        if event.seq is not None and event.seq in seen:
             continue
         if event.seq is not None:
-            stored.add(event.seq)
+            seen.add(event.seq)
         added = add_event(session, job.id, event.message, level=event.level, type=event.type, data=event.data)
         added.attempt, added.worker_seq = (job.attempt, event.seq) if event.seq is not None else (None, None)
         data = event.data or {}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 
 from app.adapter_format import FORMATS, Format
+from app.db import on_rollback
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.models import Artifact, Checkpoint, Job, JobStatus
+from app.models import Artifact, Job, JobStatus
+from app.repositories import artifacts as stored
 from app.storage import Storage
 
 
@@ -51,11 +52,14 @@ def save_artifact(
     """Move an uploaded archive into place as the job's `scope` artifact in `fmt`. Returns the storage key of
     an archive it replaced, for the caller to delete once the transaction has committed."""
     key = f"adapters/{job.id}/{scope}-attempt-{job.attempt}.{fmt}.tar.gz"
+    artifact = stored.find_artifact(session, job.id, scope, fmt)
     storage.commit(temp, key)
-    artifact = find(session, job.id, scope, fmt)
+    if artifact is None or artifact.storage_key != key:  # a new blob: removed if its row never commits
+        on_rollback(session, lambda: storage.delete(key))
     if artifact is None:
-        session.add(
-            Artifact(job_id=job.id, scope=scope, format=fmt, storage_key=key, sha256=sha256, bytes=size)
+        stored.add_artifact(
+            session,
+            Artifact(job_id=job.id, scope=scope, format=fmt, storage_key=key, sha256=sha256, bytes=size),
         )
         return None
     replaced = artifact.storage_key if artifact.storage_key != key else None
@@ -63,15 +67,8 @@ def save_artifact(
     return replaced
 
 
-def find(session: Session, job_id: str, scope: str, fmt: str) -> Artifact | None:
-    return session.scalar(
-        select(Artifact).where(Artifact.job_id == job_id, Artifact.scope == scope, Artifact.format == fmt)
-    )
-
-
 def formats_of(session: Session, job_id: str, scope: str = Artifact.FINAL) -> list[str]:
-    query = select(Artifact.format).where(Artifact.job_id == job_id, Artifact.scope == scope)
-    return sorted(session.scalars(query))
+    return stored.formats(session, job_id, scope)
 
 
 def for_download(session: Session, job: Job, *, fmt: str | None, checkpoint_id: str | None) -> Artifact:
@@ -82,9 +79,7 @@ def for_download(session: Session, job: Job, *, fmt: str | None, checkpoint_id: 
         )
     scope = Artifact.FINAL
     if checkpoint_id is not None:
-        checkpoint = session.scalar(
-            select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
-        )
+        checkpoint = stored.checkpoint(session, checkpoint_id, job_id=job.id)
         if checkpoint is None:
             raise NotFound(f"Job {job.id} has no checkpoint '{checkpoint_id}'", param="checkpoint")
         scope = checkpoint_scope(checkpoint.step_number)
@@ -94,7 +89,7 @@ def for_download(session: Session, job: Job, *, fmt: str | None, checkpoint_id: 
             code="adapter_not_ready",
         )
     wanted = fmt or "peft"
-    artifact = find(session, job.id, scope, wanted)
+    artifact = stored.find_artifact(session, job.id, scope, wanted)
     if artifact is None:
         available = formats_of(session, job.id, scope)
         reason = job.peft_unavailable_reason if wanted == "peft" and job.peft_unavailable_reason else None
@@ -108,15 +103,6 @@ def for_download(session: Session, job: Job, *, fmt: str | None, checkpoint_id: 
 
 def for_serving(session: Session, job_id: str, scope: str) -> Artifact | None:
     """The archive the inference server loads: PEFT when there is one, else loralib."""
-    return find(session, job_id, scope, "peft") or find(session, job_id, scope, "loralib")
-
-
-def delete_scope(session: Session, job_id: str, scope: str) -> list[str]:
-    """Delete the rows of one scope's archives; returns their storage keys, to remove after commit."""
-    keys = list(
-        session.scalars(
-            select(Artifact.storage_key).where(Artifact.job_id == job_id, Artifact.scope == scope)
-        )
+    return stored.find_artifact(session, job_id, scope, "peft") or stored.find_artifact(
+        session, job_id, scope, "loralib"
     )
-    session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.scope == scope))
-    return keys

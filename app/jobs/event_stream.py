@@ -20,12 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from anyio import to_thread
-from sqlalchemy import func, select
 
 from app.db import session_scope
-from app.jobs import service
-from app.jobs.schemas import render_event
-from app.models import Job, JobEvent, JobStatus
+from app.jobs.schemas import FineTuningJobEvent
+from app.repositories import jobs
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +39,9 @@ Frames = list[tuple[int, bytes]]  # (event seq, SSE frame), in seq order
 T = TypeVar("T")
 
 
-def _sse(event: dict[str, Any]) -> bytes:
-    return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+def _sse(event: FineTuningJobEvent) -> bytes:
+    data = json.dumps(event.model_dump(mode="json"))
+    return f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n".encode()
 
 
 @dataclass
@@ -192,13 +191,13 @@ class EventHub:
 
     def _latest_seq(self, job_id: str) -> int:
         with session_scope(self.database_url) as session:
-            return session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0
+            return jobs.last_event_seq(session, job_id)
 
     def _read(self, job_id: str, after_seq: int) -> tuple[Frames, bool]:
         """One page of events after `after_seq`, and whether the job is final with none after them."""
         with session_scope(self.database_url) as session:
             # Status first: a job that is final here has all its events committed for the query below.
-            status = session.scalar(select(Job.status).where(Job.id == job_id))
-            events = service.events_after(session, job_id, after_seq, limit=PAGE)
-            frames = [(event.seq, _sse(render_event(event))) for event in events]
-        return frames, JobStatus(status).is_final and len(frames) < PAGE
+            status = jobs.status_of(session, job_id)
+            events = jobs.events_after(session, job_id, after_seq, limit=PAGE)
+            frames = [(event.seq, _sse(FineTuningJobEvent.from_row(event))) for event in events]
+        return frames, status is not None and status.is_final and len(frames) < PAGE

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.db import on_rollback
 from app.errors import InvalidRequest, NotFound
 from app.internal.contracts import ResumeStateInfo
-from app.models import Job, JobStatus, ResumeState
+from app.models import Job, ResumeState
 from app.models.base import new_id
+from app.repositories import artifacts as stored
 from app.storage import Storage
 
 KEEP = 2
@@ -41,18 +42,12 @@ def store(
             param="sha256",
             code="state_checksum_mismatch",
         )
-    repeated = session.scalar(
-        select(ResumeState).where(
-            ResumeState.job_id == job.id,
-            ResumeState.attempt == job.attempt,
-            ResumeState.step == step,
-            ResumeState.sha256 == sha256,
-        )
-    )
+    repeated = stored.same_resume_state(session, job, step, sha256)
     if repeated is not None:  # a retry of an upload whose reply was lost: it is stored already
         return repeated, []
     key = f"resume/{job.id}/attempt-{job.attempt}-step-{step}-{sha256[:12]}.tar"
     storage.commit(temp, key)
+    on_rollback(session, lambda: storage.delete(key))  # a blob whose row never commits is removed
     state = ResumeState(
         id=new_id("ftstate"),
         job_id=job.id,
@@ -62,12 +57,11 @@ def store(
         sha256=sha256,
         bytes=size,
     )
-    session.add(state)
-    session.flush()
+    stored.add_resume_state(session, state)
     job.resumable_step = step
-    superseded = _newest_first(session, job.id)[KEEP:]
+    superseded = stored.resume_states_newest_first(session, job.id)[KEEP:]
     for old in superseded:
-        session.delete(old)
+        stored.delete_resume_state(session, old)
     return state, [old.storage_key for old in superseded if old.storage_key != key]
 
 
@@ -75,14 +69,12 @@ def listed(session: Session, job_id: str) -> list[ResumeStateInfo]:
     """The job's complete states, newest first, as a claim hands them to the worker."""
     return [
         ResumeStateInfo(id=state.id, step=state.step, sha256=state.sha256, bytes=state.bytes)
-        for state in _newest_first(session, job_id)
+        for state in stored.resume_states_newest_first(session, job_id)
     ]
 
 
 def get(session: Session, job_id: str, state_id: str) -> ResumeState:
-    state = session.scalar(
-        select(ResumeState).where(ResumeState.job_id == job_id, ResumeState.id == state_id)
-    )
+    state = stored.resume_state(session, job_id, state_id)
     if state is None:
         raise NotFound(f"Job {job_id} has no resume state '{state_id}'", code="state_not_found")
     return state
@@ -90,18 +82,7 @@ def get(session: Session, job_id: str, state_id: str) -> ResumeState:
 
 def purge_finished(session: Session) -> list[str]:
     """Delete the states of jobs that ended: nothing will resume them. Returns storage keys to delete."""
-    rows = list(
-        session.scalars(
-            select(ResumeState)
-            .join(Job, Job.id == ResumeState.job_id)
-            .where(Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]))
-        )
-    )
+    rows = stored.resume_states_of_ended_jobs(session)
     for row in rows:
-        session.delete(row)
+        stored.delete_resume_state(session, row)
     return [row.storage_key for row in rows]
-
-
-def _newest_first(session: Session, job_id: str) -> list[ResumeState]:
-    query = select(ResumeState).where(ResumeState.job_id == job_id).order_by(ResumeState.seq.desc())
-    return list(session.scalars(query))

@@ -6,26 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import FileResponse, StreamingResponse
-from sqlalchemy.exc import IntegrityError
 
-from app import idempotency
+from app.db import after_commit
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from app.errors import error_responses
 from app.jobs import artifacts, checkpoints, service
-from app.jobs.schemas import (
-    FineTuningJob,
-    JobCheckpointList,
-    JobCreate,
-    JobEventList,
-    JobList,
-    render_event,
-    render_job,
-)
-from app.models import Checkpoint, Job, JobEvent
-from app.pagination import check_limit, paginate
+from app.jobs.schemas import FineTuningJob, JobCheckpointList, JobCreate, JobEventList, JobList
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(401, 503))
-IDEMPOTENCY_ROUTE = "fine_tuning.jobs"
 
 EVENT_STREAM = {
     "description": "With `?stream=true` or `Accept: text/event-stream`: server-sent events, each with the "
@@ -47,26 +35,11 @@ def create_job(
     session: SessionDep,
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header()] = None,
-):
+) -> FineTuningJob:
     """Create a job; with an Idempotency-Key a retried request returns the job the first one created."""
-    if idempotency_key is not None:
-        key, digest = (
-            idempotency.check_key(idempotency_key),
-            idempotency.request_hash(body.model_dump(mode="json")),
-        )
-        if existing := idempotency.replayed_object_id(session, tenant.id, IDEMPOTENCY_ROUTE, key, digest):
-            return render_job(service.get_job(session, tenant.id, existing))
-    job = service.create_job(session, tenant.id, body, settings)
-    if idempotency_key is not None:
-        idempotency.remember(session, tenant.id, IDEMPOTENCY_ROUTE, key, digest, job.id)
-    try:
-        session.commit()
-    except IntegrityError:  # a concurrent request with the same key won; answer with its job
-        session.rollback()
-        existing = idempotency.replayed_object_id(session, tenant.id, IDEMPOTENCY_ROUTE, key, digest)
-        return render_job(service.get_job(session, tenant.id, existing))
-    request.app.state.relay.send_now(job.id)
-    return render_job(job)
+    job = service.create_job_once(session, tenant.id, body, settings, idempotency_key)
+    after_commit(session, lambda: request.app.state.messages.send_now(job.id))
+    return FineTuningJob.from_row(job)
 
 
 @router.get("", response_model=JobList, responses=error_responses(400))
@@ -76,45 +49,46 @@ def list_jobs(
     session: SessionDep,
     limit: int = 20,
     after: str | None = None,
-):
+) -> JobList:
     # `?metadata[team]=search` filters; FastAPI cannot declare bracketed names, so read them directly.
     metadata = {
         key[len("metadata[") : -1]: value
         for key, value in request.query_params.items()
         if key.startswith("metadata[") and key.endswith("]")
     }
-    query = service.list_jobs_query(tenant.id, metadata)
-    return paginate(session, query, Job, limit=limit, after=after, newest_first=True, render=render_job)
+    return service.list_jobs(session, tenant.id, metadata, limit=limit, after=after)
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=error_responses(404))
-def get_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
-    return render_job(service.get_job(session, tenant.id, fine_tuning_job_id))
+def get_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep) -> FineTuningJob:
+    return FineTuningJob.from_row(service.get_job(session, tenant.id, fine_tuning_job_id))
 
 
 @router.post(
     "/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, responses=error_responses(404, 409)
 )
-def cancel_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
+def cancel_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep) -> FineTuningJob:
     job = service.cancel_job(session, service.get_job(session, tenant.id, fine_tuning_job_id))
-    return render_job(job)
+    return FineTuningJob.from_row(job)
 
 
 @router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob, responses=error_responses(404, 409))
-def pause_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
+def pause_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep) -> FineTuningJob:
     """Pause: the worker saves the training state and frees the GPU; the job becomes `paused`."""
-    return render_job(service.pause_job(session, service.get_job(session, tenant.id, fine_tuning_job_id)))
+    job = service.pause_job(session, service.get_job(session, tenant.id, fine_tuning_job_id))
+    return FineTuningJob.from_row(job)
 
 
 @router.post(
     "/{fine_tuning_job_id}/resume", response_model=FineTuningJob, responses=error_responses(404, 409)
 )
-def resume_job(request: Request, fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep):
+def resume_job(
+    request: Request, fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep
+) -> FineTuningJob:
     """Resume a paused job: queued again, it continues from the step it was paused at."""
     job = service.resume_job(session, service.get_job(session, tenant.id, fine_tuning_job_id))
-    session.commit()  # the message is sent only for a committed job
-    request.app.state.relay.send_now(job.id)
-    return render_job(job)
+    after_commit(session, lambda: request.app.state.messages.send_now(job.id))  # only a committed job is sent
+    return FineTuningJob.from_row(job)
 
 
 @router.get(
@@ -143,15 +117,7 @@ def list_events(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return paginate(
-        session,
-        service.events_query(job.id),
-        JobEvent,
-        limit=check_limit(limit),
-        after=after,
-        newest_first=False,
-        render=render_event,
-    )
+    return service.list_events(session, job, limit=limit, after=after)
 
 
 @router.get(
@@ -166,15 +132,7 @@ def list_checkpoints(
 ):
     """Checkpoints stored during training, newest first, each with its metrics and callable model id."""
     job = service.get_job(session, tenant.id, fine_tuning_job_id)
-    return paginate(
-        session,
-        checkpoints.list_query(job.id),
-        Checkpoint,
-        limit=limit,
-        after=after,
-        newest_first=True,
-        render=checkpoints.render,
-    )
+    return checkpoints.list_page(session, job, limit=limit, after=after)
 
 
 @router.get(

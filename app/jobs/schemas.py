@@ -1,8 +1,5 @@
-"""Request bodies of the jobs API, the OpenAI objects it answers with, and the rendering of jobs and events.
-
-The render functions build the dictionaries the routes (and the event stream) send; the response models
-below describe them field for field, in the same order, for the OpenAPI schema (tests/api/test_openapi.py
-checks that they agree)."""
+"""Request bodies of the jobs API and the OpenAI objects it answers with, each built from its row by
+`from_row`: the one description of what the routes (and the event stream) send, and of the OpenAPI schema."""
 
 from __future__ import annotations
 
@@ -10,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.models import Job, JobEvent, JobStatus
+from app.models import Checkpoint, Job, JobEvent, JobStatus
 from app.pagination import ListPage
 from app.specs import Hyperparameters, PeftConfig, TrainingConfig
 
@@ -84,12 +81,21 @@ class JobProgress(BaseModel):
     epoch: int | float | None
     percent: float
 
+    @classmethod
+    def of(cls, job: Job) -> JobProgress:
+        progress = job.progress or {}
+        step, total = progress.get("step", 0), progress.get("total_steps")
+        percent = (
+            100.0 if job.status == JobStatus.SUCCEEDED else round(100.0 * step / total, 1) if total else 0.0
+        )
+        return cls(step=step, total_steps=total, epoch=progress.get("epoch"), percent=percent)
+
 
 class FineTuningJob(BaseModel):
     """The OpenAI fine_tuning.job object, phitune's extensions after the OpenAI fields."""
 
     id: str
-    object: Literal["fine_tuning.job"]
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
     created_at: int
     finished_at: int | None
     model: str
@@ -115,6 +121,39 @@ class FineTuningJob(BaseModel):
     resumable_step: int | None = Field(description="The step a resumed attempt continues from.")
     shipped_step: int | None = Field(description="The step whose adapter the job ships, if not the last.")
 
+    @classmethod
+    def from_row(cls, job: Job) -> FineTuningJob:
+        hyperparameters = JobHyperparameters.model_validate(job.hyperparameters)
+        return cls(
+            id=job.id,
+            created_at=job.created_at,
+            finished_at=job.finished_at,
+            model=job.model,
+            fine_tuned_model=job.fine_tuned_model,
+            organization_id=job.tenant_id,
+            status=JobStatus(job.status),
+            hyperparameters=hyperparameters,
+            method=JobMethod(
+                type="supervised", supervised=JobSupervisedMethod(hyperparameters=hyperparameters)
+            ),
+            training_file=job.training_file,
+            validation_file=job.validation_file,
+            result_files=[],
+            trained_tokens=job.trained_tokens,
+            seed=job.seed,
+            estimated_finish=None,
+            metadata=job.job_metadata,
+            error=JobError.model_validate(job.error) if job.error else None,
+            training_config=job.training_config,
+            peft_config=job.peft_config,
+            progress=JobProgress.of(job),
+            attempt=job.attempt,
+            cancel_requested=job.cancel_requested,
+            pause_requested=job.pause_requested,
+            resumable_step=job.resumable_step,
+            shipped_step=job.shipped_step,
+        )
+
 
 class JobList(ListPage[FineTuningJob]):
     pass
@@ -122,12 +161,25 @@ class JobList(ListPage[FineTuningJob]):
 
 class FineTuningJobEvent(BaseModel):
     id: str
-    object: Literal["fine_tuning.job.event"]
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     created_at: int
     level: Literal["info", "warn", "error"]
     message: str
     type: Literal["message", "metrics"]
     data: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, event: JobEvent) -> FineTuningJobEvent:
+        return cls.model_validate(
+            {
+                "id": event.id,
+                "created_at": event.created_at,
+                "level": event.level,
+                "message": event.message,
+                "type": event.type,
+                "data": event.data,
+            }
+        )
 
 
 class JobEventList(ListPage[FineTuningJobEvent]):
@@ -138,66 +190,24 @@ class JobCheckpoint(BaseModel):
     """The OpenAI fine_tuning.job.checkpoint object: a checkpoint stored during training, callable by name."""
 
     id: str
-    object: Literal["fine_tuning.job.checkpoint"]
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
     created_at: int
     fine_tuning_job_id: str
     step_number: int
     fine_tuned_model_checkpoint: str
     metrics: dict[str, Any]
 
+    @classmethod
+    def from_row(cls, checkpoint: Checkpoint) -> JobCheckpoint:
+        return cls(
+            id=checkpoint.id,
+            created_at=checkpoint.created_at,
+            fine_tuning_job_id=checkpoint.job_id,
+            step_number=checkpoint.step_number,
+            fine_tuned_model_checkpoint=checkpoint.fine_tuned_model_checkpoint,
+            metrics=checkpoint.metrics,
+        )
+
 
 class JobCheckpointList(ListPage[JobCheckpoint]):
     pass
-
-
-def progress_of(job: Job) -> dict[str, Any]:
-    progress = job.progress or {}
-    step, total = progress.get("step", 0), progress.get("total_steps")
-    percent = round(100.0 * step / total, 1) if total else 0.0
-    if job.status == JobStatus.SUCCEEDED:
-        percent = 100.0
-    return {"step": step, "total_steps": total, "epoch": progress.get("epoch"), "percent": percent}
-
-
-def render_job(job: Job) -> dict[str, Any]:
-    """The OpenAI fine_tuning.job object, phitune's extensions after the OpenAI fields."""
-    return {
-        "id": job.id,
-        "object": "fine_tuning.job",
-        "created_at": job.created_at,
-        "finished_at": job.finished_at,
-        "model": job.model,
-        "fine_tuned_model": job.fine_tuned_model,
-        "organization_id": job.tenant_id,
-        "status": job.status,
-        "hyperparameters": job.hyperparameters,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
-        "training_file": job.training_file,
-        "validation_file": job.validation_file,
-        "result_files": [],
-        "trained_tokens": job.trained_tokens,
-        "seed": job.seed,
-        "estimated_finish": None,
-        "metadata": job.job_metadata,
-        "error": job.error,
-        "training_config": job.training_config,
-        "peft_config": job.peft_config,
-        "progress": progress_of(job),
-        "attempt": job.attempt,
-        "cancel_requested": job.cancel_requested,
-        "pause_requested": job.pause_requested,
-        "resumable_step": job.resumable_step,
-        "shipped_step": job.shipped_step,
-    }
-
-
-def render_event(event: JobEvent) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "object": "fine_tuning.job.event",
-        "created_at": event.created_at,
-        "level": event.level,
-        "message": event.message,
-        "type": event.type,
-        "data": event.data,
-    }

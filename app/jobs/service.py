@@ -7,17 +7,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import idempotency
 from app.config import Settings
 from app.errors import Conflict, InvalidRequest, ModelConfigUnavailable, ModelNotAvailable, NotFound
 from app.files.service import get_file
 from app.jobs import states
-from app.jobs.schemas import JobCreate
+from app.jobs.schemas import FineTuningJob, FineTuningJobEvent, JobCreate, JobEventList, JobList
 from app.jobs.states import Transition
-from app.models import Job, JobEvent, JobStatus, Outbox
+from app.models import Job, JobEvent, JobStatus
 from app.models.base import new_id
+from app.pagination import paginate
+from app.repositories import jobs
 from app.specs import (
     DEFAULT_LEARNING_RATE,
     HYPERPARAMETER_FIELDS,
@@ -26,6 +28,8 @@ from app.specs import (
     TrainingConfig,
     fit_to_model,
 )
+
+IDEMPOTENCY_ROUTE = "fine_tuning.jobs"
 
 
 def _shorthand(request: JobCreate) -> tuple[Hyperparameters | None, str]:
@@ -87,9 +91,23 @@ def add_event(
     type: str = "message",
     data: Any = None,
 ) -> JobEvent:
-    event = JobEvent(id=new_id("ftevent"), job_id=job_id, level=level, type=type, message=message, data=data)
-    session.add(event)
-    return event
+    return jobs.add_event(session, job_id, message, level=level, type=type, data=data)
+
+
+def create_job_once(
+    session: Session, tenant_id: str, request: JobCreate, settings: Settings, idempotency_key: str | None
+) -> Job:
+    """`create_job`; with an Idempotency-Key a retried request gets the job the first one created."""
+    return idempotency.create_once(
+        session,
+        tenant_id,
+        IDEMPOTENCY_ROUTE,
+        idempotency_key,
+        request.model_dump(mode="json"),
+        create=lambda: create_job(session, tenant_id, request, settings),
+        object_id=lambda job: job.id,
+        load=lambda job_id: get_job(session, tenant_id, job_id),
+    )
 
 
 def create_job(session: Session, tenant_id: str, request: JobCreate, settings: Settings) -> Job:
@@ -125,9 +143,8 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
         peft_config=peft_config.model_dump(mode="json"),
         status=JobStatus.QUEUED,
     )
-    session.add(job)
-    session.flush()
-    session.add(Outbox(job_id=job.id))
+    jobs.add(session, job)
+    jobs.add_message(session, job.id)
     add_event(session, job.id, f"Created fine-tuning job {job.id}")
     return job
 
@@ -179,17 +196,42 @@ def read_model_config(base_model: str) -> dict[str, Any] | None:
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    job = jobs.get_for_tenant(session, tenant_id, job_id)
     if job is None:
         raise NotFound(f"No fine-tuning job '{job_id}'", param="fine_tuning_job_id", code="job_not_found")
     return job
 
 
-def list_jobs_query(tenant_id: str, metadata: dict[str, str]):
-    query = select(Job).where(Job.tenant_id == tenant_id)
-    for key, value in metadata.items():
-        query = query.where(Job.job_metadata[key].as_string() == value)
-    return query
+def list_jobs(
+    session: Session, tenant_id: str, metadata: dict[str, str], *, limit: int, after: str | None
+) -> JobList:
+    """The tenant's jobs, newest first, those whose metadata holds every given pair."""
+    query = jobs.list_query(tenant_id, metadata)
+    return paginate(
+        session,
+        query,
+        Job,
+        limit=limit,
+        after=after,
+        newest_first=True,
+        render=FineTuningJob.from_row,
+        into=JobList,
+    )
+
+
+def list_events(session: Session, job: Job, *, limit: int, after: str | None) -> JobEventList:
+    """The job's events oldest first, so `after` continues where the reader stopped."""
+    query = jobs.events_query(job.id)
+    return paginate(
+        session,
+        query,
+        JobEvent,
+        limit=limit,
+        after=after,
+        newest_first=False,
+        render=FineTuningJobEvent.from_row,
+        into=JobEventList,
+    )
 
 
 def finish_job(session: Session, job: Job, status: JobStatus, message: str, **fields: Any) -> None:
@@ -223,17 +265,8 @@ def cancel_job(session: Session, job: Job) -> Job:
     return job  # done is None: its cancellation was already requested
 
 
-def events_query(job_id: str):
-    return select(JobEvent).where(JobEvent.job_id == job_id)
-
-
-def events_after(session: Session, job_id: str, after_seq: int, limit: int = 100) -> list[JobEvent]:
-    query = events_query(job_id).where(JobEvent.seq > after_seq).order_by(JobEvent.seq).limit(limit)
-    return list(session.scalars(query))
-
-
 def event_seq(session: Session, job_id: str, event_id: str) -> int:
-    seq = session.scalar(select(JobEvent.seq).where(JobEvent.job_id == job_id, JobEvent.id == event_id))
+    seq = jobs.event_seq(session, job_id, event_id)
     if seq is None:
         raise InvalidRequest(f"No event '{event_id}' in job {job_id}", param="after", code="invalid_cursor")
     return seq
@@ -253,7 +286,7 @@ def hold_paused(session: Session, job: Job, message: str) -> None:
 def requeue(session: Session, job: Job, message: str, *, level: str = "info") -> None:
     """Queue a running job again as a new attempt, which resumes from its newest resume state."""
     states.transition(session, job, Transition.REQUEUE)
-    session.add(Outbox(job_id=job.id))
+    jobs.add_message(session, job.id)
     add_event(session, job.id, message, level=level)
 
 
@@ -286,7 +319,7 @@ def resume_job(session: Session, job: Job) -> Job:
     except states.IllegalTransition:
         done = None
     if done == Transition.RESUME:
-        session.add(Outbox(job_id=job.id))
+        jobs.add_message(session, job.id)
         add_event(session, job.id, f"Job resumed; it continues from {resume_point(job)}")
         return job
     if done == Transition.WITHDRAW_PAUSE:

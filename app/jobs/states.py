@@ -31,11 +31,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.models import Job, JobStatus
 from app.models.base import now
+from app.repositories import jobs
 
 
 class Transition(enum.StrEnum):
@@ -137,20 +137,17 @@ def allowed_from(status: JobStatus) -> list[Transition]:
     return [name for name, rule in TABLE.items() if status in rule.sources]
 
 
-def transition(session: Session, job: Job, name: Transition, *conditions: Any, **values: Any) -> bool:
+def transition(
+    session: Session, job: Job, name: Transition, *, of_attempt: int | None = None, **values: Any
+) -> bool:
     """Make transition `name` on the job's row, with the table's writes plus `values`, if the row is in one
-    of its `from` statuses and its guards and `conditions` hold; then refresh `job`. True if it happened;
-    False if the job's status allows it but a guard or condition refused it (already requested, lease
-    renewed, …). IllegalTransition if the job's current status does not allow it at all."""
+    of its `from` statuses, its guards hold and (given `of_attempt`) it is still on that attempt; then
+    refresh `job`. True if it happened; False if the job's status allows it but a guard refused it (already
+    requested, lease renewed, a newer attempt, …). IllegalTransition if the job's current status does not
+    allow it at all."""
     rule = TABLE[name]
-    statement = (
-        update(Job)
-        .where(Job.id == job.id, *rule.conditions(), *conditions)
-        .values({**rule.writes(), **values})
-        .execution_options(synchronize_session=False)  # `job` is refreshed right after
-    )
-    done = session.execute(statement).rowcount == 1
-    session.refresh(job)
+    where = rule.conditions() + ([Job.attempt == of_attempt] if of_attempt is not None else [])
+    done = jobs.guarded_update(session, job, where, {**rule.writes(), **values})
     if not done and job.status not in rule.sources:
         raise IllegalTransition(job.id, job.status, name)
     return done

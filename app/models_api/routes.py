@@ -7,6 +7,7 @@ import logging
 import httpx
 from fastapi import APIRouter
 
+from app.db import after_commit
 from app.deps import CurrentTenant, SessionDep, SettingsDep
 from app.errors import error_responses
 from app.models_api import service
@@ -17,8 +18,8 @@ log = logging.getLogger(__name__)
 
 
 @router.get("", response_model=ModelList, response_model_exclude_unset=True)
-def list_models(tenant: CurrentTenant, session: SessionDep, settings: SettingsDep):
-    return {"object": "list", "data": service.list_models(session, settings, tenant.id)}
+def list_models(tenant: CurrentTenant, session: SessionDep, settings: SettingsDep) -> ModelList:
+    return ModelList(object="list", data=service.list_models(session, settings, tenant.id))
 
 
 @router.get(
@@ -27,17 +28,23 @@ def list_models(tenant: CurrentTenant, session: SessionDep, settings: SettingsDe
     response_model_exclude_unset=True,
     responses=error_responses(404),
 )
-def get_model(model_id: str, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep):
+def get_model(model_id: str, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep) -> Model:
     return service.get_model(session, settings, tenant.id, model_id)
 
 
 @router.delete("/{model_id:path}", response_model=ModelDeleted, responses=error_responses(403, 404))
-def delete_model(model_id: str, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep):
+def delete_model(
+    model_id: str, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep
+) -> ModelDeleted:
     """Delete a fine-tuned model (its job and adapter stay downloadable); it can no longer be called."""
     job = service.delete_model(session, settings, tenant.id, model_id)
-    session.commit()
-    try:  # free its memory now; a failure here only delays that until LRU eviction
-        httpx.delete(f"{settings.inference_url}/adapters/{job.id}", timeout=5).raise_for_status()
+    after_commit(session, lambda: _evict(settings.inference_url, job.id))
+    return ModelDeleted(id=model_id, object="model", deleted=True)
+
+
+def _evict(inference_url: str, adapter_id: str) -> None:
+    """Free a deleted model's memory now; a failure here only delays that until LRU eviction."""
+    try:
+        httpx.delete(f"{inference_url}/adapters/{adapter_id}", timeout=5).raise_for_status()
     except httpx.HTTPError as exc:
-        log.warning("could not evict adapter %s from the inference server: %s", job.id, exc)
-    return {"id": model_id, "object": "model", "deleted": True}
+        log.warning("could not evict adapter %s from the inference server: %s", adapter_id, exc)

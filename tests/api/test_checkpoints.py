@@ -105,8 +105,7 @@ def test_a_superseded_attempt_cannot_store_artifacts(client, running_job, databa
     job_id, attempt = running_job
     with session_scope(database_url) as session:
         session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=0))
-    with session_scope(database_url) as session:
-        reap_expired_leases(session)
+    reap_expired_leases(database_url)
     claim(client, job_id)
     stale = client.put(f"/internal/v1/jobs/{job_id}/adapter", content=tiny_archive(), headers=attempt)
     assert stale.status_code == 409

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.jobs.event_stream import DONE, KEEPALIVE, EventHub
-from app.jobs.service import add_event, events_query, finish_job
+from app.jobs.service import add_event, finish_job
 from app.models import Job, JobEvent, JobStatus
 from tests.api.test_internal import claim
 
@@ -145,7 +145,9 @@ def test_a_slow_follower_catches_up_from_the_database_without_holding_up_the_oth
 
     ((fast_body, fast_end), (slow_body, slow_end)), final_at = asyncio.run(scenario())
     with session_scope(database_url) as session:
-        expected = [event.id for event in session.scalars(events_query(job_id).order_by(JobEvent.seq))]
+        expected = list(
+            session.scalars(select(JobEvent.id).where(JobEvent.job_id == job_id).order_by(JobEvent.seq))
+        )
     assert streamed_ids(fast_body.decode()) == expected
     assert streamed_ids(slow_body.decode()) == expected
     # The slow follower pauses 1 s after each chunk: the fast one ends well before it, without waiting.

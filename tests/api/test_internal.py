@@ -144,8 +144,7 @@ def test_expired_lease_requeues_and_supersedes_the_old_attempt(client, job_id, a
     for attempt_number in range(1, MAX_ATTEMPTS + 1):
         with session_scope(database_url) as session:
             session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=0))
-        with session_scope(database_url) as session:
-            reap_expired_leases(session)
+        reap_expired_leases(database_url)
         job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()
         if attempt_number < MAX_ATTEMPTS:
             assert job["status"] == "queued"

@@ -23,7 +23,6 @@ from app.chat.schemas import ChatCompletion, ChatCompletionChunk
 from app.db import session_scope
 from app.errors import ErrorResponse
 from app.files.schemas import FileDeleted, FileList, FileObject
-from app.jobs import checkpoints
 from app.jobs.schemas import (
     FineTuningJob,
     FineTuningJobEvent,
@@ -31,13 +30,11 @@ from app.jobs.schemas import (
     JobCheckpointList,
     JobEventList,
     JobList,
-    render_event,
-    render_job,
 )
 from app.main import Health, NotReady, Ready, create_app
 from app.models import Checkpoint, Job, JobEvent
 from app.models_api.schemas import Model, ModelDeleted, ModelList
-from app.models_api.service import render_base_model, render_fine_tuned_model
+from app.models_api.service import SERVER_START
 from tests.api.test_checkpoints import store_checkpoint
 from tests.api.test_internal import claim, succeeded_job, tiny_archive
 from tests.utils import CHAT_LINES, upload_file
@@ -133,14 +130,14 @@ def assert_documented(
 
 
 def as_json(rendered: Any) -> Any:
-    """What the route answered before it declared a response model: its render function's output as JSON."""
     return json.loads(json.dumps(TypeAdapter(Any).dump_python(rendered, mode="json")))
 
 
-def assert_unchanged(body: dict[str, Any], rendered: dict[str, Any]) -> None:
-    """Same keys, same order, same values as the render function gives (what the route sent before)."""
+def assert_unchanged(body: dict[str, Any], rendered: Any) -> None:
+    """Same keys, same order, same values as the object built from its row."""
+    rendered = as_json(rendered)
     assert list(body) == list(rendered)
-    assert body == as_json(rendered)
+    assert body == rendered
 
 
 @pytest.fixture
@@ -249,13 +246,20 @@ def test_files_jobs_events_checkpoints_and_errors_validate(client, auth, openapi
 
     with session_scope(database_url) as session:
         job_row = session.query(Job).filter_by(id=job_id).one()
-        assert_unchanged(running, render_job(job_row))
-        assert_unchanged(listed["data"][0], render_job(job_row))
+        assert_unchanged(running, FineTuningJob.from_row(job_row))
+        assert_unchanged(listed["data"][0], FineTuningJob.from_row(job_row))
+        assert running["method"] == {
+            "type": "supervised",
+            "supervised": {"hyperparameters": job_row.hyperparameters},
+        }
+        assert (running["organization_id"], running["metadata"]) == (job_row.tenant_id, job_row.job_metadata)
         event_rows = session.query(JobEvent).filter_by(job_id=job_id).order_by(JobEvent.seq).all()
         for event, row in zip(events["data"], event_rows, strict=True):
-            assert_unchanged(event, render_event(row))
+            assert_unchanged(event, FineTuningJobEvent.from_row(row))
+            assert (event["id"], event["message"], event["data"]) == (row.id, row.message, row.data)
         checkpoint_row = session.query(Checkpoint).filter_by(job_id=job_id).one()
-        assert_unchanged(checkpoint_page["data"][0], checkpoints.render(checkpoint_row))
+        assert_unchanged(checkpoint_page["data"][0], JobCheckpoint.from_row(checkpoint_row))
+        assert checkpoint_page["data"][0]["fine_tuning_job_id"] == job_id
     assert list(running) == list(FineTuningJob.model_fields)
     assert list(events["data"][0]) == list(FineTuningJobEvent.model_fields)
     assert list(checkpoint_page["data"][0]) == list(JobCheckpoint.model_fields)
@@ -318,8 +322,16 @@ def test_models_validate_and_keep_their_keys(client, auth, openapi, settings, da
         openapi, client.get("/v1/models", headers=auth), "get", "/v1/models", ModelList
     )
     with session_scope(database_url) as session:
-        tuned = render_fine_tuned_model(session.query(Job).filter_by(id=job_id).one())
-    base = render_base_model("tiny-phi3")
+        row = session.query(Job).filter_by(id=job_id).one()
+        tuned = {
+            "id": row.fine_tuned_model,
+            "object": "model",
+            "created": row.finished_at,
+            "owned_by": row.tenant_id,
+            "parent": row.model,
+            "fine_tuning_job": job_id,
+        }
+    base = {"id": "tiny-phi3", "object": "model", "created": SERVER_START, "owned_by": "phitune"}
     assert models == {"object": "list", "data": [as_json(base), as_json(tuned)]}
     assert "parent" not in models["data"][0]  # base models have no parent/fine_tuning_job keys, not nulls
     path = "/v1/models/{model_id}"

@@ -1,0 +1,37 @@
+"""Uploaded datasets."""
+
+from __future__ import annotations
+
+from sqlalchemy import Select, or_, select
+from sqlalchemy.orm import Session
+
+from app.models import File, Job, JobStatus
+
+
+def get(session: Session, tenant_id: str, file_id: str) -> File | None:
+    return session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+
+
+def list_query(tenant_id: str, purpose: str | None) -> Select:
+    query = select(File).where(File.tenant_id == tenant_id)
+    return query if purpose is None else query.where(File.purpose == purpose)
+
+
+def add(session: Session, row: File) -> None:
+    session.add(row)
+    session.flush()
+
+
+def delete(session: Session, row: File) -> None:
+    session.delete(row)
+
+
+def unfinished_job_using(session: Session, row: File) -> str | None:
+    """The id of a queued, running or paused job that will still download the file, if any."""
+    return session.scalar(
+        select(Job.id).where(
+            Job.tenant_id == row.tenant_id,
+            or_(Job.training_file == row.id, Job.validation_file == row.id),
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED]),
+        )
+    )

@@ -1,0 +1,170 @@
+"""Jobs, their events and their outbox messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.orm import Session
+
+from app.models import Job, JobEvent, JobStatus, Outbox
+from app.models.base import new_id, now
+
+
+def get(session: Session, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id))
+
+
+def get_for_tenant(session: Session, tenant_id: str, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+
+def lock(session: Session, job_id: str) -> Job | None:
+    """The job with its row locked until the unit of work ends (PostgreSQL; SQLite locks on write)."""
+    return session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+
+
+def status_of(session: Session, job_id: str) -> JobStatus | None:
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return None if status is None else JobStatus(status)
+
+
+def add(session: Session, job: Job) -> None:
+    session.add(job)
+    session.flush()
+
+
+def list_query(tenant_id: str, metadata: Mapping[str, str]) -> Select:
+    """The tenant's jobs whose metadata holds every given pair."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    for key, value in metadata.items():
+        query = query.where(Job.job_metadata[key].as_string() == value)
+    return query
+
+
+def guarded_update(session: Session, job: Job, where: Iterable[Any], values: Mapping[str, Any]) -> bool:
+    """`UPDATE jobs SET values WHERE id = job.id AND where…`, then refresh `job`; True if the row matched.
+    The UPDATE holds the row's lock until commit, which is what makes a state transition atomic."""
+    statement = (
+        update(Job)
+        .where(Job.id == job.id, *where)
+        .values(dict(values))
+        .execution_options(synchronize_session=False)  # `job` is refreshed right after
+    )
+    done = session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
+    session.refresh(job)
+    return done
+
+
+def expired_lease_ids(session: Session) -> list[tuple[str, int]]:
+    """(id, attempt) of running jobs whose lease has expired."""
+    query = select(Job.id, Job.attempt).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now())
+    return [(job_id, attempt) for job_id, attempt in session.execute(query)]
+
+
+def counts_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: count for status, count in rows}
+
+
+def fine_tuned_query(tenant_id: str) -> Select:
+    """The tenant's callable fine-tuned models, as their jobs."""
+    return select(Job).where(
+        Job.tenant_id == tenant_id,
+        Job.status == JobStatus.SUCCEEDED,
+        Job.fine_tuned_model.is_not(None),
+        Job.model_deleted_at.is_(None),
+    )
+
+
+def fine_tuned(session: Session, tenant_id: str, model_id: str) -> Job | None:
+    return session.scalar(fine_tuned_query(tenant_id).where(Job.fine_tuned_model == model_id))
+
+
+def fine_tuned_models(session: Session, tenant_id: str) -> list[Job]:
+    return list(session.scalars(fine_tuned_query(tenant_id).order_by(Job.seq)))
+
+
+# Events
+
+
+def add_event(
+    session: Session, job_id: str, message: str, *, level: str, type: str, data: Any = None
+) -> JobEvent:
+    event = JobEvent(id=new_id("ftevent"), job_id=job_id, level=level, type=type, message=message, data=data)
+    session.add(event)
+    return event
+
+
+def events_query(job_id: str) -> Select:
+    return select(JobEvent).where(JobEvent.job_id == job_id)
+
+
+def events_after(session: Session, job_id: str, after_seq: int, limit: int) -> list[JobEvent]:
+    query = events_query(job_id).where(JobEvent.seq > after_seq).order_by(JobEvent.seq).limit(limit)
+    return list(session.scalars(query))
+
+
+def event_seq(session: Session, job_id: str, event_id: str) -> int | None:
+    return session.scalar(select(JobEvent.seq).where(JobEvent.job_id == job_id, JobEvent.id == event_id))
+
+
+def last_event_seq(session: Session, job_id: str) -> int:
+    return session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0
+
+
+def stored_worker_seqs(session: Session, job_id: str, attempt: int, seqs: list[int]) -> set[int]:
+    """Which of an attempt's worker-numbered events are stored already."""
+    if not seqs:
+        return set()
+    query = select(JobEvent.worker_seq).where(
+        JobEvent.job_id == job_id, JobEvent.attempt == attempt, JobEvent.worker_seq.in_(seqs)
+    )
+    return {seq for seq in session.scalars(query) if seq is not None}
+
+
+# Outbox
+
+
+def add_message(session: Session, job_id: str) -> None:
+    """A training message for the job, sent once committed (app.jobs.outbox)."""
+    session.add(Outbox(job_id=job_id))
+
+
+def unsent_message_ids(session: Session, *, job_id: str | None = None, min_age: float = 0) -> list[int]:
+    """Unsent outbox rows (of one job, or all older than `min_age` seconds), oldest first."""
+    query = select(Outbox.seq).where(Outbox.sent_at.is_(None), Outbox.created_at <= now() - min_age)
+    if job_id is not None:
+        query = query.where(Outbox.job_id == job_id)
+    return list(session.scalars(query.order_by(Outbox.seq)))
+
+
+def claim_unsent_message(session: Session, seq: int) -> str | None:
+    """Mark an outbox row sent and return its job id; None if another API process sent it meanwhile."""
+    row = session.scalar(select(Outbox).where(Outbox.seq == seq, Outbox.sent_at.is_(None)).with_for_update())
+    if row is None:
+        return None
+    row.sent_at = now()
+    return row.job_id
+
+
+def unsent_count(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Outbox).where(Outbox.sent_at.is_(None))) or 0
+
+
+def queued_jobs_last_sent_before(session: Session, min_age: float) -> list[str]:
+    """Queued jobs all of whose messages were sent, the last more than `min_age` seconds ago."""
+    last_sent = (
+        select(Outbox.job_id, func.max(Outbox.sent_at).label("sent_at"))
+        .group_by(Outbox.job_id)
+        .having(func.count() == func.count(Outbox.sent_at))  # no message of the job is still unsent
+        .subquery()
+    )
+    return list(
+        session.scalars(
+            select(Job.id)
+            .join(last_sent, last_sent.c.job_id == Job.id)
+            .where(Job.status == JobStatus.QUEUED, last_sent.c.sent_at <= now() - min_age)
+        )
+    )
