@@ -204,6 +204,9 @@ def test_another_tenants_id_is_no_cursor(client, auth, other_auth, training_file
 def test_a_file_an_unfinished_job_needs_cannot_be_deleted(client, auth, training_file):
     job_id = create(client, auth, training_file=training_file).json()["id"]
     assert_error(client.delete(f"/v1/files/{training_file}", headers=auth), 409, code="file_in_use")
+    # A paused job downloads its file again when it resumes.
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=auth).json()["status"] == "paused"
+    assert_error(client.delete(f"/v1/files/{training_file}", headers=auth), 409, code="file_in_use")
     client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth)
     assert client.delete(f"/v1/files/{training_file}", headers=auth).status_code == 200
 
