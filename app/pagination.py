@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, Field
 from sqlalchemy import Select
@@ -34,22 +33,16 @@ def check_limit(limit: int) -> int:
 
 
 def paginate(
-    session: Session,
-    query: Select,
-    table: Any,
-    *,
-    limit: int,
-    after: str | None,
-    newest_first: bool,
-    render: Callable[[Any], Any],
-    into: type[Page],
+    session: Session, query: Select, *, limit: int, after: str | None, newest_first: bool, into: type[Page]
 ) -> Page:
-    """One page of `query` after the row whose id is `after`, each row rendered, as the list type `into`."""
+    """One page of `query` after the row whose id is `after`, as the list type `into`, each row made into
+    its item type with `from_row`."""
     rows, has_more = pagination.page(
-        session, query, table, limit=check_limit(limit), after=after, newest_first=newest_first
+        session, query, limit=check_limit(limit), after=after, newest_first=newest_first
     )
+    (item,) = get_args(into.model_fields["data"].annotation)
     return into(
-        data=[render(row) for row in rows],
+        data=[item.from_row(row) for row in rows],
         has_more=has_more,
         first_id=rows[0].id if rows else None,
         last_id=rows[-1].id if rows else None,

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 from app import idempotency
 from app.db import after_commit, on_rollback
 from app.errors import Conflict, InvalidFile, InvalidRequest, NotFound
-from app.files.schemas import FileList, FileObject
+from app.files.schemas import FileList
 from app.files.upload import FILE_FIELD, ReceivedFile, ReceivedForm
 from app.files.validation import Report, read_lines, validate_lines
 from app.models import File
@@ -82,11 +82,9 @@ def list_files(
     return paginate(
         session,
         files.list_query(tenant_id, purpose),
-        File,
         limit=limit,
         after=after,
         newest_first=True,
-        render=FileObject.from_row,
         into=FileList,
     )
 

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import Conflict
 from app.jobs import artifacts
-from app.jobs.schemas import JobCheckpoint, JobCheckpointList
+from app.jobs.schemas import JobCheckpointList
 from app.models import Checkpoint, Job
 from app.models.base import new_id
 from app.pagination import paginate
@@ -61,10 +61,8 @@ def list_page(session: Session, job: Job, *, limit: int, after: str | None) -> J
     return paginate(
         session,
         stored.checkpoint_query(job.id),
-        Checkpoint,
         limit=limit,
         after=after,
         newest_first=True,
-        render=JobCheckpoint.from_row,
         into=JobCheckpointList,
     )

@@ -14,7 +14,7 @@ from app.config import Settings
 from app.errors import Conflict, InvalidRequest, ModelConfigUnavailable, ModelNotAvailable, NotFound
 from app.files.service import get_file
 from app.jobs import states
-from app.jobs.schemas import FineTuningJob, FineTuningJobEvent, JobCreate, JobEventList, JobList
+from app.jobs.schemas import JobCreate, JobEventList, JobList
 from app.jobs.states import Transition
 from app.models import Job, JobEvent, JobStatus
 from app.models.base import new_id
@@ -207,31 +207,13 @@ def list_jobs(
 ) -> JobList:
     """The tenant's jobs, newest first, those whose metadata holds every given pair."""
     query = jobs.list_query(tenant_id, metadata)
-    return paginate(
-        session,
-        query,
-        Job,
-        limit=limit,
-        after=after,
-        newest_first=True,
-        render=FineTuningJob.from_row,
-        into=JobList,
-    )
+    return paginate(session, query, limit=limit, after=after, newest_first=True, into=JobList)
 
 
 def list_events(session: Session, job: Job, *, limit: int, after: str | None) -> JobEventList:
     """The job's events oldest first, so `after` continues where the reader stopped."""
     query = jobs.events_query(job.id)
-    return paginate(
-        session,
-        query,
-        JobEvent,
-        limit=limit,
-        after=after,
-        newest_first=False,
-        render=FineTuningJobEvent.from_row,
-        into=JobEventList,
-    )
+    return paginate(session, query, limit=limit, after=after, newest_first=False, into=JobEventList)
 
 
 def finish_job(session: Session, job: Job, status: JobStatus, message: str, **fields: Any) -> None:

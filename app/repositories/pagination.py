@@ -12,10 +12,11 @@ from app.errors import InvalidRequest
 
 
 def page(
-    session: Session, query: Select, table: Any, *, limit: int, after: str | None, newest_first: bool
+    session: Session, query: Select, *, limit: int, after: str | None, newest_first: bool
 ) -> tuple[Sequence[Any], bool]:
-    """Up to `limit` rows of `query` after the row whose id is `after`, and whether more follow. Cursors
-    stay valid as rows are added."""
+    """Up to `limit` rows of `query` (of one table) after the row whose id is `after`, and whether more
+    follow. Cursors stay valid as rows are added."""
+    table = query.column_descriptions[0]["entity"]
     if after is not None:
         # Looked up through the caller's filtered query, so another tenant's id is no valid cursor.
         after_seq = session.scalar(query.with_only_columns(table.seq).where(table.id == after))
