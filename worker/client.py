@@ -7,15 +7,26 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
+import tenacity
+from pydantic import BaseModel
 
-from app.internal.contracts import ClaimReply, LeaseReply, StateReceipt
+from app.internal.contracts import (
+    CheckpointReport,
+    ClaimReply,
+    LeaseReply,
+    Outcome,
+    StateReceipt,
+    WorkerError,
+    WorkerEvents,
+)
 
 # Delays between retries of a call the API did not answer; the last one repeats until the lease is lost.
 RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
 RETRIED_STATUSES = {502, 503, 504}
+JSON_CONTENT = {"Content-Type": "application/json"}
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -94,7 +105,7 @@ class AttemptClient:
 
     def post_events(self, events: list[dict[str, Any]]) -> LeaseReply:
         """Record events (numbered by `seq`, so a retried post stores each once); renews the lease too."""
-        return LeaseReply.model_validate(self._post("/events", {"events": events}))
+        return LeaseReply.model_validate(self._post("/events", WorkerEvents(events=events)))
 
     def upload_resume_state(self, archive: Path, step: int, sha256: str) -> StateReceipt:
         """Store a resume state; the API keeps it only if what arrived has this sha256."""
@@ -113,14 +124,13 @@ class AttemptClient:
         return self._send("PUT", path, params={"format": fmt}, content=archive.read_bytes())
 
     def publish_checkpoint(self, step: int, metrics: dict[str, Any]) -> None:
-        self._post("/checkpoints", {"step": step, "metrics": metrics})
+        self._post("/checkpoints", CheckpointReport(step=step, metrics=metrics))
 
     def complete(self, status: str, *, error: str | None = None, **outcome: Any) -> None:
         """Report the outcome, with trained_tokens, shipped_step and peft_unavailable_reason as known."""
-        body: dict[str, Any] = {"status": status, **outcome}
         if error is not None:
-            body["error"] = {"message": error[:4000]}
-        self._post("/complete", body)
+            outcome["error"] = WorkerError(message=error[:4000])
+        self._post("/complete", Outcome(status=status, **outcome))
 
     def _download(self, path: str, destination: Path) -> Path:
         """Stream a file to `destination`, retried as `_send` retries (a restart mid-download starts over)."""
@@ -135,16 +145,23 @@ class AttemptClient:
 
         return _retrying(once, self._lease_seconds, LeaseLost)
 
-    def _post(self, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
-        return self._send("POST", self._prefix + path, json=body)
+    def _post(self, path: str, body: BaseModel | None) -> dict[str, Any]:
+        """POST a body of the contract, as given (unset fields stay unsent). Serialised by pydantic, which
+        writes a non-finite float (the loss of a diverged run) as null: httpx refuses to encode one."""
+        if body is None:
+            return self._send("POST", self._prefix + path)
+        content = body.model_dump_json(exclude_unset=True)
+        return self._send("POST", self._prefix + path, content=content, headers=JSON_CONTENT)
 
     def _send(self, method: str, path: str, **request: Any) -> dict[str, Any]:
         """One call, retried while the API cannot be reached or is restarting (a redeploy must not fail a long
         job), until it has failed for longer than the lease: then LeaseLost. Every call is safe to repeat:
         events are numbered, uploads replace, and a repeated outcome is refused as recorded."""
 
+        headers = {**self._headers, **request.pop("headers", {})}
+
         def once() -> dict[str, Any]:
-            response = _answered(self._http.request(method, path, headers=self._headers, **request))
+            response = _answered(self._http.request(method, path, headers=headers, **request))
             response.raise_for_status()
             return response.json()
 
@@ -156,22 +173,41 @@ class _NotAnswered(Exception):
 
 
 def _retrying(once: Callable[[], T], budget_seconds: float, give_up: type[ApiUnreachable]) -> T:
-    """`once()` until it returns, backing off between tries, for at most `budget_seconds`; then `give_up`."""
-    started, retry = time.monotonic(), 0
-    while True:
-        try:
-            return once()
-        except httpx.TransportError as exc:
-            problem = f"API unreachable ({exc!r})"
-        except _NotAnswered as exc:
-            problem = str(exc)
-        waited = time.monotonic() - started
-        if waited > budget_seconds:
-            raise give_up(f"{problem}; no answer for {waited:.0f} s")
-        delay = min(RETRY_DELAYS[min(retry, len(RETRY_DELAYS) - 1)], budget_seconds - waited + 0.1)
-        log.warning("%s; retrying in %.1fs", problem, delay)
-        time.sleep(delay)
-        retry += 1
+    """`once()` until it returns, backing off between tries, for at most `budget_seconds`; then `give_up`.
+    Only an unreachable API and `_NotAnswered` are retried; any other exception is raised at once."""
+    started = time.monotonic()
+
+    def waited() -> float:
+        return time.monotonic() - started
+
+    def gave_up(state: tenacity.RetryCallState) -> NoReturn:
+        raise give_up(f"{_problem(state)}; no answer for {waited():.0f} s") from _failure(state)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type((httpx.TransportError, _NotAnswered)),
+        stop=lambda _: waited() > budget_seconds,
+        # The next delay of RETRY_DELAYS, but no sleeping far past the budget.
+        wait=lambda state: min(_BACKOFF(state), budget_seconds - waited() + 0.1),
+        sleep=lambda seconds: time.sleep(seconds),  # this module's clock, which the tests replace
+        before_sleep=lambda state: log.warning(
+            "%s; retrying in %.1fs", _problem(state), state.next_action.sleep if state.next_action else 0
+        ),
+        retry_error_callback=gave_up,
+    )
+    return retrying(once)
+
+
+_BACKOFF = tenacity.wait_chain(*(tenacity.wait_fixed(delay) for delay in RETRY_DELAYS))
+
+
+def _failure(state: tenacity.RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome else None
+
+
+def _problem(state: tenacity.RetryCallState) -> str:
+    """What went wrong with the last try, for the log and the give-up message."""
+    failure = _failure(state)
+    return str(failure) if isinstance(failure, _NotAnswered) else f"API unreachable ({failure!r})"
 
 
 def _answered(response: httpx.Response) -> httpx.Response:

@@ -1,8 +1,9 @@
 """Turns a training file into token ids and a loss mask, the way Phi-3 is fine-tuned.
 
-The API has already validated the file: JSON lines all of one format, chat (`{"messages": [...]}`, an
-assistant message may carry `"weight": 0|1`), prompt/completion (`{"prompt", "completion"}`, a user turn
-answered by an assistant turn) or plain text (`{"text"}`, trained on entirely).
+The API has already validated the file with the record models of `app.dataset_format`, which read it here
+too: chat (`{"messages": [...]}`, an assistant message may carry `"weight": 0|1`), prompt/completion
+(`{"prompt", "completion"}`, a user turn answered by an assistant turn) or plain text (`{"text"}`, trained on
+entirely).
 
 By default the loss covers the assistant turns only, each with the end-of-turn token that closes it, so the
 model learns to stop. The turns are located by rendering the chat template and mapping characters to tokens,
@@ -11,20 +12,26 @@ never by matching Phi-3's strings, so any tokenizer with a chat template works.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-logger = logging.getLogger(__name__)
+from app.dataset_format import (
+    ChatRecord,
+    Message,
+    PromptCompletionRecord,
+    Record,
+    RecordError,
+    load_line,
+    parse_record,
+)
 
-Example = dict[str, Any]
-Message = dict[str, Any]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,27 +81,37 @@ def load_tokenized_dataset(
     )
 
 
-def read_jsonl(path: Path) -> list[Example]:
-    """The JSON objects of a JSONL file, skipping blank lines."""
-    with Path(path).open(encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines if line.strip()]
+def read_jsonl(path: Path) -> list[Record]:
+    """The records of a JSONL file, skipping blank lines; ValueError naming the line of one that is not."""
+    path = Path(path)
+    records = []
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            try:
+                obj = load_line(line, first=number == 1)
+                if obj is not None:
+                    records.append(parse_record(obj))
+            except RecordError as error:
+                raise ValueError(f"{path.name}, line {number}: {error.message}") from None
+    return records
 
 
 def tokenize_example(
-    example: Example, tokenizer: PreTrainedTokenizerBase, *, train_on_inputs: bool = False
+    example: Record | Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, *, train_on_inputs: bool = False
 ) -> tuple[list[int], list[int]]:
-    """Token ids and loss mask (1: trained) of one example of any of the three formats."""
-    if "messages" in example:
-        return tokenize_conversation(example["messages"], tokenizer, train_on_inputs=train_on_inputs)
-    if "prompt" in example:
-        messages = [
-            {"role": "user", "content": example["prompt"]},
-            {"role": "assistant", "content": example["completion"]},
-        ]
-        return tokenize_conversation(messages, tokenizer, train_on_inputs=train_on_inputs)
-    if "text" in example:
-        return tokenize_text(example["text"], tokenizer)
-    raise ValueError(f"Unknown example format with keys {sorted(example)}")
+    """Token ids and loss mask (1: trained) of one example of any of the three formats (a JSON object is
+    read as a record first)."""
+    record = example if isinstance(example, Record) else parse_record(example)
+    if isinstance(record, PromptCompletionRecord):
+        record = record.as_chat()
+    if isinstance(record, ChatRecord):
+        return tokenize_conversation(record.messages, tokenizer, train_on_inputs=train_on_inputs)
+    return tokenize_text(record.text, tokenizer)
+
+
+def chat_turns(messages: Sequence[Message | Mapping[str, Any]]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them: role and content, the fields it renders."""
+    return [{"role": message.role, "content": message.content} for message in map(_message, messages)]
 
 
 def tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -106,36 +123,44 @@ def tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[i
 
 
 def tokenize_conversation(
-    messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase, *, train_on_inputs: bool = False
+    messages: Sequence[Message | Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    train_on_inputs: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Render `messages` with the chat template; the mask covers the assistant turns with weight 1.
 
     With `train_on_inputs` every token is trained except the assistant turns with weight 0.
     """
-    turns = [{"role": message["role"], "content": message["content"]} for message in messages]
-    text = tokenizer.apply_chat_template(turns, tokenize=False)
+    parsed = [_message(message) for message in messages]
+    turns = chat_turns(parsed)
+    # Untokenized, the template gives text; transformers types every result apply_chat_template can give.
+    text = cast(str, tokenizer.apply_chat_template(turns, tokenize=False))
     # Tokenised as apply_chat_template(tokenize=True) does: the template already holds any special tokens.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
     mask = [int(train_on_inputs)] * len(ids)
-    for index, message in enumerate(messages):
-        if message["role"] == "assistant":
+    for index, message in enumerate(parsed):
+        if message.role == "assistant":
             for position in _assistant_turn_tokens(tokenizer, turns, index, text, ids, offsets):
-                mask[position] = int(message.get("weight", 1))
+                mask[position] = message.weight
     return ids, mask
+
+
+def _message(message: Message | Mapping[str, Any]) -> Message:
+    return message if isinstance(message, Message) else Message.model_validate(message)
 
 
 def _assistant_turn_tokens(
     tokenizer: PreTrainedTokenizerBase,
-    turns: list[Message],
+    turns: list[dict[str, str]],
     index: int,
     text: str,
     ids: list[int],
     offsets: list[tuple[int, int]],
 ) -> list[int]:
     """Positions of the tokens of assistant turn `index`: its content and the end-of-turn token after it."""
-    # The conversation up to this turn, ending with the generation prompt, is where the reply begins.
-    prompt = tokenizer.apply_chat_template(turns[:index], tokenize=False, add_generation_prompt=True)
+    prompt = _reply_prefix(tokenizer, turns, index)
     if not text.startswith(prompt):
         raise ValueError("The chat template renders a conversation's beginning differently from the whole")
     content = turns[index]["content"].strip()  # some templates trim the content
@@ -150,6 +175,19 @@ def _assistant_turn_tokens(
     if after is not None and _is_special(tokenizer, ids[after]):
         positions.append(after)
     return positions
+
+
+def _reply_prefix(tokenizer: PreTrainedTokenizerBase, turns: list[dict[str, str]], index: int) -> str:
+    """The text before the reply of turn `index`: the conversation up to it, ending with the generation
+    prompt. A conversation that opens with an assistant turn (which the format allows) has nothing before
+    it, and templates refuse to render nothing: its header is cut from the turn rendered alone instead."""
+    if index:
+        prefix = tokenizer.apply_chat_template(turns[:index], tokenize=False, add_generation_prompt=True)
+        return cast(str, prefix)  # untokenized, as in tokenize_conversation
+    marker = "\x00reply\x00"
+    rendered = tokenizer.apply_chat_template([{"role": "assistant", "content": marker}], tokenize=False)
+    alone = cast(str, rendered)
+    return alone[: alone.find(marker)] if marker in alone else ""
 
 
 def _is_special(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:

@@ -11,6 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# What a worker sends: a field the API does not know is refused (400), not dropped, so that a field renamed on
+# one side only fails at once (tests/worker/test_contract.py drives the worker's client against these).
+REQUEST = ConfigDict(extra="forbid")
+
 
 class ResumeStateInfo(BaseModel):
     """A complete resume state of a job, as the claim lists it (newest first)."""
@@ -47,6 +51,7 @@ class LeaseReply(BaseModel):
 
 
 class WorkerEvent(BaseModel):
+    model_config = REQUEST
     # Numbered by the worker within its attempt, so a retried post is stored once.
     seq: int | None = Field(None, ge=0, le=2**31 - 1)
     level: Literal["info", "warn", "error"] = "info"
@@ -72,10 +77,12 @@ def _finite_or_none(value: Any) -> Any:
 
 
 class WorkerEvents(BaseModel):
+    model_config = REQUEST
     events: list[WorkerEvent] = Field(max_length=1000)
 
 
 class WorkerError(BaseModel):
+    model_config = REQUEST
     message: str = Field(max_length=4000)
     code: str | None = None
 
@@ -87,6 +94,7 @@ OutcomeStatus = Literal["succeeded", "failed", "cancelled", "paused", "requeued"
 
 
 class Outcome(BaseModel):
+    model_config = REQUEST
     status: OutcomeStatus
     trained_tokens: int | None = None
     shipped_step: int | None = Field(
@@ -98,6 +106,7 @@ class Outcome(BaseModel):
 
 
 class CheckpointReport(BaseModel):
+    model_config = REQUEST
     step: int = Field(gt=0)
     metrics: dict[str, Any]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from worker.data import read_jsonl
+from worker.data import chat_turns, read_jsonl
 from worker.recipe import RecipeInputs
 
 PERSONA_FILE = Path(__file__).parents[2] / "examples" / "persona.jsonl"
@@ -67,7 +67,7 @@ class Recorder:
 @pytest.fixture(scope="session")
 def persona_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """The first persona conversation as a batch of one, to compare models' logits on."""
-    messages = read_jsonl(PERSONA_FILE)[0]["messages"]
+    messages = chat_turns(read_jsonl(PERSONA_FILE)[0].messages)
     return tokenizer.apply_chat_template(messages, return_tensors="pt")["input_ids"]
 
 

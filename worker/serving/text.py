@@ -2,42 +2,48 @@
 
 from __future__ import annotations
 
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
-
-REPLACEMENT_CHARACTER = "\ufffd"  # what a byte-level tokenizer decodes an incomplete UTF-8 sequence to
 
 
 class IncrementalDecoder:
     """Turns token ids into text pieces, one id at a time, never splitting a multi-byte character.
 
-    Each step decodes a short window that starts one piece back, so tokenizers that drop a leading space at
-    the start of a decode (SentencePiece) still give the same text as decoding every id at once.
+    tokenizers' `DecodeStream` does the work on the fast tokenizer's backend: it holds back ids while they
+    decode to an incomplete UTF-8 sequence (byte-level BPE, or SentencePiece byte-fallback tokens), and
+    decodes each step with the piece before it, so tokenizers that drop a leading space at the start of a
+    decode (SentencePiece) still give the same text as decoding every id at once.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix_offset = 0  # where the window decoded for context starts
-        self._read_offset = 0  # ids before this are already returned as text
-        self._prefix_text = ""  # the text of ids[prefix_offset:read_offset]
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise TypeError(f"Incremental decoding needs a fast tokenizer, not {type(tokenizer).__name__}")
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=True)
+        # What the stream holds, for `flush`: the ids of the last piece (its context) and the ids since.
+        self._piece_ids: list[int] = []
+        self._held_ids: list[int] = []
 
     def push(self, token_id: int) -> str:
         """The new text that `token_id` completes; empty while a character is still incomplete."""
-        self._ids.append(token_id)
-        return self._advance(final=False)
+        self._held_ids.append(token_id)
+        piece = self._stream.step(self._backend, token_id)
+        if piece is None:
+            return ""
+        self._piece_ids, self._held_ids = self._held_ids, []
+        return piece
 
     def flush(self) -> str:
-        """The text still held back at the end of generation (an incomplete character decodes as U+FFFD)."""
-        return self._advance(final=True)
+        """The text still held back at the end of generation (an incomplete character decodes as U+FFFD).
 
-    def _advance(self, *, final: bool) -> str:
-        text = self._tokenizer.decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
-        if len(text) <= len(self._prefix_text) or (text.endswith(REPLACEMENT_CHARACTER) and not final):
+        DecodeStream has no end: the held ids are decoded as it decodes a step, after the last piece."""
+        if not self._held_ids:
             return ""
-        new_text = text[len(self._prefix_text) :]
-        self._prefix_text = self._tokenizer.decode(self._ids[self._read_offset :], skip_special_tokens=True)
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return new_text
+        context = self._backend.decode(self._piece_ids, skip_special_tokens=True)
+        text = self._backend.decode(self._piece_ids + self._held_ids, skip_special_tokens=True)
+        self._piece_ids, self._held_ids = self._piece_ids + self._held_ids, []
+        return text[len(context) :]
 
 
 class StopStringFilter:

@@ -1,0 +1,312 @@
+"""The dataset record formats: what one line of a JSONL training file may hold, defined once.
+
+The API validates uploads with these models (`app.files.validation` numbers the lines, keeps one format per
+file and gathers statistics) and the worker reads the training file with them (`worker.data`), so a role or
+a field added here is accepted by both at once. It lives on the API side because the API must install
+without the worker.
+
+One JSON object per line (UTF-8; a byte order mark is accepted at the start of the file, as Windows editors
+write one), blank lines ignored, in one of three formats, recognised by their keys:
+
+    chat                {"messages": [{"role": "system"|"user"|"assistant", "content": "...", ...}, ...]}
+    prompt_completion   {"prompt": "...", "completion": "..."}
+    text                {"text": "..."}
+
+Decisions beyond the API contract:
+- Unknown keys are errors, at the top level and in messages, because the trainer would silently drop them
+  (a typo such as "mesages" or "contents" would otherwise train on nothing).
+- A message may carry `name` (a string) so that OpenAI-format datasets load unchanged; Phi-3's chat template
+  does not render it.
+- `weight` (0 or 1) is allowed only on assistant messages; a chat example needs at least one assistant
+  message with weight 1 (the default), otherwise it has nothing to train on.
+- `completion` and `text` must not be empty, for the same reason; other strings may be empty.
+
+A record that breaks a rule raises `RecordError`, with a code and a message that names the place, e.g.
+`invalid_role` and `messages[1].role must be one of system, user, assistant; got 'robot'`: each field states
+its own with `Invalid` metadata, and the rules across fields raise theirs as pydantic custom errors whose
+type is the code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core.core_schema import ErrorType
+
+CHAT, PROMPT_COMPLETION, TEXT = "chat", "prompt_completion", "text"
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = get_args(Role)
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """Metadata of a field (or of a list's items): the problem reported when it is missing or fails its type
+    or constraints. `message` follows the place (`"prompt"`, `messages[0].role`); `{found}` in it becomes
+    what was there (`it is missing`, `got 'abc'`, `got a number`), `{type}` the JSON type of the value and
+    `{value!r}` the value. `empty`, when given, is the message for an empty string or list instead."""
+
+    code: str
+    message: str
+    empty: str | None = None
+
+
+class RecordError(ValueError):
+    """Why a line is not a record: a problem `code` and a `message` for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Record(BaseModel):
+    # Strict: no coercion, a JSON value is taken as it is; frozen: a record read is a record kept.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Message(_Record):
+    """One turn of a chat record."""
+
+    role: Annotated[Role, Invalid("invalid_role", f"must be one of {', '.join(ROLES)}; {{found}}")]
+    content: Annotated[str, Invalid("invalid_content", "must be a string; {found}")]
+    # Absent or a string; null is refused (pydantic does not validate the default).
+    name: Annotated[str, Invalid("invalid_name", "must be a string")] = None  # type: ignore[assignment]
+    weight: Annotated[Literal[0, 1], Invalid("invalid_weight", "must be 0 or 1, got {value!r}")] = 1
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight_on_assistant_turns_only(cls, weight: Any, info: ValidationInfo) -> Any:
+        if info.data.get("role", "assistant") != "assistant":  # absent when the role itself is invalid
+            raise PydanticCustomError("invalid_weight", "is only allowed on assistant messages")
+        if isinstance(weight, bool):  # a Literal[0, 1] would take true for 1
+            raise ValueError("a boolean is not a weight")
+        return weight
+
+
+class ChatRecord(_Record):
+    """`{"messages": [...]}`: a conversation, trained on its assistant turns of weight 1."""
+
+    format: ClassVar[str] = CHAT
+    messages: Annotated[
+        list[Annotated[Message, Invalid("invalid_message", "must be an object, got {type}")]],
+        Field(min_length=1),
+        Invalid("invalid_messages", "must be a non-empty list of message objects"),
+    ]
+
+    @model_validator(mode="after")
+    def _trains_on_something(self) -> ChatRecord:
+        if not self.trained_turns:
+            raise PydanticCustomError(
+                "missing_assistant_turn",
+                "The conversation needs at least one assistant message (with weight 1)",
+            )
+        return self
+
+    @property
+    def trained_turns(self) -> int:
+        """The assistant messages of weight 1."""
+        return sum(message.role == "assistant" and message.weight == 1 for message in self.messages)
+
+    @property
+    def characters(self) -> int:
+        return sum(len(message.content) for message in self.messages)
+
+
+class PromptCompletionRecord(_Record):
+    """`{"prompt", "completion"}`: a user turn answered by an assistant turn."""
+
+    format: ClassVar[str] = PROMPT_COMPLETION
+    prompt: Annotated[str, Invalid("invalid_prompt", "must be a string; {found}")]
+    completion: Annotated[
+        str,
+        Field(min_length=1),
+        Invalid("invalid_completion", "must be a string; {found}", "must not be empty"),
+    ]
+
+    def as_chat(self) -> ChatRecord:
+        """The same example as a chat record."""
+        return ChatRecord(
+            messages=[
+                Message(role="user", content=self.prompt),
+                Message(role="assistant", content=self.completion),
+            ]
+        )
+
+    @property
+    def characters(self) -> int:
+        return len(self.prompt) + len(self.completion)
+
+
+class TextRecord(_Record):
+    """`{"text"}`: plain text, trained on entirely."""
+
+    format: ClassVar[str] = TEXT
+    text: Annotated[str, Field(min_length=1), Invalid("invalid_text", "must be a non-empty string")]
+
+    @property
+    def characters(self) -> int:
+        return len(self.text)
+
+
+Record = ChatRecord | PromptCompletionRecord | TextRecord
+# In the order a record's format is detected: the first whose required keys the record has any of.
+FORMATS: dict[str, type[Record]] = {
+    CHAT: ChatRecord,
+    PROMPT_COMPLETION: PromptCompletionRecord,
+    TEXT: TextRecord,
+}
+UNKNOWN_FORMAT = 'Expected "messages" (chat), "prompt" and "completion", or "text"'
+
+
+def load_line(line: bytes, *, first: bool = False) -> dict[str, Any] | None:
+    """The JSON object on one line of a file (`first`: the file's first line, which may begin with a byte
+    order mark), or None for a blank line; RecordError when it is not one."""
+    try:
+        text = line.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as error:
+        raise RecordError("invalid_utf8", f"Not valid UTF-8 (byte {error.start + 1} of the line)") from None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RecordError("invalid_json", f"Invalid JSON: {error.msg} (column {error.colno})") from None
+    except RecursionError:
+        raise RecordError("invalid_json", "Invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise RecordError("not_an_object", f"Expected a JSON object, got {json_type(obj)}")
+    return obj
+
+
+def detect_format(obj: Mapping[str, Any]) -> str:
+    """The format a JSON object is written in, judged by its keys; RecordError when it matches none."""
+    for name, model in FORMATS.items():
+        if _format_keys(model) & obj.keys():
+            return name
+    raise RecordError("unknown_format", f"{UNKNOWN_FORMAT}; found keys {sorted(obj)}")
+
+
+def validate_record(obj: Mapping[str, Any], record_format: str) -> Record:
+    """`obj` as a record of `record_format`; RecordError with the first problem when it is not one (unknown
+    keys first, then the fields in order, each message in turn, then the rules across fields)."""
+    model = FORMATS[record_format]
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        first = min(exc.errors(), key=_problem_order)
+        raise _record_error(first, model) from None
+
+
+def parse_record(obj: Mapping[str, Any]) -> Record:
+    """A JSON object as a record of the format it is written in; RecordError when it is none."""
+    return validate_record(obj, detect_format(obj))
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    names: dict[type, str] = {dict: "an object", list: "an array", str: "a string"}
+    return names.get(type(value), "a number")
+
+
+def _format_keys(model: type[BaseModel]) -> set[str]:
+    return {name for name, field in model.model_fields.items() if field.is_required()}
+
+
+def _problem_order(error: ErrorDetails) -> tuple[tuple[int, ...], bool, str]:
+    """Earlier list items first; within one object, its unknown keys (by name) before its fields (pydantic
+    reports the fields first, in their order)."""
+    loc, unknown_key = error["loc"], error["type"] == "extra_forbidden"
+    return (
+        tuple(part for part in loc if isinstance(part, int)),
+        not unknown_key,
+        str(loc[-1]) if unknown_key else "",
+    )
+
+
+_PYDANTIC_ERRORS = frozenset(get_args(ErrorType))
+
+
+def _record_error(error: ErrorDetails, model: type[BaseModel]) -> RecordError:
+    """A pydantic error as the problem it is: unknown key, a rule's own error, or the Invalid of its place."""
+    loc, error_type = error["loc"], error["type"]
+    if error_type == "extra_forbidden":
+        owner, _ = _described(model, loc[:-1])
+        allowed = sorted(owner.model_fields) if owner else []
+        return RecordError(
+            "unknown_key", f"Unknown key {loc[-1]!r} in {_place(loc[:-1]) or 'record'}; allowed: {allowed}"
+        )
+    place = _place(loc)
+    if error_type not in _PYDANTIC_ERRORS:  # a PydanticCustomError of a rule of this module
+        return RecordError(error_type, f"{place} {error['msg']}" if place else error["msg"])
+    _, invalid = _described(model, loc)
+    if invalid is None:  # a field that states no Invalid of its own
+        return RecordError(
+            f"invalid_{_field_name(loc)}", f"{place or 'The record'} is invalid: {error['msg']}"
+        )
+    message = invalid.message
+    if invalid.empty and error_type in ("too_short", "string_too_short"):
+        message = invalid.empty
+    value = error["input"]
+    if error_type == "missing":
+        found = "it is missing"
+    elif isinstance(value, str):
+        found = f"got {value[:40]!r}"
+    else:
+        found = f"got {json_type(value)}"
+    return RecordError(
+        invalid.code, f"{place} " + message.format(found=found, type=json_type(value), value=value)
+    )
+
+
+def _described(
+    model: type[BaseModel], loc: tuple[int | str, ...]
+) -> tuple[type[BaseModel] | None, Invalid | None]:
+    """The model at `loc` (None when it is not a model) and the innermost Invalid stated on the way there."""
+    current: Any = model
+    invalid = None
+    for part in loc:
+        if isinstance(part, str) and isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            if field is None:
+                return None, invalid
+            current, metadata = field.annotation, field.metadata
+        elif isinstance(part, int) and get_origin(current) is list:
+            item = get_args(current)[0]
+            current, metadata = (
+                (get_args(item)[0], item.__metadata__) if get_origin(item) is Annotated else (item, [])
+            )
+        else:
+            return None, invalid
+        invalid = next((m for m in metadata if isinstance(m, Invalid)), invalid)
+    return (current if isinstance(current, type) and issubclass(current, BaseModel) else None), invalid
+
+
+def _place(loc: tuple[int | str, ...]) -> str:
+    """Where in a record `loc` is: `"prompt"` for a top-level key, else a path such as `messages[0].role`."""
+    if len(loc) == 1 and isinstance(loc[0], str):
+        return f'"{loc[0]}"'
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    return next((part for part in reversed(loc) if isinstance(part, str)), "record")
