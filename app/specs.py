@@ -189,7 +189,7 @@ class PeftConfig(_Closed):
 
     def enabled_qkv_slices(self) -> list[str]:
         """The slices of qkv_proj that get a LoRA under the loralib backend (all three by default)."""
-        return self.qkv_slices or ["q", "k", "v"]
+        return list(self.qkv_slices or ("q", "k", "v"))
 
 
 # The layers LoRA can adapt, for the model types whose layer names are known without loading the model.
@@ -200,7 +200,7 @@ def check_against_model(peft_config: PeftConfig, model_config: dict[str, Any]) -
     """Raise ValueError, naming the field, when `peft_config` cannot train the model of `model_config`
     (the base model's config.json): unknown target modules, or loralib on a qkv_proj it cannot split."""
     model_type = model_config.get("model_type")
-    known = _ADAPTABLE_MODULES.get(model_type)
+    known = _ADAPTABLE_MODULES.get(model_type) if isinstance(model_type, str) else None
     if peft_config.backend == "loralib" and model_type != "phi3":
         raise ValueError(
             f"peft_config.backend: 'loralib' adapts Phi-3's fused projections (model_type 'phi3'); "

@@ -147,8 +147,8 @@ def use_one_gpu(gpu: int | None) -> None:
     if get_settings().device == "cuda":
         from worker.hardware import cuda_problem
 
-        if problem := cuda_problem():
-            raise click.ClickException(f"PHITUNE_DEVICE=cuda, but CUDA cannot be used: {problem}")
+        if unusable := cuda_problem():
+            raise click.ClickException(f"PHITUNE_DEVICE=cuda, but CUDA cannot be used: {unusable}")
 
 
 @main.command()

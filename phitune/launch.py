@@ -51,7 +51,8 @@ def wait_healthy(url: str, *, processes: Sequence[subprocess.Popen] = (), timeou
     deadline = time.monotonic() + timeout
     while not healthy(url):
         if exited := [process for process in processes if process.poll() is not None]:
-            command = " ".join(map(str, exited[0].args[3:4]))
+            args = exited[0].args  # [python, -m, phitune, command, …]
+            command = str(args[3]) if isinstance(args, list | tuple) and len(args) > 3 else ""
             raise RuntimeError(f"phitune {command} exited with status {exited[0].returncode}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} did not answer /healthz within {timeout:.0f} s")

@@ -122,17 +122,17 @@ class Supervisor:
             self._stop_wave([child for child in self.children if child.stop_wave == wave])
 
     def _stop_wave(self, children: list[Child]) -> None:
-        running = [c for c in children if c.process is not None and c.process.poll() is None]
-        for child in running:
-            child.process.terminate()
+        running = [(c, c.process) for c in children if c.process is not None and c.process.poll() is None]
+        for _, process in running:
+            process.terminate()
         started = time.monotonic()
-        for child in running:
+        for child, process in running:
             try:
-                child.process.wait(timeout=max(0.0, started + child.grace_seconds - time.monotonic()))
+                process.wait(timeout=max(0.0, started + child.grace_seconds - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.log(f"{child.name} did not stop within {child.grace_seconds:g}s; killing it")
-            _kill_group(child.process)  # the child, if it is still there, and whatever it started
-            child.process.wait()
+            _kill_group(process)  # the child, if it is still there, and whatever it started
+            process.wait()
 
     def _start(self, child: Child) -> None:
         # A new session each, so a terminal's Ctrl-C reaches only the supervisor, which stops them in order,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from app.adapter_format import Format
+from app.adapter_format import FORMATS, Format
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -56,9 +56,7 @@ def pack(directory: Path, archive: Path) -> Path:
 def extract_adapter(archive: Path, destination: Path, fmt: str = "peft") -> Path:
     """Extract the files serving reads (config and safetensors weights) from an archive in format `fmt`
     (as the API's header names it) into `destination`."""
-    files = SERVED_FILES.get(fmt)
-    if files is None:
-        raise InvalidAdapter(f"unsupported adapter format {fmt!r}")
+    files = SERVED_FILES[served_format(fmt)]
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
@@ -67,7 +65,11 @@ def extract_adapter(archive: Path, destination: Path, fmt: str = "peft") -> Path
                     raise InvalidAdapter(
                         f"the adapter archive holds pickled weights ({member.name}); refused"
                     )
-            served = {_root_name(member): member for member in members if _root_name(member) in files}
+            served = {
+                name: member
+                for member in members
+                if (name := _root_name(member)) is not None and name in files
+            }
             missing = files - served.keys()
             if missing:
                 raise InvalidAdapter(f"the adapter archive lacks {', '.join(sorted(missing))}")
@@ -82,6 +84,14 @@ def extract_adapter(archive: Path, destination: Path, fmt: str = "peft") -> Path
     except tarfile.TarError as exc:
         raise InvalidAdapter(f"the adapter archive is not a readable tar file: {exc}") from exc
     return destination
+
+
+def served_format(name: str) -> Format:
+    """The format an archive's header names, or InvalidAdapter when serving knows no such format."""
+    for fmt in FORMATS:
+        if name == fmt:
+            return fmt
+    raise InvalidAdapter(f"unsupported adapter format {name!r}")
 
 
 def _root_name(member: tarfile.TarInfo) -> str | None:

@@ -81,6 +81,7 @@ def plan(setting: DeviceSetting, *, parameters: int, bf16: bool | None = None) -
             "precision; leave bf16 unset to let the worker choose (fp16 on GPUs without bf16, fp32 on the "
             "CPU), or set it to false"
         )
+    mixed: MixedPrecision | None
     if device.type == "cpu" or bf16 is False:
         dtype, mixed = torch.float32, None
     elif has_bf16:

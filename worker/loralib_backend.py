@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import loralib as lora
 import torch
@@ -31,6 +32,8 @@ from worker.adapter_archive import (
     PEFT_WEIGHTS_FILE,
 )
 from worker.loralib_layers import LowRankMergedLinear
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 QKV_ORDER = ("q", "k", "v")  # the order of the slices in Phi-3's fused qkv_proj
 
@@ -115,7 +118,7 @@ def _lora_layer(short_name: str, linear: nn.Linear, config: LoralibConfig, merge
     return layer
 
 
-def prepare_for_training(model: nn.Module, config: LoralibConfig) -> nn.Module:
+def prepare_for_training(model: ModuleT, config: LoralibConfig) -> ModuleT:
     """Add the LoRA layers and freeze everything else (but the biases `config.bias` trains)."""
     add_lora_layers(model, config)
     lora.mark_only_lora_as_trainable(model, bias=config.bias)
@@ -144,7 +147,7 @@ def save_adapter(model: nn.Module, adapter_dir: Path, config: LoralibConfig, bas
     except PeftConversionError as refusal:
         (adapter_dir / PEFT_UNAVAILABLE_FILE).write_text(f"{refusal}\n", encoding="utf-8")
         return ["loralib"]
-    peft_config.save_pretrained(adapter_dir)
+    peft_config.save_pretrained(str(adapter_dir))  # PEFT annotates the directory as str
     save_file(peft_state_dict, adapter_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
     return ["loralib", "peft"]
 
@@ -178,7 +181,8 @@ def to_peft(
     }
     peft_config = LoraConfig(
         r=config.r,
-        lora_alpha=config.lora_alpha,
+        # PEFT annotates lora_alpha as int, but takes any number: the scaling is lora_alpha / r.
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
         bias="none",

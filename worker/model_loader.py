@@ -19,7 +19,7 @@ from transformers import (
 
 from worker import hardware
 from worker.hardware import DeviceSetting, HardwarePlan
-from worker.quantization import bitsandbytes_config
+from worker.quantization import Quantization, bitsandbytes_config
 from worker.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def load_base_model(
     for_training: bool,
     plan: HardwarePlan | None = None,
     device: DeviceSetting = "auto",
-    quantization: str | None = None,
+    quantization: Quantization | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the model and tokenizer as `plan` says (by default: the plan of `device` for this model, see
     `worker.hardware`). `quantization` ("4bit", "8bit") loads the linear layers quantised by bitsandbytes,
@@ -50,7 +50,9 @@ def load_base_model(
     log.info("%s: %s", name_or_path, plan.describe())
     options = {"dtype": plan.dtype, "attn_implementation": plan.attention}
     if quantization is None:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **options).to(plan.device)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **options)
+        # transformers wraps `to` in functools.wraps, whose type takes `self` as an explicit first argument.
+        model = model.to(plan.device)  # type: ignore[arg-type]
     else:
         # bitsandbytes quantises while loading onto the device; a quantised model cannot be moved afterwards.
         model = AutoModelForCausalLM.from_pretrained(

@@ -29,6 +29,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Trainer,
     TrainerCallback,
     set_seed,
 )
@@ -180,7 +181,7 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
     if plan.mixed_precision == "fp16":
         # fp16 autocast scales the loss, and the scaler unscales only fp32 gradients: TRL leaves QLoRA's LoRA
         # weights in bf16, which must train in fp32 here.
-        for parameter in trainer.model.parameters():
+        for parameter in trained_model(trainer).parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
     reporter.message(describe_memory(trainer, inputs, plan, architecture))
@@ -210,11 +211,12 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
     adapter_dir = inputs.output_dir / "adapter"
     final_eval_loss = checkpoints.eval_losses.get(steps)
     best = checkpoints.best
+    best_step: int | None
     if best is not None and (final_eval_loss is None or best.metrics["valid_loss"] <= final_eval_loss):
         best.directory.rename(adapter_dir)  # on a tie the earlier step wins
         best_step, formats = best.step, best.formats
     else:
-        formats = save_adapter(trainer.model, adapter_dir, inputs, step=steps, train_loss=train_loss)
+        formats = save_adapter(trained_model(trainer), adapter_dir, inputs, step=steps, train_loss=train_loss)
         best_step = steps if config.load_best_model_at_end and final_eval_loss is not None else None
     result = RecipeResult(
         adapter_dir=adapter_dir,
@@ -240,14 +242,14 @@ def describe_memory(
 ) -> str:
     """The job's estimated device memory (`worker.memory_estimate`), for its first events."""
     estimate = estimate_training_memory(
-        trainer.model,
+        trained_model(trainer),
         batch_size=inputs.training_config.per_device_train_batch_size,
         sequence_length=inputs.training_config.max_seq_length,
         hidden_size=architecture.hidden_size,
         layers=architecture.num_hidden_layers,
         vocab_size=architecture.vocab_size,
         half_precision=plan.mixed_precision is not None,
-        checkpointing=trainer.args.activation_checkpointing,
+        checkpointing=bool(trainer.args.activation_checkpointing),  # typed optional; always set here
     )
     return estimate.describe()
 
@@ -266,7 +268,7 @@ def prepare_model(model: PreTrainedModel, inputs: RecipeInputs) -> PreTrainedMod
 
 def build_lora_config(peft_config: PeftConfig) -> LoraConfig:
     """The `peft.LoraConfig` of a job: PeftConfig's fields, but the RECIPE_FIELDS, are LoraConfig's."""
-    return LoraConfig(**peft_config.model_dump(exclude=RECIPE_FIELDS))
+    return LoraConfig(**peft_config.model_dump(exclude=set(RECIPE_FIELDS)))
 
 
 def build_trainer_args(
@@ -350,7 +352,7 @@ class RecipeTrainer(SFTTrainer):
         os.makedirs(output_dir, exist_ok=True)
         trained = {
             name: parameter.detach().cpu().contiguous()
-            for name, parameter in self.model.named_parameters()
+            for name, parameter in trained_model(self).named_parameters()
             if parameter.requires_grad
         }
         save_file(trained, os.path.join(output_dir, "model.safetensors"))
@@ -404,6 +406,7 @@ class ReporterCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         event, self._pending = self._pending, None
+        assert event is not None  # the trainer logs a step before it evaluates it (see on_step_end)
         metrics = {
             "eval_loss": metrics["eval_loss"],
             "eval_mean_token_accuracy": metrics["eval_mean_token_accuracy"],
@@ -416,6 +419,13 @@ class ReporterCallback(TrainerCallback):
         if self.reporter.should_stop():
             self.cancelled = True
             control.should_training_stop = True
+
+
+def trained_model(trainer: Trainer) -> nn.Module:
+    """The trainer's model: Trainer types it as optional, for trainers made with `model_init` instead."""
+    if trainer.model is None:
+        raise RuntimeError("the trainer has no model")
+    return trainer.model
 
 
 def last_train_loss(trainer: SFTTrainer) -> float | None:
@@ -498,6 +508,7 @@ class CheckpointCallback(TrainerCallback):
 
     def _store(self, model: nn.Module) -> None:
         metrics, self._due = self._due, None
+        assert metrics is not None  # called only while a checkpoint is due
         directory = self.directory / f"checkpoint-{metrics['step']}"
         checkpoint = Checkpoint(metrics["step"], directory, metrics, self.save(model, directory, metrics))
         self.reporter.on_checkpoint(checkpoint.step, directory, metrics)
@@ -590,7 +601,8 @@ def save_adapter(
         config = LoralibConfig.from_peft_config(inputs.peft_config)
         formats = loralib_backend.save_adapter(model, adapter_dir, config, inputs.base_model)
     else:
-        model.save_pretrained(adapter_dir, safe_serialization=True)
+        assert isinstance(model, PeftModel)  # SFTTrainer wraps the model of backend peft in one
+        model.save_pretrained(str(adapter_dir), safe_serialization=True)  # PEFT types the directory as str
         formats = ["peft"]
     (adapter_dir / "README.md").write_text(model_card(inputs, step, train_loss, formats), encoding="utf-8")
     return formats

@@ -8,6 +8,7 @@ only small enough to train on a laptop CPU in seconds. Nothing is downloaded.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -104,8 +105,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_model(tokenizer: PreTrainedTokenizerFast, *, seed: int) -> Phi3ForCausalLM:
     """A 2-layer Phi-3 with random weights drawn from `seed`, sized for `tokenizer`."""
-    eos_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
-    end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    # One token gives one id; transformers types the result as `int | list[int]` whatever the argument.
+    eos_id = cast(int, tokenizer.convert_tokens_to_ids(END_OF_TEXT))
+    end_of_turn_id = cast(int, tokenizer.convert_tokens_to_ids(END_OF_TURN))
     config = Phi3Config(
         # Rounded up to a multiple of 64, as Phi-3 pads its 32011 tokens to 32064 rows.
         vocab_size=-(-len(tokenizer) // 64) * 64,
@@ -133,19 +135,19 @@ def build_model(tokenizer: PreTrainedTokenizerFast, *, seed: int) -> Phi3ForCaus
     return model
 
 
-def make_random_adapter(base_model_dir: Path, adapter_dir: Path, *, seed: int, **lora_options) -> Path:
+def make_random_adapter(base_model_dir: Path, adapter_dir: Path, *, seed: int, **lora_options: Any) -> Path:
     """Save a LoRA adapter with random, non-zero weights (LoRA's B starts at zero) for `base_model_dir`."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    options = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"} | lora_options
-    model = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    options: dict[str, Any] = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"} | lora_options
+    base_model = AutoModelForCausalLM.from_pretrained(base_model_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = get_peft_model(model, LoraConfig(**options))
+        model = get_peft_model(base_model, LoraConfig(**options))
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:
                     parameter.normal_(0, 0.5)
-    model.save_pretrained(adapter_dir)
+    model.save_pretrained(str(adapter_dir))  # PEFT annotates the directory as str
     return adapter_dir

@@ -198,13 +198,13 @@ class _FormReader:
         self._sink = _FileSink(self._temp_path, filename, self._max_file_bytes)
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._part_name == FILE_FIELD:
+        if self._part_name == FILE_FIELD and self._sink is not None:  # set when the file part began
             self._sink.write(data[start:end])
         elif self._part_name is not None:
             self._part_value.extend(data[start:end])
 
     def _on_part_end(self) -> None:
-        if self._part_name == FILE_FIELD:
+        if self._part_name == FILE_FIELD and self._sink is not None:
             self._received = self._sink.close()
         elif self._part_name is not None:
             try:

@@ -6,6 +6,7 @@ by one attempt of one job, proven by its attempt token (`CurrentAttempt`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -112,7 +113,7 @@ async def _receive(
         job = service.attempt_job(session, attempt.job.id, attempt.token)
         reply, superseded = record(job, temp, sha256, size)
         for key in superseded:
-            after_commit(session, lambda key=key: storage.delete(key))
+            after_commit(session, partial(storage.delete, key))
         return reply
 
     try:
@@ -138,7 +139,7 @@ def publish_checkpoint(
     """List a checkpoint whose archive is stored, then prune to save_total_limit."""
     checkpoint = checkpoints.publish(session, attempt.job, body.step, body.metrics)
     for key in checkpoints.prune(session, attempt.job):
-        after_commit(session, lambda key=key: storage.delete(key))
+        after_commit(session, partial(storage.delete, key))
     return JobCheckpoint.from_row(checkpoint)
 
 

@@ -64,8 +64,10 @@ def servable_artifact(session: Session, adapter_id: str) -> Artifact:
     job_id = checkpoint.job_id if checkpoint else adapter_id
     scope = artifacts.checkpoint_scope(checkpoint.step_number) if checkpoint else Artifact.FINAL
     job = jobs.get(session, job_id)
-    artifact = artifacts.for_serving(session, job_id, scope) if job and not job.model_deleted_at else None
-    if artifact is None or (checkpoint is None and job.status != JobStatus.SUCCEEDED):
+    if job is None or job.model_deleted_at or (checkpoint is None and job.status != JobStatus.SUCCEEDED):
+        raise NotFound(f"No servable adapter for '{adapter_id}'", code="model_not_found")
+    artifact = artifacts.for_serving(session, job_id, scope)
+    if artifact is None:
         raise NotFound(f"No servable adapter for '{adapter_id}'", code="model_not_found")
     return artifact
 

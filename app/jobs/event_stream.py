@@ -158,7 +158,8 @@ class EventHub:
         feed.followers.discard(follower)
         if not feed.followers and self._feeds.get(feed.job_id) is feed:
             del self._feeds[feed.job_id]
-            feed.task.cancel()
+            if feed.task is not None:
+                feed.task.cancel()
 
     async def _poll(self, feed: _Feed) -> None:
         """Publish the job's new events until it is final and they all were published."""

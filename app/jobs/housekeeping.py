@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 
 from app.config import Settings
 from app.db import after_commit, session_scope
@@ -42,7 +43,7 @@ class Housekeeping:
         send_pending(url, celery, min_age=SEND_GRACE_SECONDS)
         with session_scope(url) as session:
             for key in resume_states.purge_finished(session):  # a row never points at a deleted file
-                after_commit(session, lambda key=key: self.storage.delete(key))
+                after_commit(session, partial(self.storage.delete, key))
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.outbox_relay_seconds):

@@ -67,7 +67,7 @@ class Rule:
     lease_expired: bool = False
 
     def conditions(self) -> list[Any]:
-        where = [Job.status.in_(sorted(self.sources))]
+        where: list[Any] = [Job.status.in_(sorted(self.sources))]
         where += [getattr(Job, flag).is_(value) for flag, value in self.requires.items()]
         if self.lease_expired:
             where.append(Job.lease_expires_at < now())

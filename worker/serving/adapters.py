@@ -28,7 +28,7 @@ import httpx
 import torch
 
 from app.adapter_format import FORMAT_HEADER, Format
-from worker.adapter_archive import extract_adapter
+from worker.adapter_archive import extract_adapter, served_format
 from worker.serving.engine import Engine
 from worker.serving.lora import AdapterWeights, read_adapter
 from worker.serving.loralib_adapter import read_loralib_adapter
@@ -193,8 +193,8 @@ class AdapterCache:
         work_dir.mkdir(parents=True)
         try:
             archive = work_dir / "adapter.tar.gz"
-            adapter_format = self._fetch(adapter_id, archive) or "peft"
-            files = extract_adapter(archive, work_dir / "files", adapter_format)  # refuses unknown formats
+            adapter_format = served_format(self._fetch(adapter_id, archive) or "peft")  # refuses unknown ones
+            files = extract_adapter(archive, work_dir / "files", adapter_format)
             read = READERS[adapter_format]
             return read(files, self._engine.lora.linear_shapes, self._engine.model.device)
         finally:

@@ -112,9 +112,16 @@ class Generation:
         return len(self.request.prompt_ids) + self.request.max_tokens - 1
 
     @property
+    def admitted_row(self) -> CacheRow:
+        """Its KV cache blocks; only an admitted sequence that has not ended has them."""
+        if self.row is None:
+            raise RuntimeError("the sequence holds no KV cache blocks")
+        return self.row
+
+    @property
     def prompt_left(self) -> int:
         """Prompt tokens not in the cache yet."""
-        return len(self.request.prompt_ids) - self.row.length
+        return len(self.request.prompt_ids) - self.admitted_row.length
 
     def cancel(self) -> None:
         """Stop generating: the sequence leaves the batch at the next step. Safe from any thread."""
@@ -368,18 +375,19 @@ class Engine:
         chunk: list[tuple[Generation, int]] = []
         width = 0
         for generation in self._prefilling:
-            tokens = min(generation.prompt_left, self._prefill_chunk_tokens)
-            if chunk and (len(chunk) + 1) * max(width, tokens) > self._prefill_chunk_tokens:
+            count = min(generation.prompt_left, self._prefill_chunk_tokens)
+            if chunk and (len(chunk) + 1) * max(width, count) > self._prefill_chunk_tokens:
                 break
-            chunk.append((generation, tokens))
-            width = max(width, tokens)
+            chunk.append((generation, count))
+            width = max(width, count)
         chunk.sort(key=lambda item: item[0].request.adapter_slot)
         generations = [generation for generation, _ in chunk]
+        rows = [generation.admitted_row for generation in generations]
         tokens = [
-            generation.request.prompt_ids[generation.row.length : generation.row.length + count]
-            for generation, count in chunk
+            generation.request.prompt_ids[row.length : row.length + count]
+            for (generation, count), row in zip(chunk, rows, strict=True)
         ]
-        batch = RowBatch(self.kv_pool, [generation.row for generation in generations], self._sliding_window)
+        batch = RowBatch(self.kv_pool, rows, self._sliding_window)
         logits = self._forward(generations, batch, tokens)
         self._counters["prefills"] += 1
         self._counters["prefill_tokens"] += sum(count for _, count in chunk)
@@ -395,7 +403,7 @@ class Engine:
 
     def _decode(self) -> None:
         if self._decode_batch is None:
-            rows = [generation.row for generation in self._decoding]
+            rows = [generation.admitted_row for generation in self._decoding]
             self._decode_batch = RowBatch(self.kv_pool, rows, self._sliding_window)
         tokens = [[generation.last_token] for generation in self._decoding]
         logits = self._forward(self._decoding, self._decode_batch, tokens)
@@ -425,7 +433,8 @@ class Engine:
 
     def _accept(self, generations: list[Generation], tokens: list[int]) -> list[Generation]:
         """Hand each generation its token; the generations that go on. The others leave the batch."""
-        going_on, ended = [], []
+        going_on: list[Generation] = []
+        ended: list[Generation] = []
         for generation, token in zip(generations, tokens, strict=True):
             generation.last_token = token
             (going_on if generation.accept(token, self._eos_token_ids) else ended).append(generation)

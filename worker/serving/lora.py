@@ -41,6 +41,7 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from worker.adapter_archive import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, InvalidAdapter
 from worker.serving.transfer import to_device
@@ -125,8 +126,8 @@ class _Scaling:
 
     def rank_and_scaling(self, name: str) -> tuple[int, float]:
         """A layer's rank and scaling, found exactly as PEFT's LoraModel._create_and_replace finds them."""
-        rank = self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), name), self.r)
-        alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), name), self.lora_alpha)
+        rank = self.rank_pattern.get(get_pattern_key(list(self.rank_pattern), name), self.r)
+        alpha = self.alpha_pattern.get(get_pattern_key(list(self.alpha_pattern), name), self.lora_alpha)
         return rank, alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
@@ -197,7 +198,8 @@ class Segments:
         longest = max(len(segment) for segment in by_slot.values())
         if slots * longest == len(token_slots):
             return Segments(first_slot, slots, longest, first_token, None, None)
-        gather, scatter = [], []
+        gather: list[int] = []
+        scatter: list[int] = []
         for index in range(slots):
             segment = by_slot.get(first_slot + index, [])
             scatter += range(index * longest, index * longest + len(segment))
@@ -314,7 +316,7 @@ class MultiLora:
     """The adapters loaded into one base model, by slot. Only the thread that runs the model may call
     `install`, `remove` and `select_rows`; `linear_shapes` is safe to read from any thread."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         self._model = model
         self.rows = RowAdapters(model.device)
         self.linear_shapes = {

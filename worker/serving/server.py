@@ -22,6 +22,7 @@ import resource
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from fastapi import FastAPI, Request
@@ -84,8 +85,10 @@ def create_inference_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        http_fetcher = None if fetch else HttpAdapterFetcher(settings.api_url, settings.resolved_worker_token)
-        app.state.models = await run_in_threadpool(load_models, settings, serving, fetch or http_fetcher)
+        fetcher, http_fetcher = fetch, None
+        if fetcher is None:
+            fetcher = http_fetcher = HttpAdapterFetcher(settings.api_url, settings.resolved_worker_token)
+        app.state.models = await run_in_threadpool(load_models, settings, serving, fetcher)
         try:
             yield
         finally:
@@ -104,7 +107,7 @@ def create_inference_app(
     @app.get("/stats")
     async def stats(request: Request) -> dict:
         models: dict[str, ServedModel] = request.app.state.models
-        per_model = {
+        per_model: dict[str, dict[str, Any]] = {
             model_id: {
                 "loaded_adapters": served.adapters.loaded(),
                 **served.engine.stats(),
@@ -235,7 +238,9 @@ class EventQueue:
 def _prompt(engine: Engine, body: GenerateBody) -> tuple[list[int], int]:
     """The prompt's token ids (chat template, generation prompt added) and the completion's token budget."""
     messages = [message.model_dump() for message in body.messages]
-    prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    # Tokenized, without return_dict, the template gives the ids; transformers types every result it can give.
+    template = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    prompt_ids = cast(list[int], template)
     max_tokens = body.max_tokens or max(engine.context_length - len(prompt_ids), 1)
     try:
         engine.check_length(len(prompt_ids), max_tokens)
