@@ -48,7 +48,12 @@ class Settings(BaseSettings):
         description="A running job whose worker is silent this long is re-queued (3 attempts at most).",
     )
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker renews its lease.")
-    outbox_relay_seconds: float = Field(5.0, gt=0, description="How often unsent job messages are re-sent.")
+    housekeeping_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How often the API's housekeeping loop runs: expired leases reaped, unsent or lost job "
+        "messages sent, resume states of ended jobs deleted.",
+    )
     redeliver_seconds: float = Field(
         60.0, gt=0, description="A job queued this long while the broker holds no message is sent again."
     )

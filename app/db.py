@@ -54,14 +54,23 @@ def session_scope(url: str) -> Iterator[Session]:
     """A unit of work: committed on success, rolled back on error, then its callbacks run."""
     session = get_sessionmaker(url)()
     try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        _run(session.info.pop(ON_ROLLBACK, []))
-        raise
+        try:
+            yield session
+            session.flush()
+        except BaseException:
+            session.rollback()
+            _run(session.info.pop(ON_ROLLBACK, []))
+            raise
+        try:
+            session.commit()
+        except BaseException:
+            # Whether a COMMIT that failed took effect is unknown (the connection may have dropped after
+            # the database committed): keep the blobs. An orphan blob is harmless; a row without one is not.
+            if session.info.get(ON_ROLLBACK):
+                log.warning("commit failed; keeping the blobs it would have removed on a rollback")
+            session.rollback()
+            raise
     finally:
-        session.info.pop(ON_ROLLBACK, None)
         session.close()
     _run(session.info.pop(AFTER_COMMIT, []))
 
@@ -81,7 +90,7 @@ def release_connection(session: Session) -> None:
     """End a unit of work's read-only transaction, so that no pooled connection (and on PostgreSQL no row
     lock) is held while a route waits on something slow: a body streaming in, a model generating. The
     session starts a new transaction when next used. Only for a session that has written nothing yet."""
-    if session.new or session.dirty or session.deleted:
+    if session.new or session.dirty or session.deleted or session.info.get(AFTER_COMMIT):
         raise RuntimeError("release_connection would commit pending writes")
     session.commit()
 

@@ -16,21 +16,18 @@ can run against the inference server directly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import torch
 
+from phitune.launch import free_port, run_phitune, running
 from worker.adapter_archive import pack
 from worker.tiny_model import make_random_adapter, make_tiny_model
 
@@ -41,16 +38,9 @@ CONCURRENCY = 8
 ROUNDS = 5
 COLD_ADAPTERS = 5
 WORKER_TOKEN = "bench-worker-token"
-REPO = Path(__file__).resolve().parents[1]
 
 # (client, adapter id or None for the base model, stream?) -> completion tokens received
 Caller = Callable[[httpx.AsyncClient, str | None, bool], Awaitable[int]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def measure_http(
@@ -180,30 +170,6 @@ def phitune_env(data_dir: Path, base_model_dir: Path, *, api_url: str, inference
     }
 
 
-@contextlib.contextmanager
-def phitune_process(args: list[str], env: dict[str, str], base_url: str) -> Iterator[str]:
-    """A `phitune` CLI process serving HTTP at `base_url` until the block ends."""
-    process = subprocess.Popen([sys.executable, "-m", "phitune", *args], env=env, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base_url}/healthz").status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"phitune {args[0]} did not start")
-            time.sleep(0.2)
-        yield base_url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def phitune_command(args: list[str], env: dict[str, str]) -> str:
-    command = [sys.executable, "-m", "phitune", *args]
-    return subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
-
-
 def register_fine_tuned_models(api_url: str, key: str, archives: dict[str, Path]) -> dict[str, str]:
     """Make each archive a succeeded job's adapter through the API, as a worker would; adapter → model id."""
     models = {}
@@ -242,12 +208,12 @@ def run() -> dict[str, object]:
         baseline = in_process_generate(base_model_dir, root / names[0])
         api_url, inference_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
         env = phitune_env(root / "data", base_model_dir, api_url=api_url, inference_url=inference_url)
-        phitune_command(["migrate"], env)
-        key = phitune_command(["keys", "create", "--tenant", "bench"], env).strip().splitlines()[-1]
+        run_phitune("migrate", env=env)
+        key = run_phitune("keys", "create", "--tenant", "bench", env=env).strip().splitlines()[-1]
         api_port, inference_port = api_url.rsplit(":", 1)[1], inference_url.rsplit(":", 1)[1]
         with (
-            phitune_process(["api", "--port", api_port], env, api_url),
-            phitune_process(["inference", "--port", inference_port], env, inference_url),
+            running(["api", "--port", api_port], api_url, env=env),
+            running(["inference", "--port", inference_port], inference_url, env=env),
         ):
             models = register_fine_tuned_models(api_url, key, archives)
             measured = asyncio.run(

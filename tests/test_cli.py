@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from phitune.launch import REPO, phitune_command
 
 
 def phitune(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -15,7 +14,7 @@ def phitune(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
         "PHITUNE_DATA_DIR": str(data_dir)
     }
     return subprocess.run(
-        [sys.executable, "-m", "phitune", *args],
+        phitune_command(*args),
         env=env,
         cwd=REPO,
         capture_output=True,

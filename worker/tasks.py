@@ -251,7 +251,7 @@ def run_training_job(job_id: str, settings: Settings) -> str:
         except ClaimRefused as refusal:
             log.info("skipping %s: %s", job_id, refusal)
             return "skipped"
-        except ApiUnreachable as down:  # the relay sends the job's message again once the API is back
+        except ApiUnreachable as down:  # the API sends the job's message again once it is back
             log.warning("could not claim %s: %s", job_id, down)
             return "unreachable"
         attempt = client.attempt(claim)

@@ -11,9 +11,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.job_status import JobStatus
+
 # What a worker sends: a field the API does not know is refused (400), not dropped, so that a field renamed on
 # one side only fails at once (tests/worker/test_contract.py drives the worker's client against these).
 REQUEST = ConfigDict(extra="forbid")
+
+
+# The levels and kinds of a job's events, as workers send them and the public API lists them.
+EventLevel = Literal["info", "warn", "error"]
+EventType = Literal["message", "metrics"]
 
 
 class ResumeStateInfo(BaseModel):
@@ -54,8 +61,8 @@ class WorkerEvent(BaseModel):
     model_config = REQUEST
     # Numbered by the worker within its attempt, so a retried post is stored once.
     seq: int | None = Field(None, ge=0, le=2**31 - 1)
-    level: Literal["info", "warn", "error"] = "info"
-    type: Literal["message", "metrics"] = "message"
+    level: EventLevel = "info"
+    type: EventType = "message"
     message: str = Field(max_length=4000)
     data: dict[str, Any] | None = None
 
@@ -91,6 +98,7 @@ class WorkerError(BaseModel):
 # requeued: the worker was told to stop (SIGTERM: spot reclaim, redeploy) and saved its state; another worker
 # continues, and the attempt does not count against the job's retries.
 OutcomeStatus = Literal["succeeded", "failed", "cancelled", "paused", "requeued"]
+HANDED_BACK: frozenset[OutcomeStatus] = frozenset({"paused", "requeued"})  # the attempt saved its state
 
 
 class Outcome(BaseModel):
@@ -121,7 +129,7 @@ class AdapterReceipt(BaseModel):
 class CompleteReply(BaseModel):
     """The job's status once the attempt's outcome is recorded."""
 
-    status: str
+    status: JobStatus
 
 
 class StateReceipt(BaseModel):

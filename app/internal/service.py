@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.auth import hash_token
 from app.config import Settings
 from app.errors import Conflict, NotFound, Unauthorized
-from app.internal.contracts import ClaimReply, LeaseReply, Outcome, WorkerEvent
+from app.internal.contracts import HANDED_BACK, ClaimReply, LeaseReply, Outcome, WorkerEvent
 from app.jobs import artifacts, resume_states, states
 from app.jobs.service import add_event, finish_job, hold_paused, requeue, resume_point
 from app.jobs.states import Transition
@@ -24,9 +24,6 @@ from app.models import Artifact, Job, JobStatus
 from app.models.base import now
 from app.repositories import artifacts as stored
 from app.repositories import jobs
-
-# Outcomes that hand the job back with its state saved (OutcomeStatus "requeued" is no job status).
-HANDED_BACK = (JobStatus.PAUSED, "requeued")
 
 
 def _bearer(authorization: str | None) -> str:

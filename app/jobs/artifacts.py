@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -51,18 +52,19 @@ def save_artifact(
 ) -> str | None:
     """Move an uploaded archive into place as the job's `scope` artifact in `fmt`. Returns the storage key of
     an archive it replaced, for the caller to delete once the transaction has committed."""
-    key = f"adapters/{job.id}/{scope}-attempt-{job.attempt}.{fmt}.tar.gz"
+    # A key of its own per upload: removing it when its row does not commit never touches another's blob
+    # (two copies of one upload, retried while the first still ran, race for the same row).
+    key = f"adapters/{job.id}/{scope}-attempt-{job.attempt}-{secrets.token_hex(6)}.{fmt}.tar.gz"
     artifact = stored.find_artifact(session, job.id, scope, fmt)
     storage.commit(temp, key)
-    if artifact is None or artifact.storage_key != key:  # a new blob: removed if its row never commits
-        on_rollback(session, lambda: storage.delete(key))
+    on_rollback(session, lambda: storage.delete(key))
     if artifact is None:
         stored.add_artifact(
             session,
             Artifact(job_id=job.id, scope=scope, format=fmt, storage_key=key, sha256=sha256, bytes=size),
         )
         return None
-    replaced = artifact.storage_key if artifact.storage_key != key else None
+    replaced = artifact.storage_key
     artifact.storage_key, artifact.sha256, artifact.bytes = key, sha256, size
     return replaced
 

@@ -20,7 +20,7 @@ SEND_GRACE_SECONDS = 5
 
 
 class Housekeeping:
-    """A daemon thread in the API process running `run_once` every `outbox_relay_seconds`."""
+    """A daemon thread in the API process running `run_once` every `housekeeping_seconds`."""
 
     def __init__(self, settings: Settings, messages: JobMessages) -> None:
         self.settings = settings
@@ -37,17 +37,25 @@ class Housekeeping:
         self._thread.join(timeout=10)
 
     def run_once(self) -> None:
+        """One round: each step on its own, so that one that fails (a broker down, a row that cannot be
+        read) keeps none of the others from running."""
         url, celery = self.settings.resolved_database_url, self.messages.celery
-        leases.reap_expired_leases(url)
-        resend_lost(url, celery, min_age=self.settings.redeliver_seconds)
-        send_pending(url, celery, min_age=SEND_GRACE_SECONDS)
-        with session_scope(url) as session:
+        for step in (
+            lambda: leases.reap_expired_leases(url),
+            lambda: resend_lost(url, celery, min_age=self.settings.redeliver_seconds),
+            lambda: send_pending(url, celery, min_age=SEND_GRACE_SECONDS),
+            self.purge_resume_states,
+        ):
+            try:
+                step()
+            except Exception:
+                log.exception("housekeeping step failed; the next round tries again")
+
+    def purge_resume_states(self) -> None:
+        with session_scope(self.settings.resolved_database_url) as session:
             for key in resume_states.purge_finished(session):  # a row never points at a deleted file
                 after_commit(session, partial(self.storage.delete, key))
 
     def _run(self) -> None:
-        while not self._stop.wait(self.settings.outbox_relay_seconds):
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("housekeeping round failed")
+        while not self._stop.wait(self.settings.housekeeping_seconds):
+            self.run_once()

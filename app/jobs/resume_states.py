@@ -8,6 +8,7 @@ a state that is damaged later in storage still leaves one to fall back on.
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -45,7 +46,7 @@ def store(
     repeated = stored.same_resume_state(session, job, step, sha256)
     if repeated is not None:  # a retry of an upload whose reply was lost: it is stored already
         return repeated, []
-    key = f"resume/{job.id}/attempt-{job.attempt}-step-{step}-{sha256[:12]}.tar"
+    key = f"resume/{job.id}/attempt-{job.attempt}-step-{step}-{secrets.token_hex(6)}.tar"  # one per upload
     storage.commit(temp, key)
     on_rollback(session, lambda: storage.delete(key))  # a blob whose row never commits is removed
     state = ResumeState(

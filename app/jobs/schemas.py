@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.internal.contracts import EventLevel, EventType
 from app.models import Checkpoint, Job, JobEvent, JobStatus
 from app.pagination import ListPage
 from app.specs import Hyperparameters, PeftConfig, TrainingConfig
@@ -163,9 +164,9 @@ class FineTuningJobEvent(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     created_at: int
-    level: Literal["info", "warn", "error"]
+    level: EventLevel
     message: str
-    type: Literal["message", "metrics"]
+    type: EventType
     data: dict[str, Any] | None
 
     @classmethod

@@ -58,20 +58,15 @@ class Transition(enum.StrEnum):
 @dataclass(frozen=True)
 class Rule:
     """One row of the table: the statuses a transition leaves from, the one it lands in, the flag columns
-    that must hold (`requires`), whether the lease must have expired, and the columns it also writes."""
+    that must hold (`requires`), whether the lease must have expired, the columns it also writes and the
+    counters it adds one to."""
 
     sources: frozenset[JobStatus]
     target: JobStatus
     requires: Mapping[str, bool] = field(default_factory=dict)
     sets: Mapping[str, Any] = field(default_factory=dict)
     lease_expired: bool = False
-
-    def conditions(self) -> list[Any]:
-        where: list[Any] = [Job.status.in_(sorted(self.sources))]
-        where += [getattr(Job, flag).is_(value) for flag, value in self.requires.items()]
-        if self.lease_expired:
-            where.append(Job.lease_expires_at < now())
-        return where
+    counts: frozenset[str] = frozenset()
 
     def writes(self) -> dict[str, Any]:
         values: dict[str, Any] = {"status": self.target}
@@ -108,7 +103,8 @@ TABLE: Mapping[Transition, Rule] = {
     Transition.LOSE_LEASE: Rule(
         frozenset({RUNNING}),
         RUNNING,
-        sets={"lease_expires_at": None, "lost_attempts": Job.lost_attempts + 1},
+        sets={"lease_expires_at": None},
+        counts=frozenset({"lost_attempts"}),
         lease_expired=True,
     ),
 }
@@ -146,8 +142,13 @@ def transition(
     requested, lease renewed, a newer attempt, …). IllegalTransition if the job's current status does not
     allow it at all."""
     rule = TABLE[name]
-    where = rule.conditions() + ([Job.attempt == of_attempt] if of_attempt is not None else [])
-    done = jobs.guarded_update(session, job, where, {**rule.writes(), **values})
+    done = jobs.guarded_update(
+        session,
+        job,
+        jobs.Guard(rule.sources, rule.requires, lease_expired=rule.lease_expired, attempt=of_attempt),
+        {**rule.writes(), **values},
+        increments=rule.counts,
+    )
     if not done and job.status not in rule.sources:
         raise IllegalTransition(job.id, job.status, name)
     return done

@@ -1,5 +1,6 @@
 """SQL tables. Public ids are prefixed strings; an integer `seq` gives stable cursor order."""
 
+from app.job_status import JobStatus
 from app.models.base import Base
 from app.models.tables import (
     ApiKey,
@@ -9,7 +10,6 @@ from app.models.tables import (
     IdempotencyKey,
     Job,
     JobEvent,
-    JobStatus,
     Outbox,
     ResumeState,
     Tenant,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, func, select, update
@@ -21,8 +22,10 @@ def get_for_tenant(session: Session, tenant_id: str, job_id: str) -> Job | None:
 
 
 def lock(session: Session, job_id: str) -> Job | None:
-    """The job with its row locked until the unit of work ends (PostgreSQL; SQLite locks on write)."""
-    return session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+    """The job with its row locked until the unit of work ends (PostgreSQL; SQLite locks on write), as the
+    database holds it now: a copy the session loaded earlier (before a long upload) is refreshed."""
+    query = select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+    return session.scalar(query)
 
 
 def status_of(session: Session, job_id: str) -> JobStatus | None:
@@ -43,13 +46,37 @@ def list_query(tenant_id: str, metadata: Mapping[str, str]) -> Select:
     return query
 
 
-def guarded_update(session: Session, job: Job, where: Iterable[Any], values: Mapping[str, Any]) -> bool:
-    """`UPDATE jobs SET values WHERE id = job.id AND where…`, then refresh `job`; True if the row matched.
-    The UPDATE holds the row's lock until commit, which is what makes a state transition atomic."""
+@dataclass(frozen=True)
+class Guard:
+    """What a guarded update requires of the row: one of `statuses`, the flag columns `flags` as given, an
+    expired lease if `lease_expired`, and that attempt if `attempt` is given."""
+
+    statuses: Iterable[JobStatus]
+    flags: Mapping[str, bool]
+    lease_expired: bool = False
+    attempt: int | None = None
+
+    def conditions(self) -> list[Any]:
+        where: list[Any] = [Job.status.in_(sorted(self.statuses))]
+        where += [getattr(Job, flag).is_(value) for flag, value in self.flags.items()]
+        if self.lease_expired:
+            where.append(Job.lease_expires_at < now())
+        if self.attempt is not None:
+            where.append(Job.attempt == self.attempt)
+        return where
+
+
+def guarded_update(
+    session: Session, job: Job, guard: Guard, values: Mapping[str, Any], *, increments: Iterable[str] = ()
+) -> bool:
+    """`UPDATE jobs SET values, counter = counter + 1 … WHERE id = job.id AND <guard>`, then refresh `job`;
+    True if the row matched. The UPDATE holds the row's lock until commit, which is what makes a state
+    transition atomic."""
+    counted = {column: getattr(Job, column) + 1 for column in increments}
     statement = (
         update(Job)
-        .where(Job.id == job.id, *where)
-        .values(dict(values))
+        .where(Job.id == job.id, *guard.conditions())
+        .values({**values, **counted})
         .execution_options(synchronize_session=False)  # `job` is refreshed right after
     )
     done = session.execute(statement).rowcount == 1  # type: ignore[attr-defined]

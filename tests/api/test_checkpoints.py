@@ -109,3 +109,39 @@ def test_a_superseded_attempt_cannot_store_artifacts(client, running_job, databa
     claim(client, job_id)
     stale = client.put(f"/internal/v1/jobs/{job_id}/adapter", content=tiny_archive(), headers=attempt)
     assert stale.status_code == 409
+
+
+@pytest.mark.parametrize("route", ["adapter", "resume_states?step=3&sha256=" + "0" * 64])
+def test_an_attempt_superseded_while_its_upload_streams_in_stores_nothing(
+    client, running_job, database_url, route, settings
+):
+    """The attempt is checked again once the body is in, against the row as it is then: a copy of the job
+    loaded before the body streamed in must not let a superseded attempt store anything."""
+    from sqlalchemy import select, update
+
+    from app.db import session_scope
+    from app.internal.service import claim_job
+    from app.jobs.leases import reap_expired_leases
+    from app.models import Artifact, Job, ResumeState
+
+    job_id, attempt = running_job
+
+    def body():
+        yield b"first half of the archive"
+        # While the body streams in, the worker goes silent, its lease is reaped and attempt 2 claims the job.
+        with session_scope(database_url) as session:
+            session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=0))
+        reap_expired_leases(database_url)
+        with session_scope(database_url) as session:  # the claim's own work: the client is busy sending
+            claim_job(session, settings, job_id)
+        yield b"second half"
+
+    stale = client.put(f"/internal/v1/jobs/{job_id}/{route}", content=body(), headers=attempt)
+    assert_error(stale, 409, code="attempt_superseded")
+    with session_scope(database_url) as session:
+        assert session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all() == []
+        assert session.scalars(select(ResumeState).where(ResumeState.job_id == job_id)).all() == []
+    stored = [
+        p for p in settings.storage_dir.rglob("*") if p.is_file() and p.parts[-3] in ("adapters", "resume")
+    ]
+    assert stored == []

@@ -1,4 +1,4 @@
-"""A queued job whose broker message was lost (a Redis restart keeps nothing) is sent again by the relay."""
+"""A queued job whose broker message was lost (a Redis restart keeps nothing) is sent again by the API."""
 
 from __future__ import annotations
 
