@@ -50,7 +50,26 @@ class TrainingConfig(_Closed):
     save_total_limit: PositiveInt | None = Field(None, description="Keep at most N checkpoints.")
     seed: int = Field(42, ge=0, le=2**32 - 1)
     bf16: bool | None = Field(None, description="None: bf16 where the GPU supports it, fp32 elsewhere.")
-    gradient_checkpointing: bool | None = Field(None, description="None: on for GPUs, off on CPU.")
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="None: off on CPU; on a GPU, off when the estimated memory of training without it fits "
+        "in the GPU's free memory, else on.",
+    )
+    padding_free: bool = Field(
+        True,
+        description="Concatenate each batch's examples into one row without padding, each attending only "
+        "to itself: the same steps and losses as padded batches, without computing the padding.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack the training examples into rows of max_seq_length tokens (best-fit decreasing), "
+        "padding-free: a step then trains per_device_train_batch_size rows of many examples, so an epoch "
+        "has fewer steps (raise the learning rate or the epochs to match). Validation batches stay unpacked.",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="Without packing: batch training examples of similar length (less padding).",
+    )
     train_on_inputs: bool = Field(False, description="Also train on system/user tokens, not only replies.")
     load_best_model_at_end: bool = Field(
         False,

@@ -42,6 +42,8 @@ class TokenizedDataset:
     num_tokens: int  # all tokens of the kept examples, after truncation
     num_trained_tokens: int  # the tokens the loss covers
     num_dropped: int  # examples left without any trained token by truncation
+    num_truncated_tokens: int = 0  # tokens past max_seq_length, of kept and dropped examples alike
+    num_truncated_trained_tokens: int = 0  # those of them the loss would have covered
 
 
 def load_tokenized_dataset(
@@ -52,9 +54,11 @@ def load_tokenized_dataset(
     Examples with no trained token left are dropped; a file where none is left is an error.
     """
     input_ids, masks = [], []
-    num_dropped = 0
+    num_dropped = num_truncated = num_truncated_trained = 0
     for example in read_jsonl(path):
         ids, mask = tokenize_example(example, tokenizer, train_on_inputs=train_on_inputs)
+        num_truncated += max(len(ids) - max_seq_length, 0)
+        num_truncated_trained += sum(mask[max_seq_length:])
         ids, mask = ids[:max_seq_length], mask[:max_seq_length]
         if not any(mask):
             num_dropped += 1
@@ -78,6 +82,8 @@ def load_tokenized_dataset(
         num_tokens=sum(len(ids) for ids in input_ids),
         num_trained_tokens=sum(sum(mask) for mask in masks),
         num_dropped=num_dropped,
+        num_truncated_tokens=num_truncated,
+        num_truncated_trained_tokens=num_truncated_trained,
     )
 
 

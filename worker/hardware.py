@@ -143,8 +143,3 @@ def flash_attention_importable() -> bool:
     except Exception:
         return False
     return True
-
-
-def use_gradient_checkpointing(requested: bool | None, device: torch.device) -> bool:
-    """Gradient checkpointing: as requested, else on for GPUs (memory bound), off on CPU (compute bound)."""
-    return device.type == "cuda" if requested is None else requested

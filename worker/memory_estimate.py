@@ -7,6 +7,10 @@ Korthikanti et al. (2022), "Reducing Activation Recomputation in Large Transform
 layer and sequence in half precision with a fused attention kernel (no s² scores kept), doubled in fp32;
 with gradient checkpointing each layer keeps only its input (2·s·h bytes), plus one layer recomputed. The
 fp32 logits and their gradient (2 · s · vocab · 4 bytes) come on top.
+
+The estimate also decides gradient checkpointing when the job leaves it unset (`decide_checkpointing`): off on
+the CPU, which is compute bound; on a GPU off when training without it is estimated to fit in the free memory
+(with a margin), else on, since recomputing the activations costs about a third more compute per step.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class MemoryEstimate:
 def estimate_training_memory(
     model: nn.Module,
     *,
+    trained_parameters: int | None = None,
     batch_size: int,
     sequence_length: int,
     hidden_size: int,
@@ -48,10 +53,16 @@ def estimate_training_memory(
     half_precision: bool,
     checkpointing: bool,
 ) -> MemoryEstimate:
-    """The estimate for `model` (with its LoRA layers added, so that its trained weights require grad)."""
+    """The estimate for `model` with its LoRA layers added, so that its trained weights require grad; or for
+    `model` before they are added, given the number of `trained_parameters` they will have (whose own weights
+    are then counted in the training state)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trained_parameters is None:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        weights += trained_parameters * 4  # the fp32 LoRA weights themselves
+        trained = trained_parameters
     tokens = batch_size * sequence_length
     scale = 1 if half_precision else 2  # the 34 bytes per element count 2-byte activations
     if checkpointing:
@@ -60,6 +71,59 @@ def estimate_training_memory(
         per_model = 34 * layers * tokens * hidden_size * scale
     logits = 2 * tokens * vocab_size * 4
     return MemoryEstimate(weights, trained * (4 + 8), per_model + logits)
+
+
+CHECKPOINTING_MARGIN = 0.8
+"""The share of the free device memory an estimate may fill for checkpointing to stay off: the allocator's
+fragmentation, kernels' workspaces and the estimate's own error take the rest."""
+
+
+@dataclass(frozen=True)
+class CheckpointingDecision:
+    enabled: bool
+    reason: str
+    estimate: MemoryEstimate  # of training without checkpointing
+    free_bytes: int | None  # the device's free memory when decided (a GPU's; None on the CPU)
+
+    def describe(self) -> str:
+        return f"{self.estimate.describe()} without gradient checkpointing; {self.reason}"
+
+    def figures(self) -> dict:
+        return {
+            "gradient_checkpointing": self.enabled,
+            "estimated_memory_bytes": self.estimate.total,
+            "free_memory_bytes": self.free_bytes,
+        }
+
+
+def decide_checkpointing(
+    requested: bool | None, device: torch.device, estimate: MemoryEstimate, free_bytes: int | None
+) -> CheckpointingDecision:
+    """Gradient checkpointing as `requested`, else off on the CPU, and on a GPU off exactly when `estimate`
+    (training without it) fits in the margin; the weights are loaded already: `free_bytes` excludes them."""
+    on_off = {True: "on", False: "off"}
+    if requested is not None:
+        reason = f"gradient checkpointing {on_off[requested]}, as training_config.gradient_checkpointing asks"
+        return CheckpointingDecision(requested, reason, estimate, free_bytes)
+    if device.type != "cuda" or free_bytes is None:
+        reason = "gradient checkpointing off: the CPU is compute bound, and recomputing would only slow it"
+        return CheckpointingDecision(False, reason, estimate, free_bytes)
+    needed = estimate.total - estimate.weights
+    enabled = needed > CHECKPOINTING_MARGIN * free_bytes
+    fits = "does not fit" if enabled else "fits"
+    reason = (
+        f"gradient checkpointing {on_off[enabled]}: the {needed / GIB:.2f} GiB beyond the weights {fits} in "
+        f"{CHECKPOINTING_MARGIN:.0%} of the GPU's {free_bytes / GIB:.2f} GiB free"
+    )
+    return CheckpointingDecision(enabled, reason, estimate, free_bytes)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """The free memory of a GPU, None for the CPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
 
 
 def reset_peak(device: torch.device) -> None:

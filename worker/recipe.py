@@ -24,6 +24,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.data import SequentialSampler
 from transformers import (
     AutoConfig,
     PretrainedConfig,
@@ -36,13 +37,14 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from app.specs import RECIPE_FIELDS, PeftConfig, TrainingConfig, fit_to_model
-from worker import hardware, loralib_backend, resume_state
+from worker import hardware, loralib_backend, memory_estimate, resume_state
 from worker.adapter_archive import LORALIB_DIR, PEFT_UNAVAILABLE_FILE
-from worker.data import load_tokenized_dataset
+from worker.data import TokenizedDataset, load_tokenized_dataset
 from worker.hardware import DeviceSetting, HardwarePlan
 from worker.loralib_backend import LoralibConfig
-from worker.memory_estimate import estimate_training_memory, measured_peak, reset_peak
+from worker.memory_estimate import measured_peak, reset_peak
 from worker.model_loader import count_parameters, load_base_model
+from worker.packed_attention import use_packed_sdpa
 from worker.quantization import describe_quantization, prepare_quantized_for_training
 
 
@@ -131,6 +133,8 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
     model, tokenizer = load_base_model(
         inputs.base_model, for_training=True, plan=plan, quantization=peft_config.quantization
     )
+    if config.packing or config.padding_free:
+        use_packed_sdpa(model)  # the examples of a row attend each to itself, not through a mask
     train_data = load_tokenized_dataset(
         inputs.training_file,
         tokenizer,
@@ -145,6 +149,14 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
             max_seq_length=config.max_seq_length,
             train_on_inputs=config.train_on_inputs,
         )
+    prepared = prepare_model(model, inputs)
+    checkpointing = memory_estimate.decide_checkpointing(
+        config.gradient_checkpointing,
+        plan.device,
+        estimate_memory(prepared, inputs, plan, architecture, longest=longest_example(train_data)),
+        memory_estimate.free_memory(plan.device),
+    )
+    reporter.message(checkpointing.describe(), data=checkpointing.figures())
     progress = ReporterCallback(reporter)
     checkpoints = CheckpointCallback(
         reporter,
@@ -166,14 +178,17 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         seconds=inputs.resume_state_seconds,
     )
     trainer = build_trainer(
-        prepare_model(model, inputs),
+        prepared,
         tokenizer,
         inputs,
         plan,
         train_data.dataset,
         validation_data.dataset if validation_data else None,
         [progress, checkpoints, states],
+        checkpointing=checkpointing.enabled,
     )
+    text, figures = describe_data(train_data, trainer, config)
+    reporter.message(text, data=figures)
     if trainer.args.n_gpu > 1:  # the trainer would wrap the model in nn.DataParallel across them
         raise hardware.DeviceUnavailable(
             f"{trainer.args.n_gpu} GPUs are visible to this worker; pin it to one (phitune worker --gpu N)"
@@ -184,7 +199,6 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         for parameter in trained_model(trainer).parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
-    reporter.message(describe_memory(trainer, inputs, plan, architecture))
     reset_peak(plan.device)
     trainer.train(
         resume_from_checkpoint=str(inputs.resume_from / resume_state.TRAINER_DIR)
@@ -237,21 +251,88 @@ def state_fingerprint(inputs: RecipeInputs, model_config: dict | None = None) ->
     return resume_state.fingerprint(model_config, inputs.training_config, inputs.peft_config)
 
 
-def describe_memory(
-    trainer: SFTTrainer, inputs: RecipeInputs, plan: HardwarePlan, architecture: PretrainedConfig
-) -> str:
-    """The job's estimated device memory (`worker.memory_estimate`), for its first events."""
-    estimate = estimate_training_memory(
-        trained_model(trainer),
-        batch_size=inputs.training_config.per_device_train_batch_size,
-        sequence_length=inputs.training_config.max_seq_length,
+def estimate_memory(
+    model: PreTrainedModel,
+    inputs: RecipeInputs,
+    plan: HardwarePlan,
+    architecture: PretrainedConfig,
+    *,
+    longest: int,
+) -> memory_estimate.MemoryEstimate:
+    """The job's estimated device memory (`worker.memory_estimate`) without gradient checkpointing, for
+    `model` as `prepare_model` left it; micro-batches of packed rows of max_seq_length tokens, or of examples
+    as long as the `longest`."""
+    config = inputs.training_config
+    return memory_estimate.estimate_training_memory(
+        model,
+        trained_parameters=lora_parameter_count(model, inputs.peft_config),
+        batch_size=config.per_device_train_batch_size,
+        sequence_length=config.max_seq_length if config.packing else min(longest, config.max_seq_length),
         hidden_size=architecture.hidden_size,
         layers=architecture.num_hidden_layers,
         vocab_size=architecture.vocab_size,
         half_precision=plan.mixed_precision is not None,
-        checkpointing=bool(trainer.args.activation_checkpointing),  # typed optional; always set here
+        checkpointing=False,
     )
-    return estimate.describe()
+
+
+def lora_parameter_count(model: nn.Module, peft_config: PeftConfig) -> int:
+    """The weights LoRA trains in `model`: loralib's are in the model already; PEFT's, added later by the
+    trainer, are r · (in + out) per adapted linear layer (any linear layer but the output one for
+    "all-linear", else those named by target_modules)."""
+    if peft_config.backend == "loralib":
+        return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    targets = peft_config.target_modules
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is output:  # bitsandbytes' layers are nn.Linear too
+            continue
+        if targets == "all-linear" or any(name == t or name.endswith(f".{t}") for t in targets):
+            count += peft_config.r * (module.in_features + module.out_features)
+    return count
+
+
+def longest_example(data: TokenizedDataset) -> int:
+    return max(len(ids) for ids in data.dataset["input_ids"])
+
+
+def describe_data(data: TokenizedDataset, trainer: SFTTrainer, config: TrainingConfig) -> tuple[str, dict]:
+    """What became of the training examples: packed into how many rows, and what max_seq_length cut."""
+    examples = len(data.dataset)
+    figures = {
+        "examples": examples,
+        "tokens": data.num_tokens,
+        "truncated_tokens": data.num_truncated_tokens,
+        "truncated_trained_tokens": data.num_truncated_trained_tokens,
+        "dropped_examples": data.num_dropped,
+    }
+    if config.packing:
+        rows = len(prepared_dataset(trainer))
+        figures["packed_rows"] = rows
+        layout = (
+            f"Packed {examples} training examples ({data.num_tokens} tokens) into {rows} rows of up to "
+            f"{config.max_seq_length} tokens, {data.num_tokens / (rows * config.max_seq_length):.0%} filled"
+        )
+    else:
+        padding = "without padding" if config.padding_free else "padded"
+        layout = f"{examples} training examples ({data.num_tokens} tokens), batched {padding}"
+        if config.group_by_length:
+            layout += " by similar length"
+    cut = (
+        f"max_seq_length={config.max_seq_length} cut {data.num_truncated_tokens} tokens "
+        f"({data.num_truncated_trained_tokens} trained)"
+    )
+    if data.num_dropped:
+        cut += f" and dropped {data.num_dropped} examples left with no trained token"
+    return f"{layout}; {cut}", figures
+
+
+def prepared_dataset(trainer: Trainer) -> Dataset:
+    """The training set as the trainer prepared it (labelled, packed)."""
+    if not isinstance(trainer.train_dataset, Dataset):
+        raise RuntimeError("the trainer has no map-style training set")
+    return trainer.train_dataset
 
 
 def prepare_model(model: PreTrainedModel, inputs: RecipeInputs) -> PreTrainedModel:
@@ -272,9 +353,18 @@ def build_lora_config(peft_config: PeftConfig) -> LoraConfig:
 
 
 def build_trainer_args(
-    config: TrainingConfig, output_dir: Path, plan: HardwarePlan, *, evaluate: bool
+    config: TrainingConfig,
+    output_dir: Path,
+    plan: HardwarePlan,
+    *,
+    evaluate: bool,
+    checkpointing: bool | None = None,
 ) -> SFTConfig:
-    """The trainer arguments of a job; precision and checkpointing follow the hardware unless set."""
+    """The trainer arguments of a job; precision follows the hardware unless set, gradient checkpointing
+    `checkpointing` (the recipe's decision, see `memory_estimate.decide_checkpointing`), else as set."""
+    packing = config.packing
+    if checkpointing is None:
+        checkpointing = bool(config.gradient_checkpointing)
     return SFTConfig(
         output_dir=str(output_dir),
         # Seeds everything: SFTTrainer seeds before it initialises the LoRA weights, Trainer before training.
@@ -290,7 +380,20 @@ def build_trainer_args(
         warmup_steps=config.warmup_ratio,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
-        max_length=config.max_seq_length,  # the data is truncated already; SFTConfig's 1024 would cut more
+        # The data is truncated already: SFTConfig's 1024 would cut more. The packing length; TRL refuses one
+        # for padding-free batches of examples, which it would not truncate.
+        max_length=None if config.padding_free and not packing else config.max_seq_length,
+        # Best-fit-decreasing packing of whole examples into rows of max_length: TRL builds the labels before
+        # it packs, and packed batches are padding-free.
+        packing=packing,
+        packing_strategy="bfd",
+        # Padding-free, TRL's collator concatenates a batch into one row, and passes position_ids restarting
+        # at 0 for each example and its boundaries, no attention_mask: transformers then masks each example
+        # to itself, and worker.packed_attention attends per example.
+        padding_free=config.padding_free,
+        # Validation batches stay batches of examples: eval_loss means the same, packed or not.
+        eval_packing=False,
+        train_sampling_strategy="group_by_length" if config.group_by_length and not packing else "random",
         # The dataset is already tokenised; TRL applies its completion_mask column only when this is True.
         completion_only_loss=True,
         # SFTConfig defaults both to on, which makes CPU training many times slower. Transformers 5 renamed
@@ -298,9 +401,7 @@ def build_trainer_args(
         bf16=plan.mixed_precision == "bf16",
         fp16=plan.mixed_precision == "fp16",
         use_cpu=plan.device.type == "cpu",
-        activation_checkpointing=hardware.use_gradient_checkpointing(
-            config.gradient_checkpointing, plan.device
-        ),
+        activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs=config.gradient_checkpointing_kwargs,
         logging_strategy="steps",
         logging_steps=config.logging_steps,
@@ -323,11 +424,17 @@ def build_trainer(
     train_dataset: Dataset,
     eval_dataset: Dataset | None,
     callbacks: list[TrainerCallback],
+    *,
+    checkpointing: bool | None = None,
 ) -> SFTTrainer:
     """An SFTTrainer that trains `model`'s LoRA weights on the tokenised datasets; with backend peft it first
     wraps `model` in a fresh PEFT adapter."""
     args = build_trainer_args(
-        inputs.training_config, inputs.output_dir / "trainer", plan, evaluate=eval_dataset is not None
+        inputs.training_config,
+        inputs.output_dir / "trainer",
+        plan,
+        evaluate=eval_dataset is not None,
+        checkpointing=checkpointing,
     )
     return RecipeTrainer(
         model=model,
@@ -343,7 +450,23 @@ def build_trainer(
 class RecipeTrainer(SFTTrainer):
     """SFTTrainer whose saved states hold only the trained weights. A loralib model is a plain
     PreTrainedModel, whose save would write every base weight into each resume state; the trainer's resume
-    loads a model's weights with strict=False, so the LoRA weights alone restore it."""
+    loads a model's weights with strict=False, so the LoRA weights alone restore it.
+
+    It also counts the tokens of padding-free batches and keeps validation batches in the file's order."""
+
+    def _track_num_input_tokens(self, inputs: dict) -> None:
+        # A padding-free batch has no attention_mask, and the trainer would count its tokens that differ from
+        # the pad token: Phi-3's pad token is the end-of-text token that ends every example. TRL's batch is
+        # then one row of real tokens only (it pads to no multiple here).
+        if "attention_mask" in inputs or "position_ids" not in inputs:
+            super()._track_num_input_tokens(inputs)
+            return
+        self.state.num_input_tokens_seen += inputs["input_ids"].numel()
+
+    def _get_eval_sampler(self, eval_dataset: Dataset) -> SequentialSampler:
+        # The trainer groups validation batches by length too under group_by_length; in the file's order,
+        # eval_loss (a mean of the batches' means) means the same whatever training batches.
+        return SequentialSampler(eval_dataset)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if output_dir is None or isinstance(self.model, PeftModel):
