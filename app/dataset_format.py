@@ -25,15 +25,21 @@ A record that breaks a rule raises `RecordError`, with a code and a message that
 `invalid_role` and `messages[1].role must be one of system, user, assistant; got 'robot'`: each field states
 its own with `Invalid` metadata, and the rules across fields raise theirs as pydantic custom errors whose
 type is the code.
+
+`line_checker` is the same rules as plain Python over a line parsed by orjson, for the upload validator's
+speed: it only says "a valid record, with these statistics" or "ask the models" (which then give the
+problem), so it never decides a refusal. It must accept exactly what the models accept;
+`tests/api/test_format_fast_path.py` checks that it does, over many generated records and lines.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -223,6 +229,88 @@ def json_type(value: Any) -> str:
         return "a boolean"
     names: dict[type, str] = {dict: "an object", list: "an array", str: "a string"}
     return names.get(type(value), "a number")
+
+
+# A valid record's statistics: (messages, trained turns, characters); the first two are 0 but for chat.
+RecordStats = tuple[int, int, int]
+
+
+def line_checker(record_format: str) -> Callable[[bytes], RecordStats | None]:
+    """A function of one line of a file (not its first, which may begin with a byte order mark) that returns
+    the statistics of the record on it when it is a valid record of `record_format`, and None otherwise:
+    a blank line, not JSON, another format or a problem, for `load_line` and the models to tell which.
+
+    The same rules as the models, as plain Python checks on the object orjson parses (JSON that orjson
+    refuses but `json` takes, such as NaN, a lone surrogate or a huge integer, is left to `load_line`)."""
+    check = _FAST_CHECKS[record_format]
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+
+    def checked(line: bytes) -> RecordStats | None:
+        try:
+            obj = loads(line)
+        except decode_error:
+            return None
+        return check(obj) if type(obj) is dict else None
+
+    return checked
+
+
+_ROLE_SET = frozenset(ROLES)
+_MESSAGE_KEYS = frozenset(Message.model_fields)
+_WEIGHT_TYPES = (int, float)  # a Literal[0, 1] takes 0.0 and 1.0 too; bool is neither
+
+
+def _chat_stats(obj: dict[str, Any]) -> RecordStats | None:
+    messages = obj.get("messages")
+    if len(obj) != 1 or type(messages) is not list or not messages:
+        return None
+    trained = characters = 0
+    for message in messages:
+        if type(message) is not dict:
+            return None
+        role, content = message.get("role"), message.get("content")
+        if type(content) is not str or type(role) is not str:
+            return None
+        if len(message) == 2:  # `role` and `content` only, the most common message
+            if role == "assistant":
+                trained += 1
+            elif role not in _ROLE_SET:
+                return None
+        else:  # the others must be `name` (a string) and `weight` (on assistant messages)
+            if role not in _ROLE_SET or not _MESSAGE_KEYS.issuperset(message):
+                return None
+            if "name" in message and type(message["name"]) is not str:
+                return None
+            if "weight" not in message:
+                trained += role == "assistant"
+            else:
+                weight = message["weight"]
+                if role != "assistant" or type(weight) not in _WEIGHT_TYPES or weight not in (0, 1):
+                    return None
+                trained += weight == 1
+        characters += len(content)
+    return (len(messages), trained, characters) if trained else None
+
+
+def _prompt_completion_stats(obj: dict[str, Any]) -> RecordStats | None:
+    prompt, completion = obj.get("prompt"), obj.get("completion")
+    if len(obj) != 2 or type(prompt) is not str or type(completion) is not str or not completion:
+        return None
+    return 0, 0, len(prompt) + len(completion)
+
+
+def _text_stats(obj: dict[str, Any]) -> RecordStats | None:
+    text = obj.get("text")
+    if len(obj) != 1 or type(text) is not str or not text:
+        return None
+    return 0, 0, len(text)
+
+
+_FAST_CHECKS: dict[str, Callable[[dict[str, Any]], RecordStats | None]] = {
+    CHAT: _chat_stats,
+    PROMPT_COMPLETION: _prompt_completion_stats,
+    TEXT: _text_stats,
+}
 
 
 def _format_keys(model: type[BaseModel]) -> set[str]:

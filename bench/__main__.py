@@ -12,6 +12,7 @@ BENCHMARKS = {
     "loralib_step": "bench.loralib_step",
     "gpu_check": "bench.gpu_check",
     "engine_memory": "bench.engine_memory",
+    "upload": "bench.upload",
 }
 
 

@@ -7,7 +7,7 @@ at most one problem per line and gathers the file's statistics.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -16,7 +16,9 @@ from app.dataset_format import (
     ChatRecord,
     Record,
     RecordError,
+    RecordStats,
     detect_format,
+    line_checker,
     load_line,
     validate_record,
 )
@@ -91,31 +93,61 @@ def read_lines(stream: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES) -> Iterat
         yield line
 
 
-def validate_lines(lines: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES) -> Report:
-    """Check every line (numbered from 1) and gather statistics; a line reports at most one problem."""
+def validate_lines(
+    lines: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES, *, fast: bool = True
+) -> Report:
+    """Check every line (numbered from 1) and gather statistics; a line reports at most one problem.
+
+    Once the file's format is known, a line goes first to the format's `line_checker` (orjson and plain
+    checks, several times faster); only a line it does not pass as valid goes through `load_line` and the
+    record models, which tell what is wrong with it. `fast=False` sends every line to the models (the
+    tests compare both ways)."""
     report = Report()
+    check: Callable[[bytes], RecordStats | None] | None = None
+    # The fast path's lines are counted here and added to the report's at the end (fewer lookups a line).
+    examples = messages = trained = characters = longest = 0
     for number, raw in enumerate(lines, start=1):
-        try:
-            if len(raw) > max_line_bytes:
-                raise RecordError("line_too_long", f"The line is longer than {max_line_bytes} bytes")
-            obj = load_line(raw, first=number == 1)
-            if obj is None:
-                continue
-            line_format = detect_format(obj)
-            if report.format is None:
-                report.format, report.format_line = line_format, number
-            elif line_format != report.format:
-                raise RecordError(
-                    "format_mismatch",
-                    f"This line is in {line_format} format but the file is in {report.format} format "
-                    f"(detected on line {report.format_line}); use one format per file",
-                )
-            _count(report, validate_record(obj, line_format))
-        except RecordError as error:
-            report.add_problem(Problem(number, error.code, error.message))
+        if check is not None and len(raw) <= max_line_bytes and (stats := check(raw)) is not None:
+            examples += 1
+            messages += stats[0]
+            trained += stats[1]
+            characters += stats[2]
+            if stats[2] > longest:
+                longest = stats[2]
+            continue
+        _validate_line(report, number, raw, max_line_bytes)
+        if fast and check is None and report.format is not None:
+            check = line_checker(report.format)
+    report.examples += examples
+    report.messages += messages
+    report.assistant_turns += trained
+    report.characters += characters
+    report.max_example_characters = max(report.max_example_characters, longest)
     if report.examples == 0 and report.ok:
         report.add_problem(Problem(None, "empty_file", "The file has no examples (it is empty or blank)"))
     return report
+
+
+def _validate_line(report: Report, number: int, raw: bytes, max_line_bytes: int) -> None:
+    """One line through the record models: counted when valid, else its problem added."""
+    try:
+        if len(raw) > max_line_bytes:
+            raise RecordError("line_too_long", f"The line is longer than {max_line_bytes} bytes")
+        obj = load_line(raw, first=number == 1)
+        if obj is None:
+            return
+        line_format = detect_format(obj)
+        if report.format is None:
+            report.format, report.format_line = line_format, number
+        elif line_format != report.format:
+            raise RecordError(
+                "format_mismatch",
+                f"This line is in {line_format} format but the file is in {report.format} format "
+                f"(detected on line {report.format_line}); use one format per file",
+            )
+        _count(report, validate_record(obj, line_format))
+    except RecordError as error:
+        report.add_problem(Problem(number, error.code, error.message))
 
 
 def _count(report: Report, record: Record) -> None:
