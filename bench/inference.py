@@ -21,7 +21,8 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -194,28 +195,44 @@ def register_fine_tuned_models(api_url: str, key: str, archives: dict[str, Path]
     return models
 
 
+def random_adapter_archives(base_model_dir: Path, root: Path, count: int) -> dict[str, Path]:
+    """`count` random adapters of the base model, packed as a worker uploads them: name → archive."""
+    names = [f"adapter{index}" for index in range(count)]
+    return {
+        name: pack(make_random_adapter(base_model_dir, root / name, seed=index), root / f"{name}.tar.gz")
+        for index, name in enumerate(names)
+    }
+
+
+@contextmanager
+def serving(
+    root: Path, base_model_dir: Path, archives: dict[str, Path], env: dict[str, str] | None = None
+) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """`phitune api` + `phitune inference` on the tiny model, data in `root`, `env` over `phitune_env`, each
+    archive registered as a fine-tuned model: yields the API's URL, a tenant's key and adapter → model id."""
+    api_url, inference_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    full_env = phitune_env(root / "data", base_model_dir, api_url=api_url, inference_url=inference_url)
+    full_env |= env or {}
+    run_phitune("migrate", env=full_env)
+    key = run_phitune("keys", "create", "--tenant", "bench", env=full_env).strip().splitlines()[-1]
+    api_port, inference_port = api_url.rsplit(":", 1)[1], inference_url.rsplit(":", 1)[1]
+    with (
+        running(["api", "--port", api_port], api_url, env=full_env),
+        running(["inference", "--port", inference_port], inference_url, env=full_env),
+    ):
+        yield api_url, key, register_fine_tuned_models(api_url, key, archives)
+
+
 def run() -> dict[str, object]:
     """The whole benchmark, set up from scratch in a temporary directory: in-process `generate` as the
     baseline, then the same requests through the public API (API process → inference server process)."""
     with tempfile.TemporaryDirectory(prefix="phitune-bench-") as scratch:
         root = Path(scratch)
         base_model_dir = make_tiny_model(root / "model")
-        names = [f"adapter{index}" for index in range(CONCURRENCY + COLD_ADAPTERS)]
-        archives = {
-            name: pack(make_random_adapter(base_model_dir, root / name, seed=index), root / f"{name}.tar.gz")
-            for index, name in enumerate(names)
-        }
+        archives = random_adapter_archives(base_model_dir, root, CONCURRENCY + COLD_ADAPTERS)
+        names = list(archives)
         baseline = in_process_generate(base_model_dir, root / names[0])
-        api_url, inference_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-        env = phitune_env(root / "data", base_model_dir, api_url=api_url, inference_url=inference_url)
-        run_phitune("migrate", env=env)
-        key = run_phitune("keys", "create", "--tenant", "bench", env=env).strip().splitlines()[-1]
-        api_port, inference_port = api_url.rsplit(":", 1)[1], inference_url.rsplit(":", 1)[1]
-        with (
-            running(["api", "--port", api_port], api_url, env=env),
-            running(["inference", "--port", inference_port], inference_url, env=env),
-        ):
-            models = register_fine_tuned_models(api_url, key, archives)
+        with serving(root, base_model_dir, archives) as (api_url, key, models):
             measured = asyncio.run(
                 measure_http(
                     api_url,

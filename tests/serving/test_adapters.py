@@ -191,3 +191,46 @@ def test_an_adapter_evicted_while_leased_is_unloaded_when_released(cache: Adapte
     slot = lease.slot
     lease.release()
     assert use(cache, "ftjob-attention") == slot  # the slot was freed for the next adapter
+
+
+@pytest.fixture
+def host_cache(engine: Engine, fetcher: CountingFetcher, tmp_path: Path) -> Iterator[AdapterCache]:
+    cache = AdapterCache(engine, fetcher, tmp_path / "adapters", capacity=2, host_bytes=2**30)
+    yield cache
+    cache.close()
+
+
+def test_an_evicted_adapter_kept_on_the_host_is_reloaded_without_a_fetch(
+    host_cache: AdapterCache, fetcher: CountingFetcher
+) -> None:
+    first, second, third = ADAPTERS
+    for adapter_id in (first, second, third, first):
+        use(host_cache, adapter_id)
+    assert host_cache.loaded() == [third, first]
+    assert fetcher.fetches == {first: 1, second: 1, third: 1}
+    assert host_cache.counters == {"adapter_downloads": 3, "adapter_host_hits": 1}
+
+
+def test_a_deleted_adapter_leaves_the_host_tier_too(
+    host_cache: AdapterCache, fetcher: CountingFetcher
+) -> None:
+    first, second, third = ADAPTERS
+    for adapter_id in (first, second, third):
+        use(host_cache, adapter_id)
+    assert host_cache.evict(first)  # no longer loaded, but kept on the host
+    assert not host_cache.evict(first)
+    use(host_cache, first)
+    assert fetcher.fetches[first] == 2
+
+
+def test_the_host_tier_keeps_what_fits_in_its_budget(
+    engine: Engine, fetcher: CountingFetcher, tmp_path: Path
+) -> None:
+    cache = AdapterCache(engine, fetcher, tmp_path / "adapters", capacity=1, host_bytes=1)
+    try:
+        first, second, _ = ADAPTERS
+        for adapter_id in (first, second, first):
+            use(cache, adapter_id)
+        assert fetcher.fetches == {first: 2, second: 1}  # larger than the budget: not kept
+    finally:
+        cache.close()

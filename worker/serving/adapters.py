@@ -3,8 +3,14 @@
 Loading runs on loader threads: download, extraction and the safetensors read never hold up the engine, which
 only copies the ready weights into the model between two decode steps. A request holds a lease on its adapter
 while it generates; an adapter with leases is never evicted, so the cache can exceed its capacity until they
-end. Extracted files live only while an adapter loads: a reload fetches again, so a deleted model is never
-served from a stale copy.
+end. Extracted files live only while an adapter loads.
+
+Behind the loaded adapters, a second tier keeps the weights read (on the host, pinned when the engine is on a
+GPU) of the most recently used adapters, up to `host_bytes`: reloading one of them skips the download, the
+extraction and the read, and needs no loader thread, only the copy into the model between two steps. With
+more adapters in flight than the engine keeps loaded, every request would otherwise fetch its adapter again.
+A deleted model leaves both tiers (`evict`, called by the API when it deletes it), so it is never served
+from a stale copy; without the second tier (`host_bytes=0`) a reload fetches again.
 
 The API says which format it sends (`X-Phitune-Adapter-Format`): PEFT, or loralib where the adapter has no
 exact PEFT form. Both are read into the same per-row LoRA form (`worker.serving.lora`,
@@ -30,7 +36,7 @@ import torch
 from app.adapter_format import FORMAT_HEADER, Format
 from worker.adapter_archive import extract_adapter, served_format
 from worker.serving.engine import Engine
-from worker.serving.lora import AdapterWeights, read_adapter
+from worker.serving.lora import AdapterWeights, LoraModule, read_adapter
 from worker.serving.loralib_adapter import read_loralib_adapter
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # also a safe directory name
@@ -107,18 +113,30 @@ class AdapterLease:
 
 
 class AdapterCache:
-    """The most recently used `capacity` adapters of one engine, loaded on demand by `fetch`."""
+    """The most recently used `capacity` adapters of one engine, loaded on demand by `fetch`, and the weights
+    of the most recently used ones that fit in `host_bytes` kept on the host for a fast reload."""
 
     def __init__(
-        self, engine: Engine, fetch: AdapterFetcher, directory: Path, *, capacity: int, loaders: int = 2
+        self,
+        engine: Engine,
+        fetch: AdapterFetcher,
+        directory: Path,
+        *,
+        capacity: int,
+        loaders: int = 2,
+        host_bytes: int = 0,
     ) -> None:
         self.capacity = capacity
+        self.host_bytes = host_bytes
         self._engine = engine
         self._fetch = fetch
         self._directory = directory
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._host: OrderedDict[str, tuple[AdapterWeights, int]] = OrderedDict()  # weights, bytes; LRU first
+        self._host_used = 0
         self._lock = threading.Lock()
         self._loaders = ThreadPoolExecutor(loaders, thread_name_prefix="adapter-loader")
+        self.counters = {"adapter_downloads": 0, "adapter_host_hits": 0}  # loads from each source
 
     def acquire(self, adapter_id: str) -> Future[AdapterLease]:
         """A lease on the adapter, loading it first if needed. Fails with AdapterNotFound, InvalidAdapter
@@ -127,22 +145,34 @@ class AdapterCache:
         if not ADAPTER_ID.fullmatch(adapter_id):
             leased.set_exception(AdapterNotFound(adapter_id))
             return leased
+        kept: AdapterWeights | None = None
         with self._lock:
             entry = self._entries.get(adapter_id)
             if entry is None:
                 entry = self._entries[adapter_id] = _Entry(adapter_id, Future())
-                self._loaders.submit(self._load, entry)
+                if adapter_id in self._host:  # no loader thread: only the copy into the model is left
+                    self._host.move_to_end(adapter_id)
+                    kept = self._host[adapter_id][0]
+                    self.counters["adapter_host_hits"] += 1
+                    self._trim(self.capacity - 1)
+                else:
+                    self.counters["adapter_downloads"] += 1
+                    self._loaders.submit(self._load, entry)
             self._entries.move_to_end(adapter_id)
             entry.leases += 1
+        if kept is not None:
+            self._install(entry, kept)
         entry.loaded.add_done_callback(lambda _: self._hand_over(entry, leased))
         return leased
 
     def evict(self, adapter_id: str) -> bool:
-        """Unload an adapter now, or when its last lease ends; False if it was not loaded."""
+        """Unload an adapter now, or when its last lease ends, and forget its weights kept on the host; False
+        if it was in neither tier."""
         with self._lock:
+            kept = self._forget_host(adapter_id)
             entry = self._entries.pop(adapter_id, None)
             if entry is None:
-                return False
+                return kept
             entry.retired = True
             if entry.leases == 0 and entry.ready:
                 self._engine.remove_adapter(entry.loaded.result())
@@ -176,18 +206,58 @@ class AdapterCache:
         try:
             adapter = self._download(entry.adapter_id)
             with self._lock:
+                if self._entries.get(entry.adapter_id) is entry:  # not deleted while it downloaded
+                    self._keep_on_host(entry.adapter_id, adapter)
                 self._trim(self.capacity - 1)  # make room before the new adapter takes memory
-            slot = self._engine.install_adapter(adapter).result()
         except BaseException as exc:
-            with self._lock:
-                if self._entries.get(entry.adapter_id) is entry:
-                    del self._entries[entry.adapter_id]
-            entry.loaded.set_exception(exc)
+            self._failed(entry, exc)
             return
-        entry.loaded.set_result(slot)
+        self._install(entry, adapter)
+
+    def _install(self, entry: _Entry, adapter: AdapterWeights) -> None:
+        """Have the engine copy `adapter` in between two steps; `entry` is loaded once it has."""
+        try:
+            installed = self._engine.install_adapter(adapter)
+        except BaseException as exc:  # the engine is stopped
+            self._failed(entry, exc)
+            return
+
+        def done(_: Future[int]) -> None:
+            exc = installed.exception()
+            if exc is not None:
+                self._failed(entry, exc)
+            else:
+                entry.loaded.set_result(installed.result())
+
+        installed.add_done_callback(done)
+
+    def _failed(self, entry: _Entry, exc: BaseException) -> None:
+        with self._lock:
+            if self._entries.get(entry.adapter_id) is entry:
+                del self._entries[entry.adapter_id]
+            self._forget_host(entry.adapter_id)
+        entry.loaded.set_exception(exc)
+
+    def _keep_on_host(self, adapter_id: str, adapter: AdapterWeights) -> None:
+        """Keep `adapter`'s weights for a reload, dropping the least recently used over budget (lock held)."""
+        size = sum(m.a.nbytes + m.b.nbytes for m in adapter.modules.values())
+        self._forget_host(adapter_id)
+        if size > self.host_bytes:
+            return
+        while self._host and self._host_used + size > self.host_bytes:
+            self._forget_host(next(iter(self._host)))
+        self._host[adapter_id] = (adapter, size)
+        self._host_used += size
+
+    def _forget_host(self, adapter_id: str) -> bool:
+        kept = self._host.pop(adapter_id, None)
+        if kept is not None:
+            self._host_used -= kept[1]
+        return kept is not None
 
     def _download(self, adapter_id: str) -> AdapterWeights:
-        """Fetch, extract and read an adapter; its files are gone again afterwards."""
+        """Fetch, extract and read an adapter; its files are gone again afterwards. Read onto the host when
+        the second tier keeps it (pinned for a GPU), else onto the engine's device."""
         # A directory of its own per load: an evicted adapter may still be loading when it is asked for again.
         work_dir = self._directory / adapter_id / secrets.token_hex(8)
         work_dir.mkdir(parents=True)
@@ -196,7 +266,18 @@ class AdapterCache:
             adapter_format = served_format(self._fetch(adapter_id, archive) or "peft")  # refuses unknown ones
             files = extract_adapter(archive, work_dir / "files", adapter_format)
             read = READERS[adapter_format]
-            return read(files, self._engine.lora.linear_shapes, self._engine.model.device)
+            device = self._engine.model.device
+            if self.host_bytes == 0:
+                return read(files, self._engine.lora.linear_shapes, device)
+            adapter = read(files, self._engine.lora.linear_shapes, torch.device("cpu"))
+            if device.type != "cuda":
+                return adapter
+            return AdapterWeights(
+                {
+                    name: LoraModule(m.a.pin_memory(), m.b.pin_memory(), m.scaling)
+                    for name, m in adapter.modules.items()
+                }
+            )
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
             with contextlib.suppress(OSError):  # another load of this adapter may still use it

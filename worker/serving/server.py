@@ -111,6 +111,7 @@ def create_inference_app(
             model_id: {
                 "loaded_adapters": served.adapters.loaded(),
                 **served.engine.stats(),
+                **served.adapters.counters,
                 "memory": device_memory(served.engine.model.device),
             }
             for model_id, served in models.items()
@@ -191,9 +192,14 @@ def load_models(
         )
         engine.start()
         directory = settings.data_dir / "inference" / "adapters"
-        models[model_id] = ServedModel(
-            engine, AdapterCache(engine, fetch, directory, capacity=settings.max_loaded_adapters)
+        adapters = AdapterCache(
+            engine,
+            fetch,
+            directory,
+            capacity=settings.max_loaded_adapters,
+            host_bytes=serving.host_adapter_cache_mb * 2**20,
         )
+        models[model_id] = ServedModel(engine, adapters)
     return models
 
 

@@ -41,3 +41,9 @@ class ServingSettings(BaseSettings):
     batch_window_ms: float = Field(
         2.0, ge=0, description="How long an idle engine waits for more requests to share a first step."
     )
+    host_adapter_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="MiB of host memory for the weights of recently used adapters, beyond the loaded ones: "
+        "reloading one skips the download, extraction and read. 0 turns it off (a reload fetches again).",
+    )
