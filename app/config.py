@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     base_models: dict[str, str] = Field(
         default_factory=dict,
         description='JSON map of model id -> local path or hub id, e.g. {"phi-3-mini": "/models/phi3"}.',
+    )
+    api_key_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="How long the API trusts a key it found valid before checking it again: a revoked key "
+        "stops working within this time (0: checked on every request).",
     )
     max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0, description="Largest accepted dataset file.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where workers reach the API.")
@@ -77,7 +83,8 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'phitune.db').resolve()}"
+        # Read on every request: the path is resolved once per (working directory, data_dir).
+        return self.database_url or _sqlite_url(os.getcwd(), self.data_dir)
 
     @property
     def resolved_broker_url(self) -> str:
@@ -116,6 +123,11 @@ class Settings(BaseSettings):
                 os.link(tmp, path)
             tmp.unlink()
         return path.read_text().strip()
+
+
+@lru_cache(maxsize=16)
+def _sqlite_url(cwd: str, data_dir: Path) -> str:
+    return f"sqlite:///{(Path(cwd) / data_dir / 'phitune.db').resolve()}"
 
 
 def get_settings() -> Settings:

@@ -10,10 +10,11 @@ must be undone if it fails (a blob moved into place) with `on_rollback`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
 
+from anyio import to_thread
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,13 +27,14 @@ def get_engine(url: str) -> Engine:
     """One pooled engine per database URL."""
     if url.startswith("sqlite"):
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=10, max_overflow=40
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=40, max_overflow=10
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    # As many connections as the API has threads and more: a request holds its connection across several
-    # threadpool hops (dependencies, route, commit), so a smaller pool starves under a burst of requests.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=40)
+    # As many connections kept as the API has threads (40), and more: a request holds its connection across
+    # threadpool hops (auth, route, commit), so a smaller pool starves under a burst of requests, and
+    # connections beyond pool_size are closed when returned (a reconnect per request under load).
+    return create_engine(url, pool_pre_ping=True, pool_size=40, max_overflow=10)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -73,6 +75,33 @@ def session_scope(url: str) -> Iterator[Session]:
     finally:
         session.close()
     _run(session.info.pop(AFTER_COMMIT, []))
+
+
+@asynccontextmanager
+async def async_session_scope(url: str) -> AsyncIterator[Session]:
+    """`session_scope` entered from async code: the session is made on the event loop (no I/O until it is
+    first used) and its end (flush, commit or rollback, close, callbacks) runs in a worker thread, one
+    threadpool hop per request instead of two; none when the route ended its read-only transaction itself
+    (`release_connection`)."""
+    scope = session_scope(url)
+    session = scope.__enter__()
+    try:
+        yield session
+    except BaseException as error:
+        if not await to_thread.run_sync(scope.__exit__, type(error), error, error.__traceback__):
+            raise
+    else:
+        if _idle(session):
+            scope.__exit__(None, None, None)  # nothing to flush, commit or call back: no I/O, no hop
+        else:
+            await to_thread.run_sync(scope.__exit__, None, None, None)
+
+
+def _idle(session: Session) -> bool:
+    """True for a session with no transaction (never used, or ended by `release_connection`) and nothing
+    pending: ending it does no I/O."""
+    pending = session.new or session.dirty or session.deleted
+    return not (session.in_transaction() or pending or session.info.get(AFTER_COMMIT))
 
 
 def after_commit(session: Session, callback: Callable[[], object]) -> None:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from app.auth import KeyCache
 from app.chat.routes import router as chat_router
 from app.chat.schemas import ChatCompletionChunk
 from app.config import Settings, get_settings
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.api_keys = KeyCache(settings.api_key_cache_seconds)
     app.state.storage = Storage(settings.storage_dir)
     app.state.messages = messages
     app.state.events = events

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "gpu_check": "bench.gpu_check",
     "engine_memory": "bench.engine_memory",
     "upload": "bench.upload",
+    "api": "bench.api",
     "serving_cache": "bench.serving_cache",
 }
 

@@ -123,9 +123,18 @@ def make_tiny_model_command(directory: Path, seed: int) -> None:
 @click.option("--port", default=8000, show_default=True)
 def api(host: str, port: int) -> None:
     """Run the API server (uvicorn)."""
+    serve_asgi("app.main:create_app", host=host, port=port)
+
+
+# How `phitune api` serves (bench/api.py serves its bare baseline app the same way).
+API_SERVER_OPTIONS: dict[str, object] = {"log_level": "info"}
+
+
+def serve_asgi(factory: str, *, host: str, port: int) -> None:
+    """Serve the ASGI app that `factory` ("module:function") makes with uvicorn, as `phitune api` does."""
     import uvicorn
 
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+    uvicorn.run(factory, factory=True, host=host, port=port, **API_SERVER_OPTIONS)  # type: ignore[arg-type]
 
 
 GPU_OPTION = click.option(

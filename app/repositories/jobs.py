@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from app.models import Job, JobEvent, JobStatus, Outbox
@@ -17,8 +17,12 @@ def get(session: Session, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id))
 
 
+# Built once: every GET of a job runs it, and building the statement cost more than executing it.
+_JOB_FOR_TENANT = select(Job).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+
+
 def get_for_tenant(session: Session, tenant_id: str, job_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    return session.scalar(_JOB_FOR_TENANT, {"job_id": job_id, "tenant_id": tenant_id})
 
 
 def lock(session: Session, job_id: str) -> Job | None:
