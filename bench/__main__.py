@@ -12,6 +12,8 @@ BENCHMARKS = {
     "loralib_step": "bench.loralib_step",
     "gpu_check": "bench.gpu_check",
     "engine_memory": "bench.engine_memory",
+    "train": "bench.train",
+    "service": "bench.service",
     "upload": "bench.upload",
     "api": "bench.api",
     "serving_cache": "bench.serving_cache",
