@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
 
-from anyio import to_thread
+from anyio import CancelScope, CapacityLimiter, to_thread
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -88,13 +88,23 @@ async def async_session_scope(url: str) -> AsyncIterator[Session]:
     try:
         yield session
     except BaseException as error:
-        if not await to_thread.run_sync(scope.__exit__, type(error), error, error.__traceback__):
+        if not await _end(scope.__exit__, type(error), error, error.__traceback__):
             raise
     else:
         if _idle(session):
             scope.__exit__(None, None, None)  # nothing to flush, commit or call back: no I/O, no hop
         else:
-            await to_thread.run_sync(scope.__exit__, None, None, None)
+            await _end(scope.__exit__, None, None, None)
+
+
+async def _end(exit_scope: Callable[..., bool | None], *details: object) -> bool | None:
+    """End a unit of work in a thread of its own, as FastAPI ends a sync dependency: shielded, so a
+    cancelled request still commits or rolls back and returns its connection, and outside the shared
+    threadpool, so a request holding a connection never waits for a thread that routes waiting for a
+    connection hold."""
+    with CancelScope(shield=True):
+        handled = await to_thread.run_sync(exit_scope, *details, limiter=CapacityLimiter(1))
+    return handled
 
 
 def _idle(session: Session) -> bool:

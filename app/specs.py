@@ -58,7 +58,8 @@ class TrainingConfig(_Closed):
     padding_free: bool = Field(
         True,
         description="Concatenate each batch's examples into one row without padding, each attending only "
-        "to itself: the same steps and losses as padded batches, without computing the padding.",
+        "to itself: the same batches, steps and loss as padded ones, without computing the padding (LoRA "
+        "dropout draws its masks differently).",
     )
     packing: bool = Field(
         False,

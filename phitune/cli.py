@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import tomllib
@@ -187,6 +188,9 @@ def worker(gpu: int | None) -> None:
     from worker.bootstrap import ensure_tiny_model
 
     ensure_tiny_model(get_settings())
+    # The recipe imports torch, transformers, peft and TRL (about 5 s here): pay that at start, not on the
+    # first job, which would otherwise train that much later (bench/service.py's cold overhead).
+    importlib.import_module("worker.recipe")
     from worker.celery_app import celery_app
 
     celery_app.worker_main(

@@ -10,8 +10,9 @@ the sum of their squared lengths. On the CPU that makes a packed step no faster 
 example attends to itself through causal SDPA, which computes its scores only; outputs and gradients are the
 masked SDPA's (tests/worker/test_packing.py).
 
-Any other batch (no boundaries: unpacked, validation, generation with a cache) goes to transformers' SDPA
-with its mask, so a model set to this attention computes exactly what it would with "sdpa".
+Any other batch (no boundaries, generation with a cache, or an example longer than the model's sliding
+window) goes to transformers' SDPA with its mask, so a model set to this attention computes exactly what it
+would with "sdpa".
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ def packed_sdpa_attention(
     cu_seq_lens_k: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    window = kwargs.get("sliding_window")
     packed = (
         cu_seq_lens_q is not None
         and query.shape[0] == 1
         and key.shape[2] == query.shape[2]  # no cache: keys are the row's own tokens
         and (cu_seq_lens_k is None or torch.equal(cu_seq_lens_k, cu_seq_lens_q))
         and int(cu_seq_lens_q[-1]) == query.shape[2]
+        # An example longer than a sliding window (Phi-3-mini's is 2047) attends through the window, which
+        # transformers' mask holds and plain causal SDPA does not.
+        and (window is None or int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max()) <= window)
     )
     if not packed:
         return sdpa_attention_forward(

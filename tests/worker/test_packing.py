@@ -244,6 +244,25 @@ def test_the_packed_sdpa_trains_exactly_as_the_masked_sdpa(
         torch.testing.assert_close(packed[name], masked[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("window", [4, 1000])
+def test_an_example_longer_than_the_sliding_window_attends_through_the_window(
+    persona_trainer: RecipeTrainer, tiny_model_dir: Path, window: int
+) -> None:
+    """Phi-3 attends within a sliding window: the packed attention gives the masked SDPA's logits whether
+    an example is longer than the window (4 tokens) or not (1000)."""
+    batch = {key: value for key, value in packed_batches(persona_trainer)[0].items() if key != "labels"}
+    logits = [
+        forward_logits(
+            AutoModelForCausalLM.from_pretrained(
+                tiny_model_dir, attn_implementation=attention, sliding_window=window
+            ).eval(),
+            **batch,
+        )
+        for attention in ("sdpa", packed_attention.NAME)
+    ]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def weighted_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Conversations whose second reply has weight 0, prompt/completion and text records, and one example too
