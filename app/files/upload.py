@@ -67,8 +67,13 @@ async def receive_form(request: Request, temp_path: Path, *, max_file_bytes: int
             received += len(chunk)
             batch.append(chunk)
             # The body goes to the parser in batches, as each hop to a thread costs: a batch is handed over
-            # when it is BATCH_BYTES, and every chunk once the limit is passed, to stop right past it.
-            if received - reader.received_bytes >= BATCH_BYTES or received > max_file_bytes:
+            # when it is BATCH_BYTES, and every chunk outside the file part (text fields are held in memory)
+            # or once the limit is passed, to stop right past either bound.
+            if (
+                received - reader.received_bytes >= BATCH_BYTES
+                or received > max_file_bytes
+                or not reader.in_file_part
+            ):
                 await _parse(reader, batch)
         await _parse(reader, batch)
         return reader.finish()
@@ -184,6 +189,11 @@ class _FormReader:
     @property
     def file_bytes(self) -> int:
         return self._sink.bytes if self._sink else 0
+
+    @property
+    def in_file_part(self) -> bool:
+        """True while the file part's data is being read (the parser is inside it, its end not yet seen)."""
+        return self._part_name == FILE_FIELD and self._received is None
 
     def write(self, chunk: bytes) -> None:
         self.received_bytes += len(chunk)

@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from app.config import Settings
 from app.errors import PayloadTooLarge
-from app.files.upload import receive_form
+from app.files.upload import FORM_OVERHEAD_BYTES, receive_form
 
 BOUNDARY = "phitune-test-boundary"
 MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
@@ -395,6 +395,24 @@ def test_oversized_text_fields_are_413(client: TestClient, auth: dict[str, str],
     assert response.status_code == 413
     assert error_of(response)["code"] == "request_too_large"
     assert_nothing_stored(client, auth, settings)
+
+
+def test_the_reader_refuses_a_streamed_text_field_just_past_its_bound(tmp_path: Path) -> None:
+    """Text fields are held in memory: a huge one is refused once it passes FORM_OVERHEAD_BYTES, not after a
+    batch of the body was read (driven with ASGI messages, as TestClient reads a body whole first)."""
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'.encode()
+    body = CountingBody(head, b"x" * 16_384, chunks=256)  # a 4 MiB field
+    chunks = iter(body)
+
+    async def receive() -> dict[str, Any]:
+        chunk = next(chunks, None)
+        return {"type": "http.request", "body": chunk or b"", "more_body": chunk is not None}
+
+    headers = [(b"content-type", MULTIPART["Content-Type"].encode())]
+    request = Request({"type": "http", "method": "POST", "headers": headers}, receive)
+    with pytest.raises(PayloadTooLarge):
+        anyio.run(partial(receive_form, request, tmp_path / "upload", max_file_bytes=1024 * 1024))
+    assert FORM_OVERHEAD_BYTES - len(head) < body.sent <= FORM_OVERHEAD_BYTES + len(body.chunk)
 
 
 # -- malformed requests -------------------------------------------------------------------------------------
