@@ -110,8 +110,12 @@ async def _end(exit_scope: Callable[..., bool | None], *details: object) -> bool
 def _idle(session: Session) -> bool:
     """True for a session with no transaction (never used, or ended by `release_connection`) and nothing
     pending: ending it does no I/O."""
-    pending = session.new or session.dirty or session.deleted
-    return not (session.in_transaction() or pending or session.info.get(AFTER_COMMIT))
+    return not (session.in_transaction() or _has_writes(session))
+
+
+def _has_writes(session: Session) -> bool:
+    """Objects added, changed or deleted but not flushed, or work waiting for the commit."""
+    return bool(session.new or session.dirty or session.deleted or session.info.get(AFTER_COMMIT))
 
 
 def after_commit(session: Session, callback: Callable[[], object]) -> None:
@@ -129,7 +133,7 @@ def release_connection(session: Session) -> None:
     """End a unit of work's read-only transaction, so that no pooled connection (and on PostgreSQL no row
     lock) is held while a route waits on something slow: a body streaming in, a model generating. The
     session starts a new transaction when next used. Only for a session that has written nothing yet."""
-    if session.new or session.dirty or session.deleted or session.info.get(AFTER_COMMIT):
+    if _has_writes(session):
         raise RuntimeError("release_connection would commit pending writes")
     session.commit()
 

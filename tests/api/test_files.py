@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from app.config import Settings
 from app.errors import PayloadTooLarge
-from app.files.upload import FORM_OVERHEAD_BYTES, receive_form
+from app.files.upload import FORM_OVERHEAD_BYTES, ReceivedForm, receive_form
 
 BOUNDARY = "phitune-test-boundary"
 MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
@@ -351,9 +351,9 @@ def test_chunked_upload_over_the_limit_is_413(
     assert_nothing_stored(client, auth, settings)
 
 
-def test_upload_reader_stops_pulling_the_body_just_past_the_limit(tmp_path: Path) -> None:
-    # TestClient reads a generator body whole before the app runs, so drive the reader with ASGI messages.
-    body = CountingBody(multipart_head(), b"x" * 65_536, chunks=1000)  # 64 MiB
+def read_form(body: CountingBody, temp: Path, max_file_bytes: int) -> ReceivedForm:
+    """Run the upload reader on `body` delivered as ASGI messages, one chunk per message: TestClient reads a
+    generator body whole before the app runs, so it cannot show how much of a body the reader pulled."""
     chunks = iter(body)
 
     async def receive() -> dict[str, Any]:
@@ -362,10 +362,15 @@ def test_upload_reader_stops_pulling_the_body_just_past_the_limit(tmp_path: Path
 
     headers = [(b"content-type", MULTIPART["Content-Type"].encode())]
     request = Request({"type": "http", "method": "POST", "headers": headers}, receive)
+    return anyio.run(partial(receive_form, request, temp, max_file_bytes=max_file_bytes))
+
+
+def test_upload_reader_stops_pulling_the_body_just_past_the_limit(tmp_path: Path) -> None:
+    body = CountingBody(multipart_head(), b"x" * 65_536, chunks=1000)  # 64 MiB
     temp = tmp_path / "upload"
     limit = 1024 * 1024
     with pytest.raises(PayloadTooLarge):
-        anyio.run(partial(receive_form, request, temp, max_file_bytes=limit))
+        read_form(body, temp, limit)
     assert limit < body.sent <= limit + len(body.chunk)
     assert not temp.exists()
 
@@ -399,19 +404,11 @@ def test_oversized_text_fields_are_413(client: TestClient, auth: dict[str, str],
 
 def test_the_reader_refuses_a_streamed_text_field_just_past_its_bound(tmp_path: Path) -> None:
     """Text fields are held in memory: a huge one is refused once it passes FORM_OVERHEAD_BYTES, not after a
-    batch of the body was read (driven with ASGI messages, as TestClient reads a body whole first)."""
+    batch of the body was read."""
     head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'.encode()
     body = CountingBody(head, b"x" * 16_384, chunks=256)  # a 4 MiB field
-    chunks = iter(body)
-
-    async def receive() -> dict[str, Any]:
-        chunk = next(chunks, None)
-        return {"type": "http.request", "body": chunk or b"", "more_body": chunk is not None}
-
-    headers = [(b"content-type", MULTIPART["Content-Type"].encode())]
-    request = Request({"type": "http", "method": "POST", "headers": headers}, receive)
     with pytest.raises(PayloadTooLarge):
-        anyio.run(partial(receive_form, request, tmp_path / "upload", max_file_bytes=1024 * 1024))
+        read_form(body, tmp_path / "upload", 1024 * 1024)
     assert FORM_OVERHEAD_BYTES - len(head) < body.sent <= FORM_OVERHEAD_BYTES + len(body.chunk)
 
 
