@@ -1,31 +1,47 @@
-"""API keys: created by the CLI, stored hashed, checked on every /v1 request."""
+"""API keys: made by the CLI or the admin API, stored hashed, checked on every /v1 request; the admin key.
+
+A key is `pt-` and 43 characters of `secrets.token_urlsafe(32)` (256 random bits). Only its SHA-256 and its
+first 10 characters (`prefix`, to tell keys apart in lists) are stored; the key itself is shown once, when it
+is made, and never logged.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
+import threading
 import time
+from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.errors import Unauthorized
-from app.models import Tenant
+from app.models import ApiKey, Tenant
 from app.repositories import tenants
 
 KEY_PREFIX = "pt-"
+SHOWN_PREFIX_CHARS = 10  # `pt-` and 7 random characters
 
 
 def hash_token(token: str) -> str:
-    """Keys and attempt tokens are 256-bit random, so a plain SHA-256 is a safe way to store them."""
+    """Keys and attempt tokens are 256-bit random, so a plain SHA-256 is a safe way to store them (no salt
+    or slow hash is needed: there is no dictionary of likely keys to try)."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_api_key(session: Session, tenant_name: str) -> str:
-    """A new key for `tenant_name` (created if missing). Only the hash is stored."""
+def issue_key(session: Session, tenant_name: str, *, expires_at: int | None = None) -> tuple[ApiKey, str]:
+    """A new key for `tenant_name` (created if missing): its row, and the key, which only this call sees."""
     tenant = tenants.tenant_named(session, tenant_name) or tenants.add_tenant(session, tenant_name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    tenants.add_key(session, tenant, hash_token(key), key[:10])
-    return key
+    row = tenants.add_key(session, tenant, hash_token(key), key[:SHOWN_PREFIX_CHARS], expires_at=expires_at)
+    return row, key
+
+
+def create_api_key(session: Session, tenant_name: str) -> str:
+    """A new key, without expiry, for `tenant_name` (created if missing). Only the hash is stored."""
+    return issue_key(session, tenant_name)[1]
 
 
 def bearer_key(authorization: str | None) -> str:
@@ -38,40 +54,110 @@ def bearer_key(authorization: str | None) -> str:
     return key.strip()
 
 
+@dataclass(frozen=True)
+class KeyOwner:
+    """What a valid key stands for: its tenant, and the key's id and expiry (for the cache)."""
+
+    tenant: Tenant
+    key_id: str | None = None
+    expires_at: int | None = None
+
+
+def owner_of_key(session: Session, authorization: str | None) -> KeyOwner:
+    """The tenant owning the bearer key in an Authorization header, or 401 when the key is unknown, revoked or
+    expired.
+
+    The key is found by its SHA-256 in an index, which is not a constant-time comparison, and need not be:
+    what the lookup's timing could reveal is how the hash of the presented key compares with stored hashes,
+    and no one can choose a key whose hash comes closer to another's, so it tells nothing about a valid key.
+    """
+    found = tenants.tenant_of_key(session, hash_token(bearer_key(authorization)), int(time.time()))
+    if found is None:
+        raise Unauthorized("Invalid API key: unknown, revoked or expired.")
+    tenant, key_id, expires_at = found
+    return KeyOwner(tenant, key_id, expires_at)
+
+
 def tenant_for_key(session: Session, authorization: str | None) -> Tenant:
     """The tenant owning the bearer key in an Authorization header, or 401."""
-    tenant = tenants.tenant_of_key(session, hash_token(bearer_key(authorization)))
-    if tenant is None:
-        raise Unauthorized("Invalid API key.")
-    return tenant
+    return owner_of_key(session, authorization).tenant
+
+
+def check_admin_key(settings: Settings, authorization: str | None) -> None:
+    """401 unless the header carries the configured admin key (compared in constant time); always 401 while
+    no admin key is configured: the admin API is off. A tenant's key is never an admin key."""
+    if settings.admin_key is None:
+        raise Unauthorized(
+            "The admin API is off: set PHITUNE_ADMIN_KEY to turn it on.", code="admin_api_disabled"
+        )
+    presented = bearer_key(authorization).encode()
+    if not hmac.compare_digest(presented, settings.admin_key.get_secret_value().encode()):
+        raise Unauthorized("Invalid admin key.", code="invalid_admin_key")
 
 
 class KeyCache:
     """Keys recently found valid → their tenant, for `seconds`: a client polling a job does not pay a
-    database query (and a threadpool hop) for its key on every request. A key revoked in the database
-    stops working within `seconds` (0: checked on every request). Only valid keys are kept."""
+    database query (and a threadpool hop) for its key on every request. A key revoked in another process
+    stops working here within `seconds` (0: checked on every request); one revoked through this process's
+    admin API at once (`evict`). An entry never outlives its key's expiry. Only valid keys are kept, by
+    their SHA-256, so the cache holds no key and its lookups compare hashes, as the database's do."""
 
     MAX_KEYS = 10_000
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._tenants: dict[str, tuple[float, Tenant]] = {}
+        # key hash → (monotonic deadline, wall-clock expiry of the key, key id, tenant)
+        self._entries: dict[str, tuple[float, float, str | None, Tenant]] = {}
+        self._evictions = 0
+        # `evict` runs on a worker thread (after its commit), `put` on the event loop: the lock makes a put's
+        # generation check and its insert one step, so an eviction never falls between them.
+        self._lock = threading.Lock()
+
+    @property
+    def generation(self) -> int:
+        """Read before a database lookup and given back to `put`: a lookup that raced an eviction (it may have
+        read the key before its revocation committed) is then not cached."""
+        return self._evictions
 
     def get(self, authorization: str | None) -> Tenant | None:
         """The cached tenant of the header's key; 401 for a missing or malformed header; None if unknown."""
-        key = bearer_key(authorization)
-        if self.seconds <= 0 or (entry := self._tenants.get(key)) is None:
+        key_hash = hash_token(bearer_key(authorization))
+        if self.seconds <= 0 or (entry := self._entries.get(key_hash)) is None:
             return None
-        if time.monotonic() >= entry[0]:
-            self._tenants.pop(key, None)
+        deadline, expires_at, _, tenant = entry
+        if time.monotonic() >= deadline or time.time() >= expires_at:
+            self._entries.pop(key_hash, None)
             return None
-        return entry[1]
+        return tenant
 
-    def put(self, authorization: str | None, tenant: Tenant) -> None:
+    def put(
+        self,
+        authorization: str | None,
+        tenant: Tenant,
+        *,
+        key_id: str | None = None,
+        expires_at: int | None = None,
+        generation: int | None = None,
+    ) -> None:
         if self.seconds <= 0:
             return
-        if len(self._tenants) >= self.MAX_KEYS:
-            self._tenants.clear()
         # A detached copy: the cached object is shared by requests, never by their sessions.
         copy = Tenant(seq=tenant.seq, id=tenant.id, name=tenant.name, created_at=tenant.created_at)
-        self._tenants[bearer_key(authorization)] = (time.monotonic() + self.seconds, copy)
+        expiry = float("inf") if expires_at is None else float(expires_at)
+        entry = (time.monotonic() + self.seconds, expiry, key_id, copy)
+        key_hash = hash_token(bearer_key(authorization))
+        with self._lock:
+            if generation is not None and generation != self._evictions:
+                return
+            if len(self._entries) >= self.MAX_KEYS:
+                self._entries.clear()
+            self._entries[key_hash] = entry
+
+    def evict(self, key_id: str) -> None:
+        """Forget the key with this id (revoked): its next request is checked against the database."""
+        with self._lock:
+            self._evictions += 1
+            # list(): one copy, made without yielding the GIL, as `get` may drop an expired entry meanwhile.
+            for key_hash, entry in list(self._entries.items()):
+                if entry[2] == key_id:
+                    self._entries.pop(key_hash, None)

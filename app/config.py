@@ -13,14 +13,17 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TINY_MODEL_ID = "tiny-phi3"
+# The service-to-service secrets (app.service_auth), each generated into the data dir when not configured;
+# SecretStr, so that no repr or log of the settings shows them.
+SECRETS = ("worker_token", "serving_token", "inference_token", "attempt_key")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PHITUNE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PHITUNE_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(
         Path(".phitune"), description="Where the embedded database, broker and storage live."
@@ -40,14 +43,48 @@ class Settings(BaseSettings):
         description="How long the API trusts a key it found valid before checking it again: a revoked key "
         "stops working within this time (0: checked on every request).",
     )
+    admin_key: SecretStr | None = Field(
+        None,
+        min_length=32,
+        description="Bearer key of the admin API (/v1/admin: tenants' keys), at least 32 characters; unset: "
+        "the admin API is off (401).",
+    )
     max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0, description="Largest accepted dataset file.")
+    max_request_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        gt=0,
+        description="Largest body of any other request (JSON): a larger one is a 413, read no further.",
+    )
     api_url: str = Field("http://127.0.0.1:8000", description="Where workers reach the API.")
     inference_url: str = Field(
         "http://127.0.0.1:8001", description="Where the API reaches the inference server."
     )
     inference_timeout_seconds: float = Field(600.0, gt=0, description="Longest wait for one completion.")
     max_loaded_adapters: int = Field(8, gt=0, description="Adapters the inference server keeps in memory.")
-    worker_token: str | None = Field(None, description="Shared secret workers use to claim jobs.")
+    worker_token: SecretStr | None = Field(
+        None,
+        description="Shared secret workers claim jobs with (and do nothing else with); default: generated.",
+    )
+    serving_token: SecretStr | None = Field(
+        None,
+        description="Secret the inference server downloads adapters from the API with (and does nothing else "
+        "with); default: generated.",
+    )
+    inference_token: SecretStr | None = Field(
+        None, description="Secret the API calls the inference server with; default: generated."
+    )
+    attempt_key: SecretStr | None = Field(
+        None,
+        description="Secret only the API holds, which attempt tokens are derived from, so that it tells a "
+        "superseded attempt's token (409) from a forged one (401); default: generated.",
+    )
+    internal_port: int | None = Field(
+        None,
+        gt=0,
+        lt=65536,
+        description="Serve /internal/v1 (workers, the inference server) on this port only, not on the public "
+        "one; `phitune api` then listens on both. Point PHITUNE_API_URL at it.",
+    )
     lease_seconds: int = Field(
         120,
         gt=0,
@@ -107,12 +144,36 @@ class Settings(BaseSettings):
         """Configured base models; the generated tiny Phi-3 when none are configured."""
         return self.base_models or {TINY_MODEL_ID: str(self.tiny_model_dir)}
 
+    @model_validator(mode="after")
+    def _distinct_secrets(self) -> Settings:
+        """Each secret is good for one thing only, which a secret configured twice would undo."""
+        configured = [secret.get_secret_value() for name in SECRETS if (secret := getattr(self, name))]
+        if len(set(configured)) < len(configured):
+            raise ValueError(f"{', '.join(f'PHITUNE_{name.upper()}' for name in SECRETS)} must all differ")
+        return self
+
     @cached_property
     def resolved_worker_token(self) -> str:
-        """The configured worker secret, else one kept in the data dir (shared by embedded processes)."""
-        if self.worker_token:
-            return self.worker_token
-        path = self.data_dir / "worker_token"
+        return self.resolved_secret("worker_token")
+
+    @cached_property
+    def resolved_serving_token(self) -> str:
+        return self.resolved_secret("serving_token")
+
+    @cached_property
+    def resolved_inference_token(self) -> str:
+        return self.resolved_secret("inference_token")
+
+    @cached_property
+    def resolved_attempt_key(self) -> str:
+        return self.resolved_secret("attempt_key")
+
+    def resolved_secret(self, name: str) -> str:
+        """The secret configured as `name` (one of SECRETS), else one generated into data_dir/`name`, which
+        every process of an embedded deployment shares."""
+        if configured := getattr(self, name):
+            return configured.get_secret_value()
+        path = self.data_dir / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{secrets.token_hex(4)}")

@@ -20,6 +20,9 @@ Decisions beyond the API contract:
 - `weight` (0 or 1) is allowed only on assistant messages; a chat example needs at least one assistant
   message with weight 1 (the default), otherwise it has nothing to train on.
 - `completion` and `text` must not be empty, for the same reason; other strings may be empty.
+- The text must be Unicode the tokenizer can read: invalid UTF-8, and lone surrogates spelled as JSON escapes
+  (`"\\ud800"`), are refused (`invalid_utf8`, `invalid_unicode`), and so are numbers no float holds (`1e400`,
+  `NaN`, an integer of thousands of digits: `invalid_number`), rather than failing the job later.
 
 A record that breaks a rule raises `RecordError`, with a code and a message that names the place, e.g.
 `invalid_role` and `messages[1].role must be one of system, user, assistant; got 'robot'`: each field states
@@ -35,6 +38,8 @@ problem), so it never decides a refusal. It must accept exactly what the models 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
@@ -187,14 +192,65 @@ def load_line(line: bytes, *, first: bool = False) -> dict[str, Any] | None:
     if not text.strip():
         return None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except RecordError:
+        raise
     except json.JSONDecodeError as error:
         raise RecordError("invalid_json", f"Invalid JSON: {error.msg} (column {error.colno})") from None
     except RecursionError:
         raise RecordError("invalid_json", "Invalid JSON: nested too deeply") from None
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise RecordError("invalid_number", "A number on this line has too many digits") from None
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"Expected a JSON object, got {json_type(obj)}")
+    if _SURROGATE_ESCAPE.search(text) and (loc := _lone_surrogate(obj)) is not None:
+        raise RecordError(
+            "invalid_unicode",
+            f"{_place(loc)[:80] or 'The record'} holds a lone surrogate (a \\ud800-\\udfff escape not half "
+            "of a pair): not Unicode text",
+        )
     return obj
+
+
+# Where a lone surrogate can come from: an escape of one; most lines have none and are not searched further.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):
+        raise RecordError("invalid_number", f"The number {literal[:40]} is too large for a float")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise RecordError("invalid_number", f"{name} is not a JSON number")
+
+
+def _lone_surrogate(obj: dict[str, Any]) -> tuple[int | str, ...] | None:
+    """Where in a parsed line a string holds a lone surrogate (a key: the object holding it), or None. Walked
+    without recursion: the line may nest as deep as the parser allows."""
+    pending: list[tuple[tuple[int | str, ...], Any]] = [((), obj)]
+    while pending:
+        loc, value = pending.pop()
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                return loc
+        elif isinstance(value, dict):
+            if not all(_is_unicode(key) for key in value):
+                return loc
+            pending.extend(((*loc, key), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            pending.extend(((*loc, index), item) for index, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def detect_format(obj: Mapping[str, Any]) -> str:
@@ -359,8 +415,19 @@ def _record_error(error: ErrorDetails, model: type[BaseModel]) -> RecordError:
     else:
         found = f"got {json_type(value)}"
     return RecordError(
-        invalid.code, f"{place} " + message.format(found=found, type=json_type(value), value=value)
+        invalid.code, f"{place} " + message.format(found=found, type=json_type(value), value=_Shown(value))
     )
+
+
+class _Shown:
+    """A value as `{value!r}` shows it in a message, cut short (an integer may have thousands of digits)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        text = repr(self.value)
+        return text if len(text) <= 40 else f"{text[:40]}…"
 
 
 def _described(

@@ -9,10 +9,10 @@ from anyio import to_thread
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from app.auth import KeyCache, tenant_for_key
+from app.auth import KeyCache, check_admin_key, owner_of_key
 from app.config import Settings
 from app.db import async_session_scope
-from app.internal.service import Attempt, check_worker_token, current_attempt
+from app.internal.service import Attempt, check_serving_token, check_worker_token, current_attempt
 from app.models import Tenant
 from app.storage import Storage
 
@@ -50,18 +50,37 @@ async def get_current_tenant(
     database (in the threadpool)."""
     cache: KeyCache = request.app.state.api_keys
     if (tenant := cache.get(authorization)) is None:
-        tenant = await to_thread.run_sync(tenant_for_key, session, authorization)
-        cache.put(authorization, tenant)
+        generation = cache.generation
+        owner = await to_thread.run_sync(owner_of_key, session, authorization)
+        cache.put(
+            authorization,
+            owner.tenant,
+            key_id=owner.key_id,
+            expires_at=owner.expires_at,
+            generation=generation,
+        )
+        tenant = owner.tenant
     return tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 
+async def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    check_admin_key(settings, authorization)
+
+
+# On the admin API's routes: the admin key from configuration, never a tenant's key.
+AdminOnly = Depends(require_admin)
+
+
 def get_current_attempt(
-    job_id: str, session: SessionDep, authorization: Annotated[str | None, Header()] = None
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> Attempt:
-    return current_attempt(session, job_id, authorization)
+    return current_attempt(session, settings, job_id, authorization)
 
 
 # A worker's attempt of the job in the path, proven by the attempt token (internal routes).
@@ -74,5 +93,15 @@ def require_worker_token(
     check_worker_token(settings, authorization)
 
 
-# On routes only workers may call with the shared worker token: claim, adapter download.
+# The claim, the one route the shared worker token opens.
 WorkerOnly = Depends(require_worker_token)
+
+
+def require_serving_token(
+    settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    check_serving_token(settings, authorization)
+
+
+# The adapter download, the one route the inference server's serving token opens.
+ServingOnly = Depends(require_serving_token)

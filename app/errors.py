@@ -23,6 +23,7 @@ responses. Routes list the error statuses they can answer with `error_responses(
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -171,10 +172,28 @@ def _param_from_location(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def _past_literal_member(errors: Sequence[Any]) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """The problem to report and its location. For a `Literal[...] | T` field (`"auto"` or a number) whose
+    value is neither, pydantic reports the literal member first ("Input should be 'auto'") under the member's
+    tag (`n_epochs.literal['auto']`): report T's problem instead, at its place without T's tag, and both when
+    the value itself is wrong ("Input should be 'auto' or greater than 0")."""
+    first = errors[0]
+    *field, tag = first.get("loc", ()) or ("",)
+    if first.get("type") != "literal_error" or not str(tag).startswith("literal["):
+        return first, tuple(first.get("loc", ()))
+    depth = len(field)
+    other = next((e for e in errors[1:] if len(e["loc"]) > depth and list(e["loc"][:depth]) == field), None)
+    if other is None:
+        return first, tuple(field)
+    if len(other["loc"]) == depth + 1 and other["msg"].startswith("Input should be "):
+        other = {**other, "msg": f"{first['msg']} or {other['msg'].removeprefix('Input should be ')}"}
+    return other, (*field, *other["loc"][depth + 1 :])
+
+
 def validation_error(exc: RequestValidationError) -> InvalidRequest:
     """The first pydantic problem, naming the field, as a 400."""
-    first = exc.errors()[0]
-    param = _param_from_location(tuple(first.get("loc", ())))
+    first, loc = _past_literal_member(exc.errors())
+    param = _param_from_location(loc)
     message = first.get("msg", "Invalid request")
     if first.get("type") == "extra_forbidden":
         message = f"Unknown field '{param}'"

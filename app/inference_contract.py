@@ -11,26 +11,40 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_STOP_SEQUENCES = 4
+from app.limits import (
+    MAX_CHAT_SEED,
+    MAX_COMPLETION_TOKENS,
+    MAX_MESSAGES,
+    MAX_STOP_SEQUENCES,
+    MIN_CHAT_SEED,
+    ChatModelId,
+    Content,
+    ModelId,
+    StopSequence,
+)
+
 DELTA = "delta"  # the key of a stream item that carries text
 
 
 class GenerateMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Content
 
 
 class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The chat request's bounds (app.limits) again: the inference server validates what it is sent too.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    base_model: str
-    adapter_id: str | None = None
-    messages: list[GenerateMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
+    base_model: ModelId
+    adapter_id: ChatModelId | None = None
+    messages: list[GenerateMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(
+        None, ge=1, le=MAX_COMPLETION_TOKENS, description="Default: the rest of the context."
+    )
     temperature: float = Field(1.0, ge=0, le=2, description="0: greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] | None = None
-    seed: int | None = None
+    stop: list[StopSequence] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(None, ge=MIN_CHAT_SEED, le=MAX_CHAT_SEED)
     stream: bool = False
     ignore_eos: bool = Field(False, description="Generate past end-of-sequence tokens (benchmarks).")
 
@@ -38,13 +52,6 @@ class GenerateBody(BaseModel):
     @classmethod
     def _stop_as_list(cls, stop: str | list[str] | None) -> list[str] | None:
         return [stop] if isinstance(stop, str) else stop
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, stop: list[str] | None) -> list[str] | None:
-        if stop is not None and (len(stop) > MAX_STOP_SEQUENCES or not all(stop)):
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, none of them empty")
-        return stop
 
 
 class GenerateFinish(BaseModel):

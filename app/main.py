@@ -11,13 +11,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from app.admin.routes import router as admin_router
 from app.auth import KeyCache
+from app.body_limit import BodyLimit
 from app.chat.routes import router as chat_router
 from app.chat.schemas import ChatCompletionChunk
 from app.config import Settings, get_settings
 from app.db import check_database
 from app.errors import install_error_handlers
 from app.files.routes import router as files_router
+from app.internal.listener import ListenerSplit
 from app.internal.routes import adapters_router as internal_adapters_router
 from app.internal.routes import router as internal_router
 from app.jobs.event_stream import EventHub
@@ -26,6 +29,7 @@ from app.jobs.outbox import JobMessages
 from app.jobs.routes import router as jobs_router
 from app.metrics import install_metrics
 from app.models_api.routes import router as models_router
+from app.service_auth import bearer
 from app.storage import Storage
 
 # Objects only streamed (as server-sent events), which no route's response_model brings into the schema.
@@ -56,7 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         housekeeping.start()
         app.state.inference = httpx.AsyncClient(
-            base_url=settings.inference_url, timeout=settings.inference_timeout_seconds
+            base_url=settings.inference_url,
+            timeout=settings.inference_timeout_seconds,
+            headers=bearer(settings.resolved_inference_token),
         )
         try:
             yield
@@ -77,11 +83,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.messages = messages
     app.state.events = events
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_body_bytes)
     install_metrics(app, settings)
+    if settings.internal_port is not None:
+        app.add_middleware(ListenerSplit, internal_port=settings.internal_port)
     app.include_router(files_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
     app.include_router(models_router, prefix="/v1")
     app.include_router(chat_router, prefix="/v1")
+    app.include_router(admin_router, prefix="/v1")
     app.include_router(internal_router, prefix="/internal/v1", include_in_schema=False)
     app.include_router(internal_adapters_router, prefix="/internal/v1", include_in_schema=False)
 

@@ -33,21 +33,53 @@ class StateCollector:
         )
 
 
+# Methods outside this set (any token is a valid HTTP method) are counted as "other".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"
+
+
 def route_template(scope: dict) -> str:
-    """`/v1/fine_tuning/jobs/ftjob-1` → `/v1/fine_tuning/jobs/{fine_tuning_job_id}`, from the matched path
-    parameters (routers included with a prefix do not expose the full template)."""
-    if scope.get("route") is None:
-        return "unmatched"
-    names = {str(value): name for name, value in (scope.get("path_params") or {}).items()}
-    return "/".join(f"{{{names[part]}}}" if part in names else part for part in scope["path"].split("/"))
+    """`/v1/fine_tuning/jobs/ftjob-1` → `/v1/fine_tuning/jobs/{fine_tuning_job_id}`; every path no route
+    matched → "unmatched". The matched route's own template lacks the prefix its router was included with
+    (`/v1`), so that prefix is what the request's path has before the route's part; a route part that does not
+    end the path (never expected) is "unmatched" too, so no label is ever built from the raw path."""
+    route = scope.get("route")
+    path_format: str | None = getattr(route, "path_format", None)
+    if route is None or path_format is None:
+        return UNMATCHED
+    params = scope.get("path_params") or {}
+    convertors = getattr(route, "param_convertors", {})
+    try:
+        matched = path_format.format(
+            **{name: convertors[name].to_string(value) for name, value in params.items()}
+        )
+    except (KeyError, IndexError, ValueError, AssertionError):
+        return UNMATCHED
+    path: str = scope["path"]
+    if not path.endswith(matched):
+        return UNMATCHED
+    return path[: len(path) - len(matched)] + path_format
 
 
 class RequestMetrics:
     """Pure ASGI middleware (not BaseHTTPMiddleware, which would get between a streaming response and the
     client's disconnect) counting and timing each request by route template at its first response byte."""
 
+    # A fuse: the app has a few dozen route templates, so a label past this many means a template was built
+    # wrongly, and it is counted as "unmatched" rather than grow the series without end.
+    MAX_ROUTES = 500
+
     def __init__(self, app, requests: Counter, latency: Histogram) -> None:
         self.app, self.requests, self.latency = app, requests, latency
+        self.routes: set[str] = {UNMATCHED}
+
+    def route_label(self, scope) -> str:
+        route = route_template(scope)  # the router has filled in route and path_params by now
+        if route not in self.routes:
+            if len(self.routes) >= self.MAX_ROUTES:
+                return UNMATCHED
+            self.routes.add(route)
+        return route
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -57,9 +89,10 @@ class RequestMetrics:
 
         async def observe_start(message) -> None:
             if message["type"] == "http.response.start":
-                route = route_template(scope)  # the router has filled in route and path_params by now
-                self.requests.labels(scope["method"], route, str(message["status"])).inc()
-                self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+                route = self.route_label(scope)
+                method = scope["method"] if scope["method"] in METHODS else "other"
+                self.requests.labels(method, route, str(message["status"])).inc()
+                self.latency.labels(method, route).observe(time.perf_counter() - started)
             await send(message)
 
         await self.app(scope, receive, observe_start)
@@ -67,7 +100,8 @@ class RequestMetrics:
 
 def install_metrics(app: FastAPI, settings: Settings) -> None:
     """Request counts and latencies by route template (not raw path, which would explode the label set),
-    and the job state read from SQL, at GET /metrics."""
+    and the job state read from SQL, at GET /metrics. No label comes from what a request says: not its path,
+    not a method outside METHODS, not its tenant (there are no per-tenant labels)."""
     registry = CollectorRegistry()
     registry.register(StateCollector(settings))
     requests = Counter(

@@ -2,7 +2,8 @@
 
 `TrainingConfig` and `PeftConfig` are the only definition of a job's training settings: the API
 validates requests with them and the worker builds its trainer and LoRA config from them. Unknown keys
-are refused (`extra="forbid"`) so a typo never silently trains with a default.
+are refused (`extra="forbid"`) so a typo never silently trains with a default. Every number is finite and
+bounded, every string and list capped, by the constants of `app.limits`.
 """
 
 from __future__ import annotations
@@ -11,44 +12,78 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.limits import (
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_GRAD_NORM,
+    MAX_GRADIENT_ACCUMULATION_STEPS,
+    MAX_LEARNING_RATE,
+    MAX_LEARNING_RATE_MULTIPLIER,
+    MAX_LORA_ALPHA,
+    MAX_LORA_RANK,
+    MAX_SAVE_TOTAL_LIMIT,
+    MAX_SEED,
+    MAX_SEQ_LENGTH,
+    MAX_STEPS,
+    MAX_TARGET_MODULES,
+    MAX_WEIGHT_DECAY,
+    MIN_SEQ_LENGTH,
+    ModuleName,
+    OutputDir,
+)
+
 DEFAULT_LEARNING_RATE = 2e-4
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 4
 
 PositiveInt = Annotated[int, Field(gt=0)]
+Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
+BatchSize = Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)]
 
 
 class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Finite numbers only: JSON's 1e999 parses as infinity, which no trainer can use nor response carry.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TrainingConfig(_Closed):
     """Trainer settings. Field names follow `transformers.TrainingArguments` / `trl.SFTConfig`."""
 
-    learning_rate: float = Field(DEFAULT_LEARNING_RATE, gt=0, le=1, description="Peak learning rate.")
-    num_train_epochs: float = Field(DEFAULT_EPOCHS, gt=0, le=100, description="Passes over the data.")
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: use epochs).")
-    per_device_train_batch_size: PositiveInt = Field(DEFAULT_BATCH_SIZE, le=1024)
-    per_device_eval_batch_size: PositiveInt = Field(DEFAULT_BATCH_SIZE, le=1024)
-    gradient_accumulation_steps: PositiveInt = Field(1, le=1024)
+    learning_rate: float = Field(
+        DEFAULT_LEARNING_RATE, gt=0, le=MAX_LEARNING_RATE, description="Peak learning rate."
+    )
+    num_train_epochs: float = Field(DEFAULT_EPOCHS, gt=0, le=MAX_EPOCHS, description="Passes over the data.")
+    max_steps: int = Field(
+        -1, ge=-1, le=MAX_STEPS, description="Stop after this many optimizer steps (-1: use epochs)."
+    )
+    per_device_train_batch_size: BatchSize = DEFAULT_BATCH_SIZE
+    per_device_eval_batch_size: BatchSize = DEFAULT_BATCH_SIZE
+    gradient_accumulation_steps: PositiveInt = Field(1, le=MAX_GRADIENT_ACCUMULATION_STEPS)
     lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
     ] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_seq_length: int = Field(2048, ge=16, le=131072, description="Longer examples are truncated.")
-    logging_steps: PositiveInt = Field(10, description="A metrics event every N optimizer steps.")
-    eval_steps: PositiveInt | None = Field(
+    weight_decay: float = Field(0.0, ge=0, le=MAX_WEIGHT_DECAY)
+    max_grad_norm: float = Field(1.0, gt=0, le=MAX_GRAD_NORM)
+    max_seq_length: int = Field(
+        2048, ge=MIN_SEQ_LENGTH, le=MAX_SEQ_LENGTH, description="Longer examples are truncated."
+    )
+    logging_steps: Steps = Field(10, description="A metrics event every N optimizer steps.")
+    eval_steps: Steps | None = Field(
         None, description="Evaluate on validation_file every N steps (default: logging_steps)."
     )
-    save_steps: PositiveInt | None = Field(
+    save_steps: Steps | None = Field(
         None,
         description="Store a checkpoint every N steps, evaluated on validation_file when there is one "
         "(default: none, or every eval_steps with load_best_model_at_end).",
     )
-    save_total_limit: PositiveInt | None = Field(None, description="Keep at most N checkpoints.")
-    seed: int = Field(42, ge=0, le=2**32 - 1)
+    save_total_limit: int = Field(
+        MAX_SAVE_TOTAL_LIMIT,
+        ge=1,
+        le=MAX_SAVE_TOTAL_LIMIT,
+        description="Keep at most N checkpoints, the oldest pruned first (null: the default).",
+    )
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     bf16: bool | None = Field(None, description="None: bf16 where the GPU supports it, fp32 elsewhere.")
     gradient_checkpointing: bool | None = Field(
         None,
@@ -77,15 +112,37 @@ class TrainingConfig(_Closed):
         description="Ship the checkpoint (or final step) with the lowest eval loss; needs validation_file.",
     )
     # Accepted so the recipe's dictionary can be pasted as is; the server owns output and logging.
-    output_dir: str | None = Field(None, description="Ignored: the server stores every artifact.")
+    output_dir: OutputDir | None = Field(
+        None, description="Ignored and not stored (always null): the server stores every artifact."
+    )
     overwrite_output_dir: bool | None = Field(None, description="Ignored.")
     logging_strategy: Literal["steps"] = "steps"
     log_level: Literal["debug", "info", "warning", "error", "critical", "passive"] | None = None
     do_eval: bool | None = Field(None, description="Ignored: evaluation runs when validation_file is set.")
     remove_unused_columns: bool | None = Field(None, description="Ignored.")
-    gradient_checkpointing_kwargs: dict[str, bool] | None = Field(
-        None, description="Only {'use_reentrant': bool} is meaningful."
+    gradient_checkpointing_kwargs: Annotated[dict[str, bool], Field(max_length=1)] | None = Field(
+        None, description="{'use_reentrant': bool}, or nothing."
     )
+
+    @field_validator("save_total_limit", mode="before")
+    @classmethod
+    def _default_limit(cls, limit: Any) -> Any:
+        # The recipe's dictionaries write null for "keep all": keep the most allowed, so a job that saves a
+        # checkpoint every step never keeps an unbounded number.
+        return MAX_SAVE_TOTAL_LIMIT if limit is None else limit
+
+    @field_validator("gradient_checkpointing_kwargs")
+    @classmethod
+    def _only_use_reentrant(cls, kwargs: dict[str, bool] | None) -> dict[str, bool] | None:
+        if kwargs and set(kwargs) != {"use_reentrant"}:
+            raise ValueError(f"only 'use_reentrant' is accepted, not {', '.join(map(repr, kwargs))}")
+        return kwargs
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_stored(cls, _: str | None) -> None:
+        # Accepted (bounded) so the recipe can be pasted, but never stored or echoed in every job object.
+        return None
 
     @model_validator(mode="after")
     def _check_steps(self) -> TrainingConfig:
@@ -128,7 +185,7 @@ class PeftConfig(_Closed):
         description="peft: PEFT's LoRA layers. loralib: Microsoft's loralib layers, with one LoRA per "
         "slice of Phi-3's fused qkv_proj (lora.MergedLinear).",
     )
-    qkv_slices: Annotated[list[QkvSlice], Field(min_length=1)] | None = Field(
+    qkv_slices: Annotated[list[QkvSlice], Field(min_length=1, max_length=3)] | None = Field(
         None,
         description="loralib only: the slices of the fused qkv_proj that get a LoRA (default all three; "
         'the LoRA paper adapts ["q", "v"]).',
@@ -138,13 +195,18 @@ class PeftConfig(_Closed):
         description="QLoRA: train over a base quantised by bitsandbytes (4bit: NF4, double quantisation, "
         "bf16 compute, fp16 on GPUs without bf16). The adapter serves over the unquantised base.",
     )
-    r: PositiveInt = Field(16, le=1024, description="LoRA rank.")
-    lora_alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    r: PositiveInt = Field(16, le=MAX_LORA_RANK, description="LoRA rank.")
+    lora_alpha: float = Field(
+        32, gt=0, le=MAX_LORA_ALPHA, description="Scaling numerator: the update is scaled by alpha / r."
+    )
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
-    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
-    modules_to_save: list[str] | None = None
+    target_modules: (
+        Literal["all-linear"]
+        | Annotated[list[ModuleName], Field(min_length=1, max_length=MAX_TARGET_MODULES)]
+    ) = "all-linear"
+    modules_to_save: Annotated[list[ModuleName], Field(max_length=MAX_TARGET_MODULES)] | None = None
     use_rslora: bool = False
 
     @field_validator("qkv_slices")
@@ -271,11 +333,13 @@ def fit_to_model(
 class Hyperparameters(BaseModel):
     """OpenAI's shorthand; mapped onto TrainingConfig. "auto" means the TrainingConfig default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    n_epochs: Literal["auto"] | Annotated[int, Field(gt=0, le=100)] = "auto"
-    batch_size: Literal["auto"] | Annotated[int, Field(gt=0, le=1024)] = "auto"
-    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] = "auto"
+    n_epochs: Literal["auto"] | Annotated[int, Field(gt=0, le=MAX_EPOCHS)] = "auto"
+    batch_size: Literal["auto"] | BatchSize = "auto"
+    learning_rate_multiplier: (
+        Literal["auto"] | Annotated[float, Field(gt=0, le=MAX_LEARNING_RATE_MULTIPLIER)]
+    ) = "auto"
 
     def as_training_config(self) -> dict[str, float | int]:
         """The TrainingConfig fields these shorthand values set."""

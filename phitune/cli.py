@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
+import sys
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from app.config import get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 SERVER_STOP_GRACE_SECONDS = 15  # the API and inference server; the worker's is a setting
 DISTRIBUTION = "phitune"
@@ -84,27 +93,112 @@ def migrate() -> None:
 
 @main.group()
 def keys() -> None:
-    """Manage API keys."""
+    """Manage API keys: local commands on the database (the admin API does the same over HTTP)."""
 
 
-@keys.command("create")
-@click.option("--tenant", required=True, help="Tenant name; created if it does not exist.")
-def create_key(tenant: str) -> None:
-    """Create an API key; it is printed once, alone on the last line."""
+@contextmanager
+def keys_database() -> Iterator[Session]:
+    """The unit of work of a `keys` command; a database never migrated fails saying what to run."""
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    from app.auth import create_api_key
     from app.db import session_scope
+    from app.errors import APIError
 
     try:
         with session_scope(get_settings().resolved_database_url) as session:
-            key = create_api_key(session, tenant)
+            yield session
     except (OperationalError, ProgrammingError) as error:  # no tables: the schema was never migrated
         raise click.ClickException(
             f"the database is not ready ({error.orig}); run `phitune migrate` first"
         ) from None
-    click.echo(f"Created an API key for tenant '{tenant}'. Store it now; it cannot be shown again:")
+    except APIError as error:  # what the admin API would answer with a 4xx
+        raise click.ClickException(error.message) from None
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """`90s`, `15m`, `12h`, `30d`, `2w` → seconds."""
+    number, unit = text[:-1], text[-1:].lower()
+    if unit not in DURATION_UNITS or not number.isascii() or not number.isdigit() or int(number) == 0:
+        raise click.BadParameter(f"{text!r}: expected a positive number and a unit, e.g. 30d (s, m, h, d, w)")
+    return int(number) * DURATION_UNITS[unit]
+
+
+def parse_time(text: str) -> int:
+    """An ISO 8601 time (UTC when it names no offset) → unix seconds."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected an ISO 8601 time, e.g. 2027-01-31T12:00:00Z") from None
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+
+
+def iso(seconds: int | None) -> str:
+    return "-" if seconds is None else datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="Tenant name; created if it does not exist.")
+@click.option("--expires-in", help="The key stops working after this long: 90s, 15m, 12h, 30d, 2w.")
+@click.option("--expires-at", help="The key stops working at this ISO 8601 time (UTC if no offset).")
+def create_key(tenant: str, expires_in: str | None, expires_at: str | None) -> None:
+    """Create an API key; it is printed once, alone on the last line."""
+    from app.admin import service
+
+    if expires_in is not None and expires_at is not None:
+        raise click.UsageError("give --expires-in or --expires-at, not both")
+    with keys_database() as session:
+        row, key = service.create_key(
+            session,
+            tenant,
+            expires_in=None if expires_in is None else parse_duration(expires_in),
+            expires_at=None if expires_at is None else parse_time(expires_at),
+        )
+        expires = "never expires" if row.expires_at is None else f"expires {iso(row.expires_at)}"
+        described = f"{row.id} ({row.prefix}…, {expires})"
+    click.echo(f"Created API key {described} for tenant '{tenant}'. Store it now; it cannot be shown again:")
     click.echo(key)
+
+
+@keys.command("list")
+@click.option("--tenant", help="Only this tenant's keys.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array, as the admin API lists keys.")
+def list_keys(tenant: str | None, as_json: bool) -> None:
+    """List API keys, oldest first, revoked and expired ones included (never the keys themselves)."""
+    from app.admin import service
+    from app.admin.schemas import ApiKeyObject
+
+    with keys_database() as session:
+        rows = [ApiKeyObject.from_row(row) for row in service.all_keys(session, tenant)]
+    if as_json:
+        click.echo(json.dumps([row.model_dump() for row in rows], indent=2))
+        return
+    table = [("ID", "PREFIX", "TENANT", "CREATED", "EXPIRES", "REVOKED")] + [
+        (r.id, r.prefix, r.tenant, iso(r.created_at), iso(r.expires_at), iso(r.revoked_at)) for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def revoke_key(key_id: str) -> None:
+    """Revoke the key KEY_ID (as `keys list` shows it) for good."""
+    from app.admin import service
+
+    with keys_database() as session:
+        already = service.get_key(session, key_id).revoked_at is not None
+        row = service.revoke_key(session, key_id)
+        described = f"{row.id} ({row.prefix}…) of tenant '{row.tenant.name}'"
+    if already:
+        click.echo(f"{described} was already revoked at {iso(row.revoked_at)}")
+        return
+    # Each API process trusts a key it checked for PHITUNE_API_KEY_CACHE_SECONDS (app.auth.KeyCache).
+    seconds = get_settings().api_key_cache_seconds
+    click.echo(f"Revoked {described}; running API processes refuse it within {seconds:g} s")
 
 
 @main.command("make-tiny-model")
@@ -122,20 +216,41 @@ def make_tiny_model_command(directory: Path, seed: int) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
-def api(host: str, port: int) -> None:
-    """Run the API server (uvicorn)."""
-    serve_asgi("app.main:create_app", host=host, port=port)
+@click.option(
+    "--internal-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Where /internal/v1 listens when PHITUNE_INTERNAL_PORT is set.",
+)
+def api(host: str, port: int, internal_host: str) -> None:
+    """Run the API server (uvicorn); with PHITUNE_INTERNAL_PORT, /internal/v1 is served on that port only."""
+    internal_port = get_settings().internal_port
+    if internal_port == port:
+        raise click.BadParameter("must differ from PHITUNE_INTERNAL_PORT", param_hint="--port")
+    internal = (internal_host, internal_port) if internal_port is not None else None
+    serve_asgi("app.main:create_app", host=host, port=port, internal=internal)
 
 
 # How `phitune api` serves (bench/api.py serves its bare baseline app the same way).
-API_SERVER_OPTIONS: dict[str, object] = {"log_level": "info"}
+API_SERVER_OPTIONS: dict[str, Any] = {"log_level": "info"}
 
 
-def serve_asgi(factory: str, *, host: str, port: int) -> None:
-    """Serve the ASGI app that `factory` ("module:function") makes with uvicorn, as `phitune api` does."""
+def serve_asgi(factory: str, *, host: str, port: int, internal: tuple[str, int] | None = None) -> None:
+    """Serve the ASGI app that `factory` ("module:function") makes with uvicorn, as `phitune api` does; also
+    on the `internal` (host, port) if given."""
     import uvicorn
 
-    uvicorn.run(factory, factory=True, host=host, port=port, **API_SERVER_OPTIONS)  # type: ignore[arg-type]
+    if internal is None:
+        uvicorn.run(factory, factory=True, host=host, port=port, **API_SERVER_OPTIONS)
+        return
+    # One server on two sockets rather than two servers: one process, one lifespan (housekeeping, key cache),
+    # one graceful shutdown. The app tells the sockets apart by port (app.internal.listener).
+    config = uvicorn.Config(factory, factory=True, host=host, port=port, **API_SERVER_OPTIONS)
+    internal_socket = uvicorn.Config(factory, host=internal[0], port=internal[1]).bind_socket()
+    server = uvicorn.Server(config)
+    server.run(sockets=[config.bind_socket(), internal_socket])
+    if not server.started:
+        sys.exit(3)  # uvicorn's start-up failure status, as uvicorn.run exits with
 
 
 GPU_OPTION = click.option(
@@ -226,9 +341,15 @@ def serve(host: str, port: int, inference_port: int) -> None:
     click.get_current_context().invoke(migrate)
     ensure_tiny_model(settings)
     reachable = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    # With PHITUNE_INTERNAL_PORT, the API serves /internal/v1 there, on 127.0.0.1 (its --internal-host).
+    api_url = (
+        f"http://127.0.0.1:{settings.internal_port}"
+        if settings.internal_port
+        else f"http://{reachable}:{port}"
+    )
     env = {
         **os.environ,
-        "PHITUNE_API_URL": f"http://{reachable}:{port}",
+        "PHITUNE_API_URL": api_url,
         "PHITUNE_INFERENCE_URL": f"http://127.0.0.1:{inference_port}",
     }
     # The worker's grace is long enough to save its training state; the servers only finish requests.

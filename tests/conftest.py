@@ -84,6 +84,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         database_url=database_url,
         broker_url="memory://",
         worker_token="test-worker-token",
+        serving_token="test-serving-token",
         inference_url="http://127.0.0.1:9",  # nothing listens there: chat tests that pass validation get 503
         max_upload_bytes=1024 * 1024,
     )

@@ -22,6 +22,7 @@ from app.internal.contracts import (
     WorkerError,
     WorkerEvents,
 )
+from app.service_auth import bearer
 
 # Delays between retries of a call the API did not answer; the last one repeats until the lease is lost.
 RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
@@ -71,7 +72,7 @@ class ApiClient:
         """Start an attempt, retried while the API restarts. ClaimRefused when the job is not queued (a repeat
         of a claim that committed but whose reply was lost is refused too; the lease recovers that job)."""
         response = _retrying(
-            lambda: _answered(self._http.post(f"/jobs/{job_id}/claim", headers=_bearer(self._worker_token))),
+            lambda: _answered(self._http.post(f"/jobs/{job_id}/claim", headers=bearer(self._worker_token))),
             CLAIM_RETRY_SECONDS,
             ApiUnreachable,
         )
@@ -90,7 +91,7 @@ class AttemptClient:
     def __init__(self, http: httpx.Client, claim: ClaimReply) -> None:
         self._http = http
         self._prefix = f"/jobs/{claim.job_id}"
-        self._headers = _bearer(claim.token)
+        self._headers = bearer(claim.token)
         self._lease_seconds = claim.lease_seconds
 
     def download_file(self, file_id: str, destination: Path) -> Path:
@@ -223,7 +224,3 @@ def _retried(response: httpx.Response) -> bool:
         with contextlib.suppress(ValueError, KeyError, TypeError):
             return response.json()["error"]["code"] == "conflict"
     return response.status_code in RETRIED_STATUSES
-
-
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}

@@ -90,7 +90,12 @@ async def _open_stream(inference: httpx.AsyncClient, generation: GenerateBody) -
 
 
 def _upstream_error(status: int, content: bytes) -> APIError:
-    """The inference server's OpenAI-shaped error, kept as it is."""
+    """The inference server's OpenAI-shaped error, kept as it is; but a refusal of the API's own credential
+    is the deployment's problem (PHITUNE_INFERENCE_TOKEN differs), not an invalid key of the tenant's."""
+    if status == 401:
+        return ServiceUnavailable(
+            "The inference server refused the API's credentials", code="inference_unauthorized"
+        )
     try:
         error = json.loads(content)["error"]
     except (ValueError, KeyError, TypeError):

@@ -1,4 +1,5 @@
-"""The OpenAI chat completion request, validated before anything reaches the inference server."""
+"""The OpenAI chat completion request, validated before anything reaches the inference server: every number
+finite and bounded, every string valid Unicode and capped (`app.limits`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,21 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.inference_contract import MAX_STOP_SEQUENCES, GenerateBody
+from app.inference_contract import GenerateBody
+from app.limits import (
+    MAX_CHAT_SEED,
+    MAX_COMPLETION_TOKENS,
+    MAX_CONTENT_CHARS,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    MIN_CHAT_SEED,
+    ChatModelId,
+    Name,
+    declared,
+    valid_unicode,
+)
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -14,7 +29,7 @@ DEFAULT_MAX_TOKENS = 256
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Annotated[str, declared(maxLength=MAX_CONTENT_CHARS)]  # checked with its message's whole content
 
 
 class ChatMessage(BaseModel):
@@ -22,8 +37,23 @@ class ChatMessage(BaseModel):
 
     # OpenAI's newer "developer" role is its system role; Phi-3's template knows system/user/assistant.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: (
+        Annotated[str, declared(maxLength=MAX_CONTENT_CHARS)]
+        | Annotated[list[TextPart], declared(maxItems=MAX_CONTENT_PARTS)]
+    )
+    name: Name | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, content: str | list[TextPart]) -> str | list[TextPart]:
+        texts = [content] if isinstance(content, str) else [part.text for part in content]
+        if len(texts) > MAX_CONTENT_PARTS:
+            raise ValueError(f"at most {MAX_CONTENT_PARTS} text parts")
+        if sum(map(len, texts)) > MAX_CONTENT_CHARS:
+            raise ValueError(f"at most {MAX_CONTENT_CHARS} characters")
+        for text in texts:
+            valid_unicode(text)
+        return content
 
     def as_template_message(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -38,20 +68,27 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """Fields the engine honours; OpenAI fields it cannot honour are refused rather than ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str = Field(min_length=1)
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(gt=0)] | None = None
-    max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+    model: ChatModelId
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Annotated[int, Field(gt=0, le=MAX_COMPLETION_TOKENS)] | None = None
+    max_completion_tokens: Annotated[int, Field(gt=0, le=MAX_COMPLETION_TOKENS)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: (
+        Annotated[str, declared(minLength=1, maxLength=MAX_STOP_CHARS)]
+        | Annotated[
+            list[Annotated[str, declared(minLength=1, maxLength=MAX_STOP_CHARS)]],
+            declared(maxItems=MAX_STOP_SEQUENCES),
+        ]
+        | None
+    ) = None
+    seed: Annotated[int, Field(ge=MIN_CHAT_SEED, le=MAX_CHAT_SEED)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-    user: str | None = None
+    user: Name | None = None
     # vLLM's extension of the OpenAI request, kept under its name: generate past end-of-sequence (benchmarks).
     ignore_eos: bool = False
 
@@ -63,6 +100,10 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences are at most {MAX_STOP_CHARS} characters")
+        for s in stops:
+            valid_unicode(s)
         return stops
 
     @model_validator(mode="after")

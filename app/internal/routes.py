@@ -1,7 +1,8 @@
 """/internal/v1: the routes workers use. Excluded from the public OpenAPI document.
 
-The claim and the adapter download take the shared worker token (`WorkerOnly`); everything else is done
-by one attempt of one job, proven by its attempt token (`CurrentAttempt`)."""
+The claim takes the shared worker token (`WorkerOnly`), the adapter download the inference server's serving
+token (`ServingOnly`); everything else is done by one attempt of one job, proven by its attempt token
+(`CurrentAttempt`). See app.service_auth."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.adapter_format import FORMAT_HEADER, Format
+from app.config import Settings
 from app.db import after_commit, release_connection
-from app.deps import CurrentAttempt, SessionDep, SettingsDep, StorageDep, WorkerOnly
+from app.deps import CurrentAttempt, ServingOnly, SessionDep, SettingsDep, StorageDep, WorkerOnly
 from app.errors import NotFound
 from app.files.service import get_file
 from app.internal import service
@@ -74,12 +76,13 @@ async def upload_adapter(
     request: Request,
     attempt: CurrentAttempt,
     session: SessionDep,
+    settings: SettingsDep,
     storage: StorageDep,
     format: Format = "peft",
 ) -> AdapterReceipt:
     """The final adapter archive in one format, streamed to storage; a re-upload replaces it."""
     record = _artifact(session, storage, Artifact.FINAL, format)
-    return await _receive(request, session, storage, attempt, record)
+    return await _receive(request, session, settings, storage, attempt, record)
 
 
 @router.put("/{job_id}/checkpoints/{step}/adapter")
@@ -88,12 +91,13 @@ async def upload_checkpoint_adapter(
     request: Request,
     attempt: CurrentAttempt,
     session: SessionDep,
+    settings: SettingsDep,
     storage: StorageDep,
     format: Format = "peft",
 ) -> AdapterReceipt:
     """A checkpoint's adapter archive; the checkpoint is listed once published (POST …/checkpoints)."""
     record = _artifact(session, storage, artifacts.checkpoint_scope(step), format)
-    return await _receive(request, session, storage, attempt, record)
+    return await _receive(request, session, settings, storage, attempt, record)
 
 
 # What an upload records once its bytes are in a temp file: (job, temp, sha256, size) → the reply, and the
@@ -102,7 +106,12 @@ Record = Callable[[Job, Path, str, int], tuple[T, list[str]]]
 
 
 async def _receive(
-    request: Request, session: Session, storage: Storage, attempt: Attempt, record: Record[T]
+    request: Request,
+    session: Session,
+    settings: Settings,
+    storage: Storage,
+    attempt: Attempt,
+    record: Record[T],
 ) -> T:
     """Stream an upload to a storage temp file, then record it for the attempt, which is checked again: it
     may have been superseded while the body streamed in. A temp file not moved into place is deleted."""
@@ -110,7 +119,7 @@ async def _receive(
     temp, sha256, size = await artifacts.receive_archive(request, storage)
 
     def save() -> T:
-        job = service.attempt_job(session, attempt.job.id, attempt.token)
+        job = service.attempt_job(session, settings, attempt.job.id, attempt.token)
         reply, superseded = record(job, temp, sha256, size)
         for key in superseded:
             after_commit(session, partial(storage.delete, key))
@@ -154,6 +163,7 @@ async def upload_resume_state(
     request: Request,
     attempt: CurrentAttempt,
     session: SessionDep,
+    settings: SettingsDep,
     storage: StorageDep,
     step: Annotated[int, Query(gt=0, le=2**31 - 1)],
     sha256: Annotated[str, Query(pattern="^[0-9a-f]{64}$")],
@@ -165,7 +175,7 @@ async def upload_resume_state(
         state, superseded = resume_states.store(session, storage, job, step, temp, sha256, digest, size)
         return StateReceipt(id=state.id, step=state.step, sha256=state.sha256, bytes=state.bytes), superseded
 
-    return await _receive(request, session, storage, attempt, record)
+    return await _receive(request, session, settings, storage, attempt, record)
 
 
 @router.get("/{job_id}/resume_states/{state_id}")
@@ -176,7 +186,7 @@ def download_resume_state(state_id: str, attempt: CurrentAttempt, session: Sessi
     )
 
 
-@adapters_router.get("/{adapter_id}", dependencies=[WorkerOnly])
+@adapters_router.get("/{adapter_id}", dependencies=[ServingOnly])
 def download_adapter(adapter_id: str, session: SessionDep, storage: StorageDep):
     """The inference server fetches an adapter here by job or checkpoint id; deleted models are gone."""
     artifact = service.servable_artifact(session, adapter_id)

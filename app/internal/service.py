@@ -1,14 +1,19 @@
 """Worker ↔ API: claim a job, renew its lease, record events, store the adapter, report the outcome.
 
-A worker proves itself twice: with the shared worker token to claim a job, then with a token scoped to
-that attempt of that job for everything else. A superseded attempt's token gets 409, so a zombie worker
-can never overwrite a newer attempt.
+A worker proves itself twice: with the shared worker token to claim a job (which is all that token can do),
+then with a token scoped to that attempt of that job for everything else. Attempt tokens are derived from
+the job id and the attempt number with a key only the API holds (`attempt_token`), so the API recognises
+every token it issued: a superseded attempt's token gets 409 (a zombie worker learns to stop, and can never
+overwrite a newer attempt), while a forged or malformed token gets the same 401 whether the job exists or
+not, before anything about the job is revealed.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
-import secrets
+import re
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -24,13 +29,11 @@ from app.models import Artifact, Job, JobStatus
 from app.models.base import now
 from app.repositories import artifacts as stored
 from app.repositories import jobs
+from app.service_auth import check_secret, presented, same_secret
 
-
-def _bearer(authorization: str | None) -> str:
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("Missing worker credentials")
-    return token.strip()
+# "<attempt>.<secret>": the attempt number in ASCII digits (int() would also take '²' or '٣'), bounded.
+ATTEMPT_TOKEN = re.compile(r"([1-9][0-9]{0,8})\.([A-Za-z0-9_-]{1,128})")
+INVALID_ATTEMPT_TOKEN = "Invalid attempt token"
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,17 @@ def _job(session: Session, job_id: str) -> Job:
 
 
 def check_worker_token(settings: Settings, authorization: str | None) -> None:
-    if not hmac.compare_digest(_bearer(authorization), settings.resolved_worker_token):
-        raise Unauthorized("Invalid worker token")
+    check_secret(authorization, settings.resolved_worker_token, "worker token")
+
+
+def check_serving_token(settings: Settings, authorization: str | None) -> None:
+    check_secret(authorization, settings.resolved_serving_token, "serving token")
+
+
+def attempt_token(settings: Settings, job_id: str, attempt: int) -> str:
+    """The token of attempt `attempt` of `job_id`: a MAC of both under the API's attempt key."""
+    mac = hmac.digest(settings.resolved_attempt_key.encode(), f"{job_id}.{attempt}".encode(), hashlib.sha256)
+    return f"{attempt}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
 
 
 def servable_artifact(session: Session, adapter_id: str) -> Artifact:
@@ -79,7 +91,7 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> ClaimReply:
     except states.IllegalTransition:
         raise Conflict(f"Job {job_id} is {job.status}, not queued", code="job_not_claimable") from None
     job.attempt += 1
-    token = f"{job.attempt}.{secrets.token_urlsafe(32)}"
+    token = attempt_token(settings, job.id, job.attempt)
     job.attempt_token_hash = hash_token(token)
     job.started_at = job.started_at or now()
     job.lease_expires_at = now() + settings.lease_seconds
@@ -99,27 +111,33 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> ClaimReply:
     )
 
 
-def current_attempt(session: Session, job_id: str, authorization: str | None) -> Attempt:
-    """The running attempt whose token the Authorization header holds; 409 for a superseded or finished
-    attempt."""
-    token = _bearer(authorization)
-    return Attempt(attempt_job(session, job_id, token), token)
+def current_attempt(session: Session, settings: Settings, job_id: str, authorization: str | None) -> Attempt:
+    """The running attempt whose token the Authorization header holds; 401 for any other token, 409 for a
+    superseded or finished attempt's."""
+    token = presented(authorization, "attempt token")
+    return Attempt(attempt_job(session, settings, job_id, token), token)
 
 
-def attempt_job(session: Session, job_id: str, token: str) -> Job:
-    """The running job an attempt token belongs to, its row locked; 409 for a superseded or finished
+def attempt_job(session: Session, settings: Settings, job_id: str, token: str) -> Job:
+    """The running job an attempt token belongs to, its row locked. 401 for a token the API never issued for
+    this job (the same answer for a job that does not exist); 409 for one of a superseded or finished
     attempt."""
-    job = _job(session, job_id)
-    attempt, _, _ = token.partition(".")
-    if not (attempt.isascii() and attempt.isdigit()):
-        raise Unauthorized("Malformed attempt token")
-    if int(attempt) < job.attempt:
-        raise Conflict(
-            f"Attempt {attempt} of job {job_id} was superseded by attempt {job.attempt}",
-            code="attempt_superseded",
-        )
-    if not job.attempt_token_hash or not hmac.compare_digest(hash_token(token), job.attempt_token_hash):
-        raise Unauthorized("Invalid attempt token")
+    parsed = ATTEMPT_TOKEN.fullmatch(token)
+    job = jobs.lock(session, job_id) if parsed else None
+    if parsed is None or job is None:
+        raise Unauthorized(INVALID_ATTEMPT_TOKEN, code="invalid_attempt_token")
+    attempt = int(parsed.group(1))
+    if attempt == job.attempt and job.attempt_token_hash:
+        current = same_secret(hash_token(token), job.attempt_token_hash)
+    else:
+        current = False
+    if not current:
+        if attempt < job.attempt and same_secret(token, attempt_token(settings, job_id, attempt)):
+            raise Conflict(
+                f"Attempt {attempt} of job {job_id} was superseded by attempt {job.attempt}",
+                code="attempt_superseded",
+            )
+        raise Unauthorized(INVALID_ATTEMPT_TOKEN, code="invalid_attempt_token")
     if job.status != JobStatus.RUNNING:
         raise Conflict(f"Job {job_id} is {job.status}; this attempt is over", code="attempt_over")
     return job

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.internal.contracts import EventLevel, EventType
+from app.limits import MAX_METADATA_PAIRS, MAX_SEED, FileId, MetadataKey, MetadataValue, ModelId
 from app.models import Checkpoint, Job, JobEvent, JobStatus
 from app.pagination import ListPage
 from app.specs import Hyperparameters, PeftConfig, TrainingConfig
@@ -27,34 +28,25 @@ class Method(BaseModel):
 class JobCreate(BaseModel):
     """`POST /v1/fine_tuning/jobs`. training_config / peft_config are the recipe's two dictionaries."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str = Field(min_length=1)
-    training_file: str = Field(min_length=1)
-    validation_file: str | None = None
+    model: ModelId
+    training_file: FileId
+    validation_file: FileId | None = None
     suffix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")] | None = None
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
-    metadata: dict[str, str] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_PAIRS)] | None = None
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
     training_config: TrainingConfig | None = None
     peft_config: PeftConfig | None = None
 
-    @field_validator("metadata")
-    @classmethod
-    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None:
-            if len(value) > 16:
-                raise ValueError("at most 16 metadata pairs")
-            if any(len(k) > 64 or len(v) > 512 for k, v in value.items()):
-                raise ValueError("metadata keys are at most 64 characters, values at most 512")
-        return value
-
 
 class JobHyperparameters(BaseModel):
     """The OpenAI view of the job's resolved training_config."""
 
-    n_epochs: int
+    # A whole number as OpenAI's; training_config.num_train_epochs may be fractional, and is shown as it is.
+    n_epochs: int | float = Field(union_mode="left_to_right")
     batch_size: int
     learning_rate_multiplier: float
 

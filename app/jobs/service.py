@@ -70,7 +70,25 @@ def resolve_training_config(request: JobCreate) -> TrainingConfig:
                 code="conflicting_parameters",
             )
         merged["seed"] = request.seed
-    return TrainingConfig(**merged)
+    config = TrainingConfig(**merged)
+    _check_intervals(config, set(explicit))
+    return config
+
+
+def _check_intervals(config: TrainingConfig, given: set[str]) -> None:
+    """An interval given longer than max_steps would never come round: no metrics event, evaluation or
+    checkpoint before the end. A 400 naming it, rather than a job that silently does less than asked."""
+    if config.max_steps < 1:
+        return  # trained by epochs: the steps are known once the worker has read the file
+    for field in ("logging_steps", "eval_steps", "save_steps"):
+        interval = getattr(config, field)
+        if field in given and interval is not None and interval > config.max_steps:
+            raise InvalidRequest(
+                f"training_config.{field} is {interval}, more than max_steps ({config.max_steps}): it would "
+                "never come round",
+                param=f"training_config.{field}",
+                code="invalid_value",
+            )
 
 
 def hyperparameters_of(config: TrainingConfig) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, now
 
@@ -23,11 +23,15 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)  # `key-…`: names the key to list and revoke it
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex; keys are 256-bit random
     prefix: Mapped[str] = mapped_column(String(16))  # shown to humans to tell keys apart
     created_at: Mapped[int] = mapped_column(Integer, default=now)
+    expires_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     revoked_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Many-to-one, loaded with the key: every listed key shows its tenant's name.
+    tenant: Mapped[Tenant] = relationship(lazy="joined", innerjoin=True)
 
 
 class File(Base):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.test_internal import WORKER, claim, tiny_archive
+from tests.api.test_internal import SERVING, claim, tiny_archive
 from tests.api.test_jobs import assert_error
 from tests.utils import CHAT_LINES, upload_file
 
@@ -58,7 +58,7 @@ def test_checkpoints_are_listed_callable_downloadable_and_pruned(client, auth, r
     assert_error(
         client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter", headers=auth), 409, code="adapter_not_ready"
     )
-    fetched = client.get(f"/internal/v1/adapters/{newest['id']}", headers=WORKER)
+    fetched = client.get(f"/internal/v1/adapters/{newest['id']}", headers=SERVING)
     assert fetched.content == archives[6] and fetched.headers["x-phitune-adapter-format"] == "peft"
 
     chat = {"model": newest["fine_tuned_model_checkpoint"], "messages": [{"role": "user", "content": "hi"}]}
@@ -91,7 +91,7 @@ def test_formats_and_the_reason_peft_is_unavailable(client, auth, running_job):
     )
     loralib = client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter?format=loralib", headers=auth)
     assert loralib.status_code == 200 and loralib.content == loralib_archive
-    served = client.get(f"/internal/v1/adapters/{job_id}", headers=WORKER)
+    served = client.get(f"/internal/v1/adapters/{job_id}", headers=SERVING)
     assert served.headers["x-phitune-adapter-format"] == "loralib"
 
 

@@ -238,6 +238,15 @@ ODD_LINES = [
     b'{"text": "a", "x": ' + b"[" * 1020 + b"]" * 1020 + b"}\n",
     b'{"messages": [{"role": "assistant", "content": ' + b"[" * 1020 + b"]" * 1020 + b"}]}\n",
     b'{"text": "\\u00e9\\ud83d\\ude00"}\n',
+    # Text no tokenizer reads and numbers no float holds: refused by the models too, with the line.
+    b'{"text": "a", "x": "\\uDBFF"}\n',
+    b'{"text": "\\\\ud800"}\n',
+    b'{"messages": [{"role": "assistant", "content": "y", "\\ud800": 1}]}\n',
+    b'{"messages": [{"role": "assistant", "content": "y", "name": "\\udfff"}]}\n',
+    b'{"messages": [{"role": "assistant", "content": "y", "weight": 1' + b"0" * 5000 + b"}]}\n",
+    b'{"messages": [{"role": "assistant", "content": "y", "weight": -Infinity}]}\n',
+    b'{"prompt": 1e999, "completion": "c"}\n',
+    b'{"text": "a", "x": ' + b"[" * 900 + b'"\\ud800"' + b"]" * 900 + b"}\n",
     b'{"prompt": "p", "completion": "c"}',
     b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}',
 ]
@@ -306,6 +315,41 @@ def test_a_file_gets_the_same_report_with_and_without_the_fast_path(
         for part in (lines, lines[:60], lines[::7][:80]):
             slow = report_of(part, fast=False, max_line_bytes=max_line_bytes)
             assert report_of(part, fast=True, max_line_bytes=max_line_bytes) == slow
+
+
+@pytest.mark.parametrize(
+    ("line", "code", "place"),
+    [
+        (b'{"text": "\\ud800"}', "invalid_unicode", '"text"'),
+        (b'{"prompt": "p\\udc00", "completion": "c"}', "invalid_unicode", '"prompt"'),
+        (
+            b'{"messages": [{"role": "assistant", "content": "\\udfff\\ud83d"}]}',
+            "invalid_unicode",
+            "messages[0].content",
+        ),
+        (
+            b'{"messages": [{"role": "assistant", "content": "y", "\\ud800": 1}]}',
+            "invalid_unicode",
+            "messages[0]",
+        ),
+        (b'{"\\ud800": "t"}', "invalid_unicode", "The record"),
+        (b'{"text": "t", "x": 1e400}', "invalid_number", "1e400"),
+        (b'{"text": "t", "x": -1E+999}', "invalid_number", "-1E+999"),
+        (b'{"text": "t", "x": NaN}', "invalid_number", "NaN"),
+        (b'{"text": "t", "x": Infinity}', "invalid_number", "Infinity"),
+        (b'{"text": "t", "x": ' + b"9" * 5000 + b"}", "invalid_number", "too many digits"),
+    ],
+)
+def test_text_that_is_not_unicode_and_numbers_no_float_holds_are_refused(
+    line: bytes, code: str, place: str
+) -> None:
+    with pytest.raises(RecordError) as refused:
+        load_line(line)
+    assert refused.value.code == code and place in refused.value.message, refused.value.message
+    # orjson refuses every one of them, so the fast path leaves them to the models.
+    assert all(line_checker(name)(line) is None for name in FORMATS)
+    # A pair of surrogates is one character, and an escaped backslash before "ud800" is no escape at all.
+    assert load_line(b'{"text": "\\ud83d\\ude00 \\\\ud800"}') == {"text": "\U0001f600 \\ud800"}
 
 
 def test_only_the_first_record_and_the_bad_lines_go_to_the_models(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,8 @@ from app.jobs.leases import MAX_ATTEMPTS, reap_expired_leases
 from app.models import Job
 from tests.utils import CHAT_LINES, jsonl, upload_file
 
-WORKER = {"Authorization": "Bearer test-worker-token"}
+WORKER = {"Authorization": "Bearer test-worker-token"}  # the claim token (tests/conftest.py's settings)
+SERVING = {"Authorization": "Bearer test-serving-token"}  # the inference server's, for adapter downloads
 
 
 def claim(client, job_id: str) -> tuple[dict, dict[str, str]]:

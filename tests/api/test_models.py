@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.test_internal import WORKER, succeeded_job, tiny_archive
+from tests.api.test_internal import SERVING, succeeded_job, tiny_archive
 from tests.api.test_jobs import assert_error
 
 
@@ -45,13 +45,13 @@ def test_deleted_model_disappears_and_cannot_be_called(client, auth, other_auth,
     chat = {"model": fine_tuned_model, "messages": [{"role": "user", "content": "hi"}]}
     assert_error(client.post("/v1/chat/completions", json=chat, headers=auth), 404, code="model_not_found")
     job_id = client.get("/v1/fine_tuning/jobs", headers=auth).json()["data"][0]["id"]
-    assert client.get(f"/internal/v1/adapters/{job_id}", headers=WORKER).status_code == 404
+    assert client.get(f"/internal/v1/adapters/{job_id}", headers=SERVING).status_code == 404
 
 
 def test_inference_server_fetches_only_servable_adapters(client, auth, fine_tuned_model):
     job_id = client.get("/v1/fine_tuning/jobs", headers=auth).json()["data"][0]["id"]
     assert client.get(f"/internal/v1/adapters/{job_id}", headers=auth).status_code == 401
-    fetched = client.get(f"/internal/v1/adapters/{job_id}", headers=WORKER)
+    fetched = client.get(f"/internal/v1/adapters/{job_id}", headers=SERVING)
     assert fetched.status_code == 200 and fetched.content == tiny_archive()
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.config import Settings
+from app.service_auth import bearer
 from phitune.launch import REPO, free_port, healthy, phitune_command
 from phitune.launch import run_phitune as phitune
 from tests.conftest import POSTGRES_URL, REDIS_URL, fresh_postgres_database
@@ -38,6 +40,12 @@ class Service:
         return httpx.Client(
             base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=60
         )
+
+    @property
+    def inference_headers(self) -> dict[str, str]:
+        """The credential the API calls the inference server with (generated into the data dir if unset)."""
+        settings = Settings(data_dir=self.data_dir, inference_token=self.env.get("PHITUNE_INFERENCE_TOKEN"))
+        return bearer(settings.resolved_inference_token)
 
     def start(self, name: str, *args: str, **env: str) -> subprocess.Popen:
         log = self.data_dir / f"{name}.log"

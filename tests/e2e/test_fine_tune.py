@@ -322,14 +322,16 @@ def test_a_client_leaving_mid_stream_frees_its_slot(embedded_service: Service):
         "ignore_eos": True,
         "stream": True,
     }
-    with embedded_service.client as client:
+    inference = httpx.Client(
+        base_url=embedded_service.inference_url, headers=embedded_service.inference_headers
+    )
+    with embedded_service.client as client, inference:
         with client.stream("POST", "/v1/chat/completions", json=body) as stream:
             lines = stream.iter_lines()
             assert next(lines).startswith("data: ")
-            running = httpx.get(f"{embedded_service.inference_url}/stats").json()["running_sequences"]
-            assert running == 1
+            assert inference.get("/stats").json()["running_sequences"] == 1
         # Leaving the block closed the connection mid-stream; the API closes its upstream request in turn.
         deadline = time.monotonic() + 10
-        while httpx.get(f"{embedded_service.inference_url}/stats").json()["running_sequences"]:
+        while inference.get("/stats").json()["running_sequences"]:
             assert time.monotonic() < deadline, "the abandoned sequence kept decoding"
             time.sleep(0.1)

@@ -27,7 +27,8 @@ from worker.serving.settings import ServingSettings
 from worker.tiny_model import make_random_adapter
 
 BASE_MODEL = "tiny-phi3"
-WORKER_TOKEN = "serving-test-token"
+SERVING_TOKEN = "serving-test-token"  # the inference server's credential at the (stand-in) API
+INFERENCE_TOKEN = "inference-test-token"  # the API's credential at the inference server
 # Three adapters whose ranks differ, so that mixed batches pad ranks: plain; rsLoRA on attention only; and
 # per-layer ranks and alphas.
 ADAPTER_OPTIONS = {
@@ -82,7 +83,7 @@ def archives(adapter_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def store_url(archives: dict[str, Path]) -> Iterator[str]:
     """A real HTTP server answering GET /internal/v1/adapters/{id} like the API."""
-    with serve_in_thread(adapter_store_app(archives, WORKER_TOKEN)) as url:
+    with serve_in_thread(adapter_store_app(archives, SERVING_TOKEN)) as url:
         yield url
 
 
@@ -90,12 +91,16 @@ def store_url(archives: dict[str, Path]) -> Iterator[str]:
 class InferenceServer:
     url: str
     app: FastAPI
+    headers = {"Authorization": f"Bearer {INFERENCE_TOKEN}"}  # as the API calls it
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60)
+
+    def async_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=60)
 
     def stats(self) -> dict:
-        return httpx.get(f"{self.url}/stats").json()
+        return httpx.get(f"{self.url}/stats", headers=self.headers).json()
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +115,8 @@ def start_server(
                 data_dir=tmp_path_factory.mktemp("inference-data"),
                 base_models={BASE_MODEL: str(tiny_model_dir)},
                 api_url=api_url or store_url,
-                worker_token=WORKER_TOKEN,
+                serving_token=SERVING_TOKEN,
+                inference_token=INFERENCE_TOKEN,
                 max_loaded_adapters=max_loaded_adapters,
             )
             # The test process keeps its torch threads: the other tests share it.

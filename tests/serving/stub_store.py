@@ -35,7 +35,7 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
 
 
 def adapter_store_app(
-    archives: dict[str, Path], worker_token: str, formats: dict[str, str] | None = None
+    archives: dict[str, Path], serving_token: str, formats: dict[str, str] | None = None
 ) -> FastAPI:
     """GET /internal/v1/adapters/{id} answers the archive, as the API does for the inference server, with
     its format (`formats`, "peft" by default) in the X-Phitune-Adapter-Format header."""
@@ -44,7 +44,7 @@ def adapter_store_app(
 
     @app.get("/internal/v1/adapters/{adapter_id}")
     def adapter(adapter_id: str, authorization: str = Header("")) -> FileResponse:
-        if authorization != f"Bearer {worker_token}":
+        if authorization != f"Bearer {serving_token}":
             raise HTTPException(401)
         if adapter_id not in archives:
             raise HTTPException(404)

@@ -16,7 +16,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from phitune.launch import free_port
-from tests.serving.conftest import ADAPTERS, PICKLED_ADAPTER, WORKER_TOKEN, load_model
+from tests.serving.conftest import ADAPTERS, PICKLED_ADAPTER, SERVING_TOKEN, load_model
 from worker.adapter_archive import SERVED_FILES, InvalidAdapter, extract_adapter
 from worker.serving.adapters import AdapterCache, AdapterFetchFailed, AdapterNotFound, HttpAdapterFetcher
 from worker.serving.engine import Engine, Finished, GenerationRequest
@@ -25,7 +25,7 @@ from worker.serving.engine import Engine, Finished, GenerationRequest
 def test_the_http_fetcher_downloads_the_archive(
     store_url: str, archives: dict[str, Path], tmp_path: Path
 ) -> None:
-    with closing(HttpAdapterFetcher(store_url, WORKER_TOKEN)) as fetch:
+    with closing(HttpAdapterFetcher(store_url, SERVING_TOKEN)) as fetch:
         fetch("ftjob-plain", tmp_path / "adapter.tar.gz")
     assert (tmp_path / "adapter.tar.gz").read_bytes() == archives["ftjob-plain"].read_bytes()
 
@@ -33,9 +33,9 @@ def test_the_http_fetcher_downloads_the_archive(
 def test_the_http_fetcher_tells_unknown_from_unavailable(store_url: str, tmp_path: Path) -> None:
     nobody_listens = f"http://127.0.0.1:{free_port()}"
     with (
-        closing(HttpAdapterFetcher(store_url, WORKER_TOKEN)) as fetch,
+        closing(HttpAdapterFetcher(store_url, SERVING_TOKEN)) as fetch,
         closing(HttpAdapterFetcher(store_url, "wrong-token")) as fetch_with_a_wrong_token,
-        closing(HttpAdapterFetcher(nobody_listens, WORKER_TOKEN)) as fetch_from_nowhere,
+        closing(HttpAdapterFetcher(nobody_listens, SERVING_TOKEN)) as fetch_from_nowhere,
     ):
         with pytest.raises(AdapterNotFound):
             fetch("ftjob-deleted", tmp_path / "a.tar.gz")

@@ -9,7 +9,6 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import loralib as lora
 import pytest
 import torch
@@ -20,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from tests.loralib_reference import merge_loralib_into
 from tests.serving.conftest import (
     BASE_MODEL,
-    WORKER_TOKEN,
+    SERVING_TOKEN,
     InferenceServer,
     References,
     exact_only_on_cpu,
@@ -117,7 +116,7 @@ def loralib_server(
         UNKNOWN_FORMAT_ADAPTER: packed["ftjob-loralib-qv"],
     }
     formats = dict.fromkeys(packed, "loralib") | {UNKNOWN_FORMAT_ADAPTER: "gguf"}
-    with serve_in_thread(adapter_store_app(store, WORKER_TOKEN, formats)) as store_url:
+    with serve_in_thread(adapter_store_app(store, SERVING_TOKEN, formats)) as store_url:
         yield start_server(8, store_url)
 
 
@@ -189,7 +188,7 @@ def test_loralib_and_peft_adapters_batch_together(
     engine = loralib_server.app.state.models[BASE_MODEL].engine
 
     async def send_all() -> list[dict]:
-        async with httpx.AsyncClient(base_url=loralib_server.url, timeout=60) as client:
+        async with loralib_server.async_client() as client:
             responses = await asyncio.gather(
                 *(client.post("/generate", json=generate_body(a, content)) for a, content in requests)
             )

@@ -45,14 +45,18 @@ def test_mixed_adapter_batch_equals_separate_runs(server: InferenceServer, refer
     before = engine.stats()
 
     async def send_all() -> list[dict]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        async with server.async_client() as client:
             responses = await asyncio.gather(
                 *(client.post("/generate", json=generate_body(a, content)) for a, content in requests)
             )
         return [response.json() for response in responses]
 
     for adapter_id in ADAPTERS:  # loaded beforehand, so that every request joins the first batch
-        httpx.post(f"{server.url}/generate", json=generate_body(adapter_id, SHORT, max_tokens=1))
+        httpx.post(
+            f"{server.url}/generate",
+            json=generate_body(adapter_id, SHORT, max_tokens=1),
+            headers=server.headers,
+        )
     results = asyncio.run(send_all())
 
     for (adapter_id, content), result in zip(requests, results, strict=True):
@@ -99,7 +103,7 @@ def test_a_seed_makes_sampling_reproducible_even_in_a_batch(server: InferenceSer
     body = generate_body("ftjob-patterns", SHORT, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True)
 
     async def batched() -> str:
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        async with server.async_client() as client:
             others = [body | {"seed": seed, "adapter_id": None} for seed in (1, 2)]
             responses = await asyncio.gather(*(client.post("/generate", json=b) for b in [body, *others]))
         return responses[0].json()["text"]

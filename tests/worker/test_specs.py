@@ -47,6 +47,69 @@ def test_peft_config_refuses_what_its_backend_cannot_train(fields: dict, named: 
         PeftConfig(**fields)
 
 
+@pytest.mark.parametrize(
+    ("model", "field", "at_bound", "past_bound"),
+    [
+        (TrainingConfig, "max_steps", 1_000_000, 1_000_001),
+        (TrainingConfig, "logging_steps", 1_000_000, 1_000_001),
+        (TrainingConfig, "eval_steps", 1_000_000, 1_000_001),
+        (TrainingConfig, "save_steps", 1_000_000, 1_000_001),
+        (TrainingConfig, "save_total_limit", 100, 101),
+        (TrainingConfig, "num_train_epochs", 100, 100.5),
+        (TrainingConfig, "per_device_train_batch_size", 1024, 1025),
+        (TrainingConfig, "gradient_accumulation_steps", 1024, 1025),
+        (TrainingConfig, "learning_rate", 1.0, 1.01),
+        (TrainingConfig, "weight_decay", 1.0, 1.01),
+        (TrainingConfig, "max_grad_norm", 1000.0, 1000.5),
+        (TrainingConfig, "max_seq_length", 131072, 131073),
+        (TrainingConfig, "seed", 2**31 - 1, 2**31),
+        (TrainingConfig, "output_dir", "d" * 4096, "d" * 4097),
+        (PeftConfig, "r", 1024, 1025),
+        (PeftConfig, "lora_alpha", 4096.0, 4096.5),
+        (PeftConfig, "target_modules", ["o_proj"] * 64, ["o_proj"] * 65),
+        (PeftConfig, "target_modules", ["x" * 200], ["x" * 201]),
+    ],
+)
+def test_every_field_has_a_range_a_worker_can_run(model, field: str, at_bound, past_bound) -> None:
+    model(**{field: at_bound})
+    with pytest.raises(ValidationError, match=field):
+        model(**{field: past_bound})
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [
+        (TrainingConfig, "learning_rate"),
+        (TrainingConfig, "weight_decay"),
+        (TrainingConfig, "max_grad_norm"),
+        (TrainingConfig, "num_train_epochs"),
+        (TrainingConfig, "warmup_ratio"),
+        (PeftConfig, "lora_alpha"),
+        (PeftConfig, "lora_dropout"),
+    ],
+)
+def test_no_number_is_infinite_or_nan(model, field: str, value: float) -> None:
+    with pytest.raises(ValidationError, match="finite number"):
+        model(**{field: value})
+
+
+def test_what_a_job_stores_the_worker_reads_back_unchanged() -> None:
+    """Checkpoints are bounded by default, output_dir is dropped, and the stored dictionary (JSON) validates
+    again to the same config in the worker."""
+    config = TrainingConfig(save_steps=1, max_steps=1_000_000, output_dir="/tmp/x", save_total_limit=None)
+    assert config.save_total_limit == 100 and config.output_dir is None
+    assert TrainingConfig().save_total_limit == 100
+    stored = json.loads(json.dumps(config.model_dump(mode="json")))
+    assert TrainingConfig.model_validate(stored) == config
+    peft = PeftConfig(target_modules=["o_proj", "self_attn.qkv_proj"], lora_alpha=4096)
+    assert PeftConfig.model_validate(json.loads(json.dumps(peft.model_dump(mode="json")))) == peft
+    with pytest.raises(ValidationError, match="use_reentrant"):
+        TrainingConfig(gradient_checkpointing_kwargs={"use_reentrant": True, "preserve_rng_state": False})
+    with pytest.raises(ValidationError, match="lone surrogate"):
+        PeftConfig(target_modules=["o_proj\ud800"])
+
+
 def test_loralib_options_resolve_to_layers() -> None:
     config = PeftConfig(backend="loralib", qkv_slices=["v", "q"])
     assert config.qkv_slices == ["q", "v"]  # in the order of the fused projection

@@ -34,6 +34,7 @@ import httpx
 import torch
 
 from app.adapter_format import FORMAT_HEADER, Format
+from app.service_auth import bearer
 from worker.adapter_archive import extract_adapter, served_format
 from worker.serving.engine import Engine
 from worker.serving.lora import AdapterWeights, LoraModule, read_adapter
@@ -56,13 +57,14 @@ class AdapterFetchFailed(RuntimeError):
 
 
 class HttpAdapterFetcher:
-    """Downloads adapters from the API's internal route, authenticated by the worker token."""
+    """Downloads adapters from the API's internal route, authenticated by the serving token (which opens
+    nothing else)."""
 
-    def __init__(self, api_url: str, worker_token: str, *, timeout: float = 300.0) -> None:
+    def __init__(self, api_url: str, serving_token: str, *, timeout: float = 300.0) -> None:
         # One client for all downloads: making one costs ~20 ms (its SSL context), a tenth of a cold start.
         self._http = httpx.Client(
             base_url=api_url.rstrip("/") + "/internal/v1/adapters/",
-            headers={"Authorization": f"Bearer {worker_token}"},
+            headers=bearer(serving_token),
             timeout=timeout,
         )
 

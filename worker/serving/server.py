@@ -1,5 +1,9 @@
 """The inference HTTP server, which only the API calls: `create_inference_app(settings)` for uvicorn.
 
+Every route but /healthz takes the inference token, which only the API holds (`app.service_auth`): without
+it, 401 before the path is routed or the body read. The server itself fetches adapters from the API with
+the serving token, which opens nothing but the adapter download.
+
 Every configured base model is loaded at start-up (uvicorn accepts connections once they are all in memory),
 each with its own engine and adapter cache.
 
@@ -32,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings
 from app.errors import APIError, InvalidRequest, NotFound, install_error_handlers
 from app.inference_contract import DELTA, GenerateBody, GenerateFinish, GenerateResult
+from app.service_auth import RequireSecret
 from worker.model_loader import load_base_model
 from worker.serving.adapters import (
     AdapterCache,
@@ -87,7 +92,7 @@ def create_inference_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         fetcher, http_fetcher = fetch, None
         if fetcher is None:
-            fetcher = http_fetcher = HttpAdapterFetcher(settings.api_url, settings.resolved_worker_token)
+            fetcher = http_fetcher = HttpAdapterFetcher(settings.api_url, settings.resolved_serving_token)
         app.state.models = await run_in_threadpool(load_models, settings, serving, fetcher)
         try:
             yield
@@ -99,6 +104,12 @@ def create_inference_app(
 
     app = FastAPI(title="phitune inference", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(
+        RequireSecret,
+        secret=settings.resolved_inference_token,
+        what="inference token",
+        open_paths={"/healthz"},
+    )
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""The admin API: tenants and their API keys, behind the admin key from configuration."""
