@@ -7,11 +7,13 @@ is made, and never logged.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -109,6 +111,7 @@ class KeyCache:
         # key hash → (monotonic deadline, wall-clock expiry of the key, key id, tenant)
         self._entries: dict[str, tuple[float, float, str | None, Tenant]] = {}
         self._evictions = 0
+        self._lookups: dict[str, asyncio.Future[KeyOwner]] = {}  # key hash → the database lookup in flight
         # `evict` runs on a worker thread (after its commit), `put` on the event loop: the lock makes a put's
         # generation check and its insert one step, so an eviction never falls between them.
         self._lock = threading.Lock()
@@ -129,6 +132,35 @@ class KeyCache:
             self._entries.pop(key_hash, None)
             return None
         return tenant
+
+    async def tenant(self, authorization: str | None, look_up: Callable[[], Awaitable[KeyOwner]]) -> Tenant:
+        """The tenant of the header's key: cached, else from `look_up`, run once for all the requests that
+        ask meanwhile. When a key's entry lapses under 64 pollers, one of them reads the database and the
+        others wait for its answer, instead of 64 threads queueing for the pool and the GIL at once."""
+        if (tenant := self.get(authorization)) is not None:
+            return tenant
+        if self.seconds <= 0:
+            return (await look_up()).tenant  # every request checked: share no lookup either
+        key_hash = hash_token(bearer_key(authorization))
+        if (lookup := self._lookups.get(key_hash)) is None:
+            lookup = self._lookups[key_hash] = asyncio.ensure_future(self._look_up(authorization, look_up))
+            lookup.add_done_callback(lambda _: self._lookups.pop(key_hash, None))
+        # Shielded: a waiter whose client went away must not cancel the lookup the others wait for.
+        return (await asyncio.shield(lookup)).tenant
+
+    async def _look_up(
+        self, authorization: str | None, look_up: Callable[[], Awaitable[KeyOwner]]
+    ) -> KeyOwner:
+        generation = self.generation
+        owner = await look_up()
+        self.put(
+            authorization,
+            owner.tenant,
+            key_id=owner.key_id,
+            expires_at=owner.expires_at,
+            generation=generation,
+        )
+        return owner
 
     def put(
         self,

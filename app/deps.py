@@ -9,9 +9,9 @@ from anyio import to_thread
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from app.auth import KeyCache, check_admin_key, owner_of_key
+from app.auth import KeyCache, KeyOwner, check_admin_key, owner_of_key
 from app.config import Settings
-from app.db import async_session_scope
+from app.db import async_session_scope, session_scope
 from app.internal.service import Attempt, check_serving_token, check_worker_token, current_attempt
 from app.models import Tenant
 from app.storage import Storage
@@ -44,26 +44,24 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
 async def get_current_tenant(
-    request: Request, session: SessionDep, authorization: Annotated[str | None, Header()] = None
+    request: Request, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
 ) -> Tenant:
     """The key's tenant: from the app's KeyCache when the key was found valid moments ago, else from the
-    database (in the threadpool)."""
+    database, in a unit of work of its own (in the threadpool). Not the request's: a route that reads
+    outside a unit of work (app.db.read) then opens none at all."""
     cache: KeyCache = request.app.state.api_keys
-    if (tenant := cache.get(authorization)) is None:
-        generation = cache.generation
-        owner = await to_thread.run_sync(owner_of_key, session, authorization)
-        cache.put(
-            authorization,
-            owner.tenant,
-            key_id=owner.key_id,
-            expires_at=owner.expires_at,
-            generation=generation,
-        )
-        tenant = owner.tenant
-    return tenant
+    return await cache.tenant(
+        authorization,
+        lambda: to_thread.run_sync(_owner_of_key, settings.resolved_database_url, authorization),
+    )
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
+
+
+def _owner_of_key(database_url: str, authorization: str | None) -> KeyOwner:
+    with session_scope(database_url) as session:
+        return owner_of_key(session, authorization)
 
 
 async def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:

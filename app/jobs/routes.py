@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import FileResponse, StreamingResponse
 
-from app.db import after_commit, release_connection
+from app.db import after_commit
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from app.errors import error_responses
 from app.jobs import artifacts, checkpoints, service
@@ -60,11 +60,9 @@ def list_jobs(
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=error_responses(404))
-def get_job(fine_tuning_job_id: str, tenant: CurrentTenant, session: SessionDep) -> FineTuningJob:
-    job = service.get_job(session, tenant.id, fine_tuning_job_id)
-    # Read only: end the transaction in this thread, so that the unit of work ends without another hop
-    # (the endpoint every poller calls).
-    release_connection(session)
+async def get_job(fine_tuning_job_id: str, tenant: CurrentTenant, settings: SettingsDep) -> FineTuningJob:
+    # The endpoint every poller calls: one plain read, no unit of work (see app.db.read).
+    job = await service.read_job(settings.resolved_database_url, tenant.id, fine_tuning_job_id)
     return FineTuningJob.from_row(job)
 
 

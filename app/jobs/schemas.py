@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Row
 
 from app.internal.contracts import EventLevel, EventType
 from app.limits import MAX_METADATA_PAIRS, MAX_SEED, FileId, MetadataKey, MetadataValue, ModelId
@@ -75,7 +76,7 @@ class JobProgress(BaseModel):
     percent: float
 
     @classmethod
-    def of(cls, job: Job) -> JobProgress:
+    def of(cls, job: Job | Row) -> JobProgress:
         progress = job.progress or {}
         step, total = progress.get("step", 0), progress.get("total_steps")
         percent = (
@@ -115,7 +116,7 @@ class FineTuningJob(BaseModel):
     shipped_step: int | None = Field(description="The step whose adapter the job ships, if not the last.")
 
     @classmethod
-    def from_row(cls, job: Job) -> FineTuningJob:
+    def from_row(cls, job: Job | Row) -> FineTuningJob:
         hyperparameters = JobHyperparameters.model_validate(job.hyperparameters)
         return cls(
             id=job.id,

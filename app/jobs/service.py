@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
-from app import idempotency
+from app import db, idempotency
 from app.config import Settings
 from app.errors import Conflict, InvalidRequest, ModelConfigUnavailable, ModelNotAvailable, NotFound
 from app.files.service import get_file
@@ -30,6 +31,7 @@ from app.specs import (
 )
 
 IDEMPOTENCY_ROUTE = "fine_tuning.jobs"
+J = TypeVar("J", Job, Row)
 
 
 def _shorthand(request: JobCreate) -> tuple[Hyperparameters | None, str]:
@@ -214,7 +216,15 @@ def read_model_config(base_model: str) -> dict[str, Any] | None:
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = jobs.get_for_tenant(session, tenant_id, job_id)
+    return _found(jobs.get_for_tenant(session, tenant_id, job_id), job_id)
+
+
+async def read_job(database_url: str, tenant_id: str, job_id: str) -> Row:
+    """The job as a row read outside a unit of work: what GET, the route every poller calls, needs."""
+    return _found(await db.read(database_url, jobs.record_for_tenant, tenant_id, job_id), job_id)
+
+
+def _found(job: J | None, job_id: str) -> J:
     if job is None:
         raise NotFound(f"No fine-tuning job '{job_id}'", param="fine_tuning_job_id", code="job_not_found")
     return job

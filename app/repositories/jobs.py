@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, select, update
+from sqlalchemy import Connection, Row, Select, bindparam, func, inspect, select, update
 from sqlalchemy.orm import Session
 
 from app.models import Job, JobEvent, JobStatus, Outbox
@@ -23,6 +23,18 @@ _JOB_FOR_TENANT = select(Job).where(Job.id == bindparam("job_id"), Job.tenant_id
 
 def get_for_tenant(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return session.scalar(_JOB_FOR_TENANT, {"job_id": job_id, "tenant_id": tenant_id})
+
+
+# Every column under its attribute name, so that a row reads like a Job (`row.job_metadata`).
+_JOB_COLUMNS = [attr.columns[0].label(attr.key) for attr in inspect(Job).column_attrs]
+_JOB_RECORD_FOR_TENANT = select(*_JOB_COLUMNS).where(
+    Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id")
+)
+
+
+def record_for_tenant(connection: Connection, tenant_id: str, job_id: str) -> Row | None:
+    """The job as a plain row, without an ORM session: for reads that change nothing (app.db.read)."""
+    return connection.execute(_JOB_RECORD_FOR_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).first()
 
 
 def lock(session: Session, job_id: str) -> Job | None:

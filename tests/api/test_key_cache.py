@@ -3,15 +3,17 @@ once that time has passed (at once with 0)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from app.auth import KeyCache, hash_token
+from app.auth import KeyCache, KeyOwner, hash_token
 from app.config import Settings
 from app.db import session_scope
+from app.errors import Unauthorized
 from app.main import create_app
 from app.models import ApiKey, Tenant
 from tests.conftest import make_key
@@ -48,3 +50,60 @@ def test_only_valid_keys_are_cached_and_headers_are_still_checked() -> None:
     for malformed in (None, "", "Basic pt-known", "Bearer "):
         with pytest.raises(Exception, match="API key|Authorization"):
             cache.get(malformed)
+
+
+def test_requests_that_miss_the_cache_together_share_one_database_lookup() -> None:
+    """When a polled key's entry lapses, the 64 pollers asking at that moment make one lookup, not 64; a
+    failed lookup fails them all (and is not cached); a waiter cancelled by its client cancels no one else."""
+    cache = KeyCache(60)
+    tenant = Tenant(seq=1, id="tenant-1", name="one", created_at=0)
+    lookups = 0
+
+    async def look_up(fails: bool = False) -> KeyOwner:
+        nonlocal lookups
+        lookups += 1
+        await asyncio.sleep(0.05)
+        if fails:
+            raise Unauthorized("Invalid API key: unknown, revoked or expired.")
+        return KeyOwner(tenant, "key-1", None)
+
+    async def scenario() -> None:
+        nonlocal lookups
+        answers = await asyncio.gather(*(cache.tenant("Bearer pt-a", look_up) for _ in range(64)))
+        assert lookups == 1 and {answer.id for answer in answers} == {"tenant-1"}
+        assert cache.get("Bearer pt-a") is not None  # and now cached
+
+        lookups = 0
+        refused = await asyncio.gather(
+            *(cache.tenant("Bearer pt-b", lambda: look_up(fails=True)) for _ in range(8)),
+            return_exceptions=True,
+        )
+        assert lookups == 1 and all(isinstance(answer, Unauthorized) for answer in refused)
+        assert cache.get("Bearer pt-b") is None
+
+        lookups = 0
+        first = asyncio.ensure_future(cache.tenant("Bearer pt-c", look_up))
+        second = asyncio.ensure_future(cache.tenant("Bearer pt-c", look_up))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        assert (await second).id == "tenant-1" and lookups == 1
+
+    asyncio.run(scenario())
+
+
+def test_with_the_cache_off_every_request_looks_its_key_up() -> None:
+    cache = KeyCache(0)
+    tenant = Tenant(seq=1, id="tenant-1", name="one", created_at=0)
+    lookups = 0
+
+    async def look_up() -> KeyOwner:
+        nonlocal lookups
+        lookups += 1
+        await asyncio.sleep(0.01)
+        return KeyOwner(tenant)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(cache.tenant("Bearer pt-a", look_up) for _ in range(4)))
+
+    asyncio.run(scenario())
+    assert lookups == 4
