@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # inference server, `.[dev]` both and the test tools.
 TORCH := torch==2.13.0
 
-.PHONY: install dev quickstart test lint bench clean
+.PHONY: install dev quickstart test lint bench gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: dev
 
 bench: dev
 	$(BIN)/python -m bench inference
+
+# Wheels for bench/gpu_check.sh on a GPU machine without internet (bench/wheels, at most 64 MiB; see README).
+gpu-wheels: dev
+	$(BIN)/python -m bench.gpu_wheels
 
 clean:
 	rm -rf $(VENV) .phitune .pytest_cache .ruff_cache .mypy_cache

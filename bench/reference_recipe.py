@@ -38,6 +38,9 @@ What the port changes, and why:
   and transformers' default log level (the benchmark scores the trained model afterwards, and measures
   training, not checkpointing); the adapter is saved once at the end, as the card's `save_model` does.
 - `include_num_input_tokens_seen="non_padding"` and `disable_tqdm=True`: measurement and quiet output only.
+- `quantization="4bit"` (the GPU check's QLoRA, not in the card): the base loaded as the QLoRA paper and
+  PEFT's guide load it (NF4, double quantisation, bf16 compute) and readied by
+  `prepare_model_for_kbit_training`, with the card's checkpointing where the card has it.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM
+from peft import LoraConfig, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from transformers.utils import is_flash_attn_2_available
 from trl import SFTConfig, SFTTrainer
 
@@ -106,17 +109,36 @@ def build_trainer(
     num_train_epochs: int,
     batch_size: int,
     max_length: int,
+    quantization: str | None = None,
 ) -> SFTTrainer:
     """The card's model, tokenizer, LoRA and trainer on `conversations` (each ending with the reply to learn),
-    ready to `train()`."""
+    ready to `train()`; QLoRA over a 4-bit base with `quantization="4bit"`."""
     on_gpu = torch.cuda.is_available()
     card = TRAINING_CONFIG
+    quantized: dict[str, Any] = {}
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        quantized = {"quantization_config": config, "device_map": "cuda" if on_gpu else "cpu"}
+    elif quantization is not None:
+        raise ValueError(f"the reference recipe quantises to 4bit only, not {quantization}")
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         use_cache=False,
         dtype=torch.bfloat16 if on_gpu else torch.float32,
         attn_implementation="flash_attention_2" if on_gpu and is_flash_attn_2_available() else "sdpa",
+        **quantized,
     )
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=on_gpu and card["gradient_checkpointing"],
+            gradient_checkpointing_kwargs=card["gradient_checkpointing_kwargs"],
+        )
     tokenizer = load_tokenizer(str(model_dir))
     tokenizer.model_max_length = MODEL_MAX_LENGTH
     tokenizer.pad_token = tokenizer.unk_token  # the card: unk rather than eos, to prevent endless generation

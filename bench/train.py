@@ -72,6 +72,9 @@ class Setup:
     learning_rate: float
     rounds: int
     max_reply_words: int
+    # The GPU check's settings (bench.gpu_check); the defaults are this benchmark's.
+    reply_scale: float = 1.0  # reply lengths × this: longer conversations for a longer max_length
+    quantization: str | None = None  # "4bit": QLoRA on both sides
 
 
 # ~45M parameters: 4 layers of Phi-3-mini's shape at 512 wide (64-wide heads, the 8/3 MLP ratio), 12.5M
@@ -158,16 +161,18 @@ def _sentences(rng: random.Random, words: int, topic: str) -> str:
     return " ".join(out)
 
 
-def synthetic_conversations(count: int, *, seed: int, max_reply_words: int) -> list[list[dict[str, str]]]:
+def synthetic_conversations(
+    count: int, *, seed: int, max_reply_words: int, reply_scale: float = 1.0
+) -> list[list[dict[str, str]]]:
     """`count` support conversations (an optional system turn, a question, the reply to learn), the same for
-    the same seed. Reply lengths are log-normal (median ~27 words, a tail to `max_reply_words`);
-    questions are short."""
+    the same seed. Reply lengths are log-normal (median ~27 words × `reply_scale`, a tail to
+    `max_reply_words`); questions are short."""
     rng = random.Random(seed)
     conversations = []
     for _ in range(count):
         topic = rng.choice(TOPICS)
         question_words = max(3, min(80, int(rng.lognormvariate(2.6, 0.6))))
-        reply_words = max(3, min(max_reply_words, int(rng.lognormvariate(3.3, 1.2))))
+        reply_words = max(3, min(max_reply_words, int(rng.lognormvariate(3.3, 1.2) * reply_scale)))
         messages = []
         if rng.random() < 0.3:
             messages.append({"role": "system", "content": f"You are the support assistant for {topic}."})
@@ -286,6 +291,18 @@ def training_flops(
     )
 
 
+def model_flops(setup: Setup, vocab: int, result: dict[str, Any]) -> float:
+    """`training_flops` of one side's run, from the figures `run_side` returns."""
+    return training_flops(
+        setup,
+        vocab=vocab,
+        tokens=result["tokens"],
+        loss_tokens=result["loss_tokens"],
+        sum_squared_lengths=result["sum_squared_lengths"],
+        recompute=result["recompute"],
+    )
+
+
 def peak_matmul_flops(device: str) -> float:
     """The best FLOPs per second of large square matmuls in the training dtype on `device` (fp32 on the CPU,
     bf16 on a GPU), with torch's default threads, as the training uses."""
@@ -360,7 +377,7 @@ def train_ours(scratch: Path, shared: Setup) -> Any:
         training_file=scratch / "train.jsonl",
         validation_file=None,
         training_config=config,
-        peft_config=PeftConfig(**PEFT_CONFIG),
+        peft_config=PeftConfig(**PEFT_CONFIG, quantization=shared.quantization),
         output_dir=scratch / "ours",
     )
     return train(inputs, CollectingReporter()).trainer
@@ -368,6 +385,8 @@ def train_ours(scratch: Path, shared: Setup) -> Any:
 
 def train_reference(scratch: Path, shared: Setup) -> Any:
     """The reference recipe on the same data; returns its trainer, its adapter saved as the card does."""
+    import torch
+
     from bench.reference_recipe import build_trainer
 
     trainer = build_trainer(
@@ -378,7 +397,10 @@ def train_reference(scratch: Path, shared: Setup) -> Any:
         num_train_epochs=shared.epochs,
         batch_size=shared.batch_size,
         max_length=shared.max_length,
+        quantization=shared.quantization,
     )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the training's peak, as phitune's side measures its own
     trainer.train()
     trainer.save_model(str(scratch / "reference" / "adapter"))
     return trainer
@@ -403,6 +425,26 @@ def dataset_work(dataset: Any) -> dict[str, int]:
     return {"tokens": tokens, "loss_tokens": loss_tokens, "sum_squared_lengths": sum(s * s for s in lengths)}
 
 
+def install_step_clock() -> list[tuple[float, int]]:
+    """Make every trainer this process builds note, at the end of each optimizer step, the time and the input
+    tokens trained so far (after waiting for the GPU): one clock for both sides, without touching either's
+    code (a callback class in transformers' defaults). Returns the list it fills."""
+    import torch
+    from transformers import TrainerCallback
+    from transformers import trainer as transformers_trainer
+
+    ticks: list[tuple[float, int]] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            ticks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    transformers_trainer.DEFAULT_CALLBACKS.append(StepClock)
+    return ticks
+
+
 def run_side(side: str, scratch: Path) -> dict[str, Any]:
     """Train one side on the prepared scratch directory and measure it (in this process)."""
     import torch
@@ -412,6 +454,7 @@ def run_side(side: str, scratch: Path) -> dict[str, Any]:
     shared = Setup(**json.loads((scratch / "setup.json").read_text()))
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
+    ticks = install_step_clock()  # after `start`: wall_s counts importing transformers, as the sides would
     trainer = (train_ours if side == "ours" else train_reference)(scratch, shared)
     wall_s = time.perf_counter() - start
     load = [load_before, os.getloadavg()[0]]
@@ -420,8 +463,9 @@ def run_side(side: str, scratch: Path) -> dict[str, Any]:
     epochs = trainer.args.num_train_epochs
     work = {name: int(value * epochs) for name, value in dataset_work(trainer.train_dataset).items()}
     tokenizer = load_tokenizer(str(scratch / "model"))
-    eval_loss = assistant_loss(
-        trainer.model, tokenizer, read_jsonl(scratch / "eval.jsonl"), max_length=shared.max_length
+    held_out = read_jsonl(scratch / "eval.jsonl")
+    eval_loss = (
+        assistant_loss(trainer.model, tokenizer, held_out, max_length=shared.max_length) if held_out else None
     )
     args = trainer.args
     return {
@@ -436,16 +480,19 @@ def run_side(side: str, scratch: Path) -> dict[str, Any]:
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "device": str(args.device),
         "load_1m": load,
+        # Seconds since the first step ended, and input tokens trained, at the end of each step.
+        "step_ends": [[round(t - ticks[0][0], 4), tokens] for t, tokens in ticks] if ticks else [],
         **work,
     }
 
 
-def run_child(side: str, scratch: Path) -> dict[str, Any]:
-    """`run_side` in a fresh process (its output to our stderr: stdout is the benchmark's JSON line)."""
+def run_child(side: str, scratch: Path, *, timeout: float | None = None) -> dict[str, Any]:
+    """`run_side` in a fresh process (its output to our stderr: stdout is the benchmark's JSON line), killed
+    after `timeout` seconds (subprocess.TimeoutExpired)."""
     out = scratch / f"{side}.json"
     command = [sys.executable, "-m", "bench.train", "--side", side, str(scratch), "--out", str(out)]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run(command, cwd=REPO, env=env, check=True, stdout=sys.stderr)
+    subprocess.run(command, cwd=REPO, env=env, check=True, stdout=sys.stderr, timeout=timeout)
     return json.loads(out.read_text())
 
 
@@ -453,21 +500,26 @@ def run_child(side: str, scratch: Path) -> dict[str, Any]:
 # The benchmark
 
 
-def prepare(scratch: Path, shared: Setup) -> dict[str, Any]:
-    """Write the model, the training and held-out sets and the shared setup into `scratch`."""
+def prepare(scratch: Path, shared: Setup, *, model_dir: Path | None = None) -> dict[str, Any]:
+    """Write the model (or link `model_dir`, a model of `shared`'s shape written already), the training and
+    held-out sets and the shared setup into `scratch`."""
     from tests.real_phi3 import write_random_phi3
     from worker.tokenizer import load_tokenizer
 
-    write_random_phi3(
-        scratch / "model",
-        layers=shared.layers,
-        hidden_size=shared.hidden,
-        intermediate_size=shared.intermediate,
-        num_attention_heads=shared.heads,
-        num_key_value_heads=shared.heads,
-    )
-    train = synthetic_conversations(shared.train_examples, seed=1, max_reply_words=shared.max_reply_words)
-    held_out = synthetic_conversations(shared.eval_examples, seed=2, max_reply_words=shared.max_reply_words)
+    if model_dir is not None:
+        (scratch / "model").symlink_to(model_dir.resolve(), target_is_directory=True)
+    else:
+        write_random_phi3(
+            scratch / "model",
+            layers=shared.layers,
+            hidden_size=shared.hidden,
+            intermediate_size=shared.intermediate,
+            num_attention_heads=shared.heads,
+            num_key_value_heads=shared.heads,
+        )
+    lengths_of = {"max_reply_words": shared.max_reply_words, "reply_scale": shared.reply_scale}
+    train = synthetic_conversations(shared.train_examples, seed=1, **lengths_of)
+    held_out = synthetic_conversations(shared.eval_examples, seed=2, **lengths_of)
     write_jsonl(scratch / "train.jsonl", train)
     write_jsonl(scratch / "eval.jsonl", held_out)
     (scratch / "setup.json").write_text(json.dumps(asdict(shared)))
@@ -512,17 +564,7 @@ def run() -> dict[str, Any]:
     def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
         rates = [tokens_per_s(result) for result in results]
         mfus = [
-            training_flops(
-                shared,
-                vocab=config.vocab_size,
-                tokens=result["tokens"],
-                loss_tokens=result["loss_tokens"],
-                sum_squared_lengths=result["sum_squared_lengths"],
-                recompute=result["recompute"],
-            )
-            / result["train_s"]
-            / peak
-            for result in results
+            model_flops(shared, config.vocab_size, result) / result["train_s"] / peak for result in results
         ]
         last = results[-1]
         return {

@@ -108,3 +108,35 @@ def test_the_training_benchmark_runs_in_quick_mode(tmp_path: Path) -> None:
             assert figures["precision"] == "fp32" and figures["recompute"] is False
     # The same data: both sides trained the same tokens.
     assert result["ours"]["tokens"] == result["reference"]["tokens"]
+
+
+GPU_CHECK_SIDE_FIGURES = {
+    "tokens_per_s", "tokens_per_s_with_warmup", "mfu", "peak_gpu_mb", "peak_rss_mb", "train_s", "steps",
+    "tokens",
+}  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_the_gpu_checks_speed_section_rehearses_on_the_cpu(tmp_path: Path) -> None:
+    """`bench.gpu_check --tiny`'s speed section: a narrow 2-layer Phi-3, one length, LoRA, 3 steps a side
+    (the first 2 the warm-up), each side in its own process."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
+    options = ["--tiny", "--only", "speed", "--lengths", "64", "--modes", "lora", "--speed-steps", "3"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", *options], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout  # one JSON line; the processes' output goes to stderr
+    result = json.loads(lines[0])
+    assert result["ok"] is True and result["skipped"] == {} and result["peak"]["tflops"] > 0
+    pair = result["speed"]["lora@64"]
+    assert pair["speedup"] > 0 and pair["speedup_with_warmup"] > 0
+    for side in ("ours", "reference"):
+        figures = pair[side]
+        assert set(figures) >= GPU_CHECK_SIDE_FIGURES, figures
+        assert figures["tokens_per_s"] > 0 and figures["tokens_per_s_with_warmup"] > 0
+        assert 0 < figures["mfu"] < 1
+        assert figures["steps"] == 3 and figures["timed_steps"] == 1
+        assert figures["peak_gpu_mb"] is None  # trained on the CPU
+    assert pair["ours"]["tokens"] == pair["reference"]["tokens"]  # the same data
