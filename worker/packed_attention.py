@@ -12,7 +12,8 @@ masked SDPA's (tests/worker/test_packing.py).
 
 Any other batch (no boundaries, generation with a cache, or an example longer than the model's sliding
 window) goes to transformers' SDPA with its mask, so a model set to this attention computes exactly what it
-would with "sdpa".
+would with "sdpa". That mask is built only then (`DeferredMask`): for a packed row it is (tokens in the
+batch)² booleans, 1 GiB at 8 × 4096, that the example-by-example path never reads.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def packed_sdpa_attention(
         and (window is None or int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max()) <= window)
     )
     if not packed:
+        if isinstance(attention_mask, DeferredMask):
+            attention_mask = attention_mask.build()
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -71,8 +74,26 @@ def packed_sdpa_attention(
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
+class DeferredMask:
+    """The mask transformers makes for SDPA, made when an attention call first needs it, then shared by the
+    layers: the model passes it along untouched, and only this module's attention reads it."""
+
+    builds = 0  # masks actually made, in this process (tests/worker/test_packing.py)
+
+    def __init__(self, **arguments: object) -> None:
+        self._arguments: dict | None = arguments
+        self._mask: torch.Tensor | None = None
+
+    def build(self) -> torch.Tensor | None:
+        if self._arguments is not None:
+            self._mask = sdpa_mask(**self._arguments)
+            self._arguments = None
+            DeferredMask.builds += 1
+        return self._mask
+
+
 AttentionInterface.register(NAME, packed_sdpa_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)  # the mask of the batches it hands to SDPA
+AttentionMaskInterface.register(NAME, DeferredMask)  # SDPA's mask, for the batches it hands to SDPA
 
 
 def use_packed_sdpa(model: PreTrainedModel) -> None:

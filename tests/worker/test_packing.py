@@ -226,15 +226,18 @@ def test_an_all_ones_attention_mask_would_let_the_examples_attend_to_each_other(
 def test_the_packed_sdpa_trains_exactly_as_the_masked_sdpa(
     persona_trainer: RecipeTrainer, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Per example SDPA gives the loss and the gradients of SDPA under transformers' block-diagonal mask."""
+    """Per example SDPA gives the loss and the gradients of SDPA under transformers' block-diagonal mask,
+    without ever making that mask."""
     batch = packed_batches(persona_trainer)[0]
     gradients = []
     for attention in ("sdpa", packed_attention.NAME):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
+        builds = packed_attention.DeferredMask.builds
         with monkeypatch.context() as patch:
             if attention == packed_attention.NAME:  # it attends per example: never through the masked SDPA
                 patch.setattr(packed_attention, "sdpa_attention_forward", None)
             loss = model(**batch, use_cache=False).loss
+        assert packed_attention.DeferredMask.builds == builds  # the (tokens in the batch)² mask: never made
         loss.backward()
         gradients.append((loss, {name: p.grad for name, p in model.named_parameters()}))
     (masked_loss, masked), (packed_loss, packed) = gradients
@@ -251,6 +254,7 @@ def test_an_example_longer_than_the_sliding_window_attends_through_the_window(
     """Phi-3 attends within a sliding window: the packed attention gives the masked SDPA's logits whether
     an example is longer than the window (4 tokens) or not (1000)."""
     batch = {key: value for key, value in packed_batches(persona_trainer)[0].items() if key != "labels"}
+    builds = packed_attention.DeferredMask.builds
     logits = [
         forward_logits(
             AutoModelForCausalLM.from_pretrained(
@@ -261,6 +265,8 @@ def test_an_example_longer_than_the_sliding_window_attends_through_the_window(
         for attention in ("sdpa", packed_attention.NAME)
     ]
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    # Made once, for every layer, where an example is longer than the window; not made where none is.
+    assert packed_attention.DeferredMask.builds - builds == (1 if window == 4 else 0)
 
 
 @pytest.fixture(scope="module")
