@@ -4,13 +4,19 @@ An adapter directory holds the PEFT files at its root (or PEFT_UNAVAILABLE.txt s
 the loralib files in `loralib/`. Each format travels as a .tar.gz of its directory's files at the root
 (`pack`); the API stores and serves it as it is, naming its format in a header (`app.adapter_format`).
 Reading extracts only the files serving needs, as plain files, and refuses an archive that carries pickled
-weights anywhere: unpickling runs code; adapters are safetensors. Torch-free, so packing needs no model.
+weights anywhere (unpickling runs code; adapters are safetensors), a member whose name leaves the archive
+(absolute, `..`), a link or a device, or more bytes once decompressed than any adapter of the base model
+can take (a gzip of zeros expands a thousandfold). Torch-free, so packing needs no model.
 """
 
 from __future__ import annotations
 
+import gzip
+import shutil
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
+from typing import IO, BinaryIO, Protocol, cast
 
 from app.adapter_format import FORMATS, Format
 
@@ -27,6 +33,10 @@ SERVED_FILES: dict[Format, set[str]] = {
 }
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 MAX_ADAPTER_BYTES = 8 * 1024**3  # far above any LoRA of a model the inference server can hold
+MAX_ARCHIVE_MEMBERS = 64  # a packed format holds a handful of files
+_GZIP_MAGIC = b"\x1f\x8b"
+_READ_BYTES = 1 << 20
+_TAR_OVERHEAD_BYTES = 1 << 20  # headers, padding and end-of-archive blocks, beyond the files' own bytes
 
 
 class InvalidAdapter(ValueError):
@@ -53,36 +63,45 @@ def pack(directory: Path, archive: Path) -> Path:
     return archive
 
 
-def extract_adapter(archive: Path, destination: Path, fmt: str = "peft") -> Path:
+def extract_adapter(
+    archive: Path, destination: Path, fmt: str = "peft", *, max_bytes: int = MAX_ADAPTER_BYTES
+) -> Path:
     """Extract the files serving reads (config and safetensors weights) from an archive in format `fmt`
-    (as the API's header names it) into `destination`."""
+    (as the API's header names it) into `destination`; InvalidAdapter, and nothing left in `destination`,
+    when the archive is unsafe (see the module's docstring) or more than `max_bytes` once decompressed.
+
+    The archive is read as a stream and each member checked before its data is read: the decompressed bytes
+    are counted as they come, so a bomb is stopped at `max_bytes`, whatever its headers declare."""
     files = SERVED_FILES[served_format(fmt)]
+    extracted: set[str] = set()
+    created = not destination.exists()
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            for member in members:
-                if PurePosixPath(member.name).suffix.lower() in PICKLE_SUFFIXES:
-                    raise InvalidAdapter(
-                        f"the adapter archive holds pickled weights ({member.name}); refused"
-                    )
-            served = {
-                name: member
-                for member in members
-                if (name := _root_name(member)) is not None and name in files
-            }
-            missing = files - served.keys()
-            if missing:
-                raise InvalidAdapter(f"the adapter archive lacks {', '.join(sorted(missing))}")
-            if any(not member.isfile() for member in served.values()):
-                raise InvalidAdapter("the adapter archive's files must be regular files")
-            if sum(member.size for member in served.values()) > MAX_ADAPTER_BYTES:
-                raise InvalidAdapter("the adapter archive is too large")
-            destination.mkdir(parents=True, exist_ok=True)
-            for name, member in served.items():
-                member.name = name  # "./adapter_config.json" lands as destination/adapter_config.json
-                tar.extract(member, destination, filter="data")
-    except tarfile.TarError as exc:
+        with archive.open("rb") as raw, tarfile.open(fileobj=_decompressed(raw, max_bytes), mode="r|") as tar:
+            declared = 0
+            for count, member in enumerate(tar, start=1):
+                declared += member.size
+                _check_member(member, count, declared, max_bytes)
+                name = _root_name(member)
+                if name not in files:
+                    continue  # a README.md, or a directory entry: never extracted
+                if name in extracted:
+                    raise InvalidAdapter(f"the adapter archive holds {name} twice")
+                if not member.isfile():
+                    raise InvalidAdapter("the adapter archive's files must be regular files")
+                destination.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file's
+                with (destination / name).open("wb") as target:
+                    shutil.copyfileobj(source, target)
+                extracted.add(name)
+        if missing := files - extracted:
+            raise InvalidAdapter(f"the adapter archive lacks {', '.join(sorted(missing))}")
+    except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        _discard(destination, created, extracted)
         raise InvalidAdapter(f"the adapter archive is not a readable tar file: {exc}") from exc
+    except BaseException:
+        _discard(destination, created, extracted)
+        raise
     return destination
 
 
@@ -92,6 +111,69 @@ def served_format(name: str) -> Format:
         if name == fmt:
             return fmt
     raise InvalidAdapter(f"unsupported adapter format {name!r}")
+
+
+def _check_member(member: tarfile.TarInfo, count: int, declared: int, max_bytes: int) -> None:
+    """Refuse a member that must not be in an adapter archive, before its data is read."""
+    path = PurePosixPath(member.name)
+    if count > MAX_ARCHIVE_MEMBERS:
+        raise InvalidAdapter(f"the adapter archive holds more than {MAX_ARCHIVE_MEMBERS} files")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise InvalidAdapter(f"the adapter archive holds pickled weights ({member.name}); refused")
+    if path.is_absolute() or ".." in path.parts:
+        raise InvalidAdapter(f"the adapter archive holds a path outside the archive ({member.name}); refused")
+    if member.issym() or member.islnk():
+        raise InvalidAdapter(
+            f"the adapter archive holds a link ({member.name} -> {member.linkname}); "
+            "the adapter archive's files must be regular files"
+        )
+    if not (member.isfile() or member.isdir()) or member.issparse():
+        raise InvalidAdapter(f"the adapter archive holds {member.name}, which is not a regular file")
+    if declared > max_bytes:
+        raise InvalidAdapter(_too_large(max_bytes))
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"the adapter archive is too large: more than {max_bytes} bytes once decompressed"
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class _Capped:
+    """A stream's `read`, refusing to give more than `limit` bytes in all: InvalidAdapter(`refusal`)."""
+
+    def __init__(self, source: _Readable, limit: int, refusal: str) -> None:
+        self._source = source
+        self._left = limit
+        self._refusal = refusal
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(_READ_BYTES if size < 0 else min(size, _READ_BYTES))
+        self._left -= len(data)
+        if self._left < 0:
+            raise InvalidAdapter(self._refusal)
+        return data
+
+
+def _decompressed(raw: BinaryIO, max_bytes: int) -> IO[bytes]:
+    """The archive's tar stream, gunzipped when it is a gzip, capped at `max_bytes` (with the headers'
+    blocks and the end-of-archive padding on top)."""
+    compressed = raw.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+    raw.seek(0)
+    stream: _Readable = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+    capped = _Capped(stream, max_bytes + _TAR_OVERHEAD_BYTES, _too_large(max_bytes))
+    return cast(IO[bytes], capped)  # as a stream ("r|"), tarfile only reads it
+
+
+def _discard(destination: Path, created: bool, extracted: set[str]) -> None:
+    """Leave nothing of a refused archive: the files extracted, and `destination` when this made it."""
+    if created:
+        shutil.rmtree(destination, ignore_errors=True)
+    else:
+        for name in extracted:
+            (destination / name).unlink(missing_ok=True)
 
 
 def _root_name(member: tarfile.TarInfo) -> str | None:

@@ -12,6 +12,10 @@ more adapters in flight than the engine keeps loaded, every request would otherw
 A deleted model leaves both tiers (`evict`, called by the API when it deletes it), so it is never served
 from a stale copy; without the second tier (`host_bytes=0`) a reload fetches again.
 
+Every archive is checked before anything in it is read (`worker.adapter_archive`), against a cap on its
+decompressed size from the base model's layers (`lora.largest_adapter_bytes`), and every adapter's config
+and tensors against the base model (`worker.serving.lora`): a hostile adapter is an InvalidAdapter.
+
 The API says which format it sends (`X-Phitune-Adapter-Format`): PEFT, or loralib where the adapter has no
 exact PEFT form. Both are read into the same per-row LoRA form (`worker.serving.lora`,
 `worker.serving.loralib_adapter`).
@@ -37,7 +41,7 @@ from app.adapter_format import FORMAT_HEADER, Format
 from app.service_auth import bearer
 from worker.adapter_archive import extract_adapter, served_format
 from worker.serving.engine import Engine
-from worker.serving.lora import AdapterWeights, LoraModule, read_adapter
+from worker.serving.lora import AdapterWeights, LoraModule, largest_adapter_bytes, read_adapter
 from worker.serving.loralib_adapter import read_loralib_adapter
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # also a safe directory name
@@ -133,6 +137,7 @@ class AdapterCache:
         self._engine = engine
         self._fetch = fetch
         self._directory = directory
+        self._max_archive_bytes = largest_adapter_bytes(engine.lora.linear_shapes)  # decompressed
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._host: OrderedDict[str, tuple[AdapterWeights, int]] = OrderedDict()  # weights, bytes; LRU first
         self._host_used = 0
@@ -266,7 +271,9 @@ class AdapterCache:
         try:
             archive = work_dir / "adapter.tar.gz"
             adapter_format = served_format(self._fetch(adapter_id, archive) or "peft")  # refuses unknown ones
-            files = extract_adapter(archive, work_dir / "files", adapter_format)
+            files = extract_adapter(
+                archive, work_dir / "files", adapter_format, max_bytes=self._max_archive_bytes
+            )
             read = READERS[adapter_format]
             device = self._engine.model.device
             if self.host_bytes == 0:

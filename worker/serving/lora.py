@@ -20,9 +20,12 @@ Over a bf16 base the deltas are computed in bf16, unlike PEFT, which keeps adapt
 layer's input: serving saves that activation-sized copy per adapted layer.
 
 Only plain LoRA is applied: `read_adapter` refuses every PEFT feature that changes the arithmetic (DoRA,
-modules_to_save, LoRA biases, ...) rather than serving it wrong. Adapter weights are read in LORA_DTYPE and
-cast to the model's dtype when installed, so QLoRA's bf16 adapters apply over an fp32 base as PEFT applies
-them. loralib adapters are read into the same form by `worker.serving.loralib_adapter`.
+modules_to_save, LoRA biases, ...) rather than serving it wrong. Nothing in an adapter is trusted: its rank
+and alpha must be ones a job may ask for (`app.limits`), its tensors must be named after the base model's
+linear layers and shaped for them at that rank, and a file safetensors cannot read is refused like the rest.
+Adapter weights are read in LORA_DTYPE and cast to the model's dtype when installed, so QLoRA's bf16 adapters
+apply over an fp32 base as PEFT applies them. loralib adapters are read into the same form by
+`worker.serving.loralib_adapter`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +43,13 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from worker.adapter_archive import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, InvalidAdapter
+from app.limits import MAX_LORA_ALPHA, MAX_LORA_RANK
+from worker.adapter_archive import MAX_ADAPTER_BYTES, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, InvalidAdapter
 from worker.serving.transfer import to_device
 
 BASE_SLOT = 0  # the slot of rows without an adapter; it never holds weights
@@ -59,6 +65,10 @@ _DESCRIPTIVE_FIELDS = {
 }  # fmt: skip
 # Initialisations that leave the base weights alone; PiSSA, OLoRA, LoftQ and the like rewrite them.
 _PLAIN_INITS = {True, False, "gaussian"}
+# A key of rank_pattern or alpha_pattern: PEFT matches it as a regular expression against layer names, so
+# only layer names (letters, digits, "_" and ".") are taken; a nested quantifier could run for hours.
+_PATTERN_KEY = re.compile(r"[\w.]{1,200}")
+_MAX_PATTERN_KEYS = 1024
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,7 @@ def read_adapter(
     if not weights_path.is_file():
         raise InvalidAdapter(f"the adapter has no {PEFT_WEIGHTS_FILE}")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(weights_path).items():
+    for key, tensor in read_tensors(weights_path).items():
         name, part = _split_key(key)
         pairs.setdefault(name, {})[part] = tensor
     modules = {}
@@ -114,6 +124,48 @@ def read_adapter(
     return AdapterWeights(modules)
 
 
+def largest_adapter_bytes(linear_shapes: dict[str, tuple[int, int]]) -> int:
+    """The most bytes an adapter of a base model with these linear layers can hold, in any format: every
+    layer adapted at the largest rank a job may ask for (three times it: a loralib fused qkv_proj stacks one
+    LoRA per slice), in fp32, plus 1 MiB for its config and README. Its archive may not expand beyond it."""
+    weights = sum(3 * MAX_LORA_RANK * (i + o) * 4 for i, o in linear_shapes.values())
+    return min(weights + 2**20, MAX_ADAPTER_BYTES)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (on the CPU); InvalidAdapter if safetensors cannot read it or a
+    tensor is not of floats. The readers check their names and shapes."""
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise InvalidAdapter(f"unreadable {path.name}: {exc}") from exc
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise InvalidAdapter(
+                f"tensor {key} is a {tensor.dtype} tensor of shape {tuple(tensor.shape)}, not LoRA weights"
+            )
+    return tensors
+
+
+def checked_rank(value: Any, where: str) -> int:
+    """A LoRA rank from an adapter's config: an integer a job may ask for."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LORA_RANK:
+        raise InvalidAdapter(f"{where}: r={value!r} is not a rank between 1 and {MAX_LORA_RANK}")
+    return value
+
+
+def checked_alpha(value: Any, where: str) -> float:
+    """A lora_alpha from an adapter's config: a finite number a job may ask for."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or abs(value) > MAX_LORA_ALPHA
+    ):
+        raise InvalidAdapter(f"{where}: lora_alpha={value!r} is not a number within ±{MAX_LORA_ALPHA:g}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class _Scaling:
     """The rank and alpha settings of an adapter_config.json."""
@@ -134,7 +186,7 @@ class _Scaling:
 def _read_config(path: Path) -> _Scaling:
     try:
         fields = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise InvalidAdapter(f"unreadable {PEFT_CONFIG_FILE}: {exc}") from exc
     if not isinstance(fields, dict) or fields.get("peft_type") != "LORA":
         raise InvalidAdapter("only LoRA adapters (peft_type LORA) are served")
@@ -149,13 +201,37 @@ def _read_config(path: Path) -> _Scaling:
             raise InvalidAdapter(f"unsupported LoRA setting {name}={value!r}: only plain LoRA is served")
     if fields.get("init_lora_weights", True) not in _PLAIN_INITS:
         raise InvalidAdapter(f"init_lora_weights={fields['init_lora_weights']!r} changes the base weights")
+    rank_pattern = _pattern(fields.get("rank_pattern"), "rank_pattern")
+    alpha_pattern = _pattern(fields.get("alpha_pattern"), "alpha_pattern")
+    use_rslora = fields.get("use_rslora", defaults.use_rslora)
+    if not isinstance(use_rslora, bool):
+        raise InvalidAdapter(f"{PEFT_CONFIG_FILE}: use_rslora={use_rslora!r} is not a boolean")
     return _Scaling(
-        r=fields.get("r", defaults.r),
-        lora_alpha=fields.get("lora_alpha", defaults.lora_alpha),
-        use_rslora=fields.get("use_rslora", defaults.use_rslora),
-        rank_pattern=fields.get("rank_pattern") or {},
-        alpha_pattern=fields.get("alpha_pattern") or {},
+        r=checked_rank(fields.get("r", defaults.r), PEFT_CONFIG_FILE),
+        lora_alpha=checked_alpha(fields.get("lora_alpha", defaults.lora_alpha), PEFT_CONFIG_FILE),
+        use_rslora=use_rslora,
+        rank_pattern={
+            key: checked_rank(value, f"{PEFT_CONFIG_FILE} rank_pattern[{key!r}]")
+            for key, value in rank_pattern.items()
+        },
+        alpha_pattern={
+            key: checked_alpha(value, f"{PEFT_CONFIG_FILE} alpha_pattern[{key!r}]")
+            for key, value in alpha_pattern.items()
+        },
     )
+
+
+def _pattern(value: Any, field: str) -> dict[str, Any]:
+    """rank_pattern or alpha_pattern: an object whose keys are layer names."""
+    pattern = value or {}
+    if not isinstance(pattern, dict) or len(pattern) > _MAX_PATTERN_KEYS:
+        raise InvalidAdapter(
+            f"{PEFT_CONFIG_FILE}: {field} must be an object of at most {_MAX_PATTERN_KEYS} keys"
+        )
+    for key in pattern:
+        if not _PATTERN_KEY.fullmatch(key):
+            raise InvalidAdapter(f"{PEFT_CONFIG_FILE}: {field} key {key[:200]!r} is not a layer name")
+    return pattern
 
 
 def _jsonable(value: Any) -> Any:

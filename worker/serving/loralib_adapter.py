@@ -17,11 +17,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from worker.adapter_archive import LORALIB_CONFIG_FILE, LORALIB_STATE_DICT_FILE, InvalidAdapter
 from worker.loralib_backend import LoralibConfig
-from worker.serving.lora import LORA_DTYPE, AdapterWeights, LoraModule
+from worker.serving.lora import (
+    LORA_DTYPE,
+    AdapterWeights,
+    LoraModule,
+    checked_alpha,
+    checked_rank,
+    read_tensors,
+)
 
 MERGED_LAYER = "qkv_proj"  # the layer the backend adapts with lora.MergedLinear
 
@@ -36,7 +42,7 @@ def read_loralib_adapter(
     if not weights_path.is_file():
         raise InvalidAdapter(f"the adapter has no {LORALIB_STATE_DICT_FILE}")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(weights_path).items():
+    for key, tensor in read_tensors(weights_path).items():
         name, _, part = key.rpartition(".")
         if part not in ("lora_A", "lora_B"):
             raise InvalidAdapter(_unsupported_tensor(key))
@@ -67,10 +73,13 @@ def read_loralib_adapter(
 def _read_config(path: Path) -> LoralibConfig:
     try:
         config = LoralibConfig.from_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, RecursionError) as exc:
         raise InvalidAdapter(f"unreadable {LORALIB_CONFIG_FILE}: {exc}") from exc
-    if not isinstance(config.r, int) or config.r < 1 or not isinstance(config.lora_alpha, int | float):
-        raise InvalidAdapter(f"{LORALIB_CONFIG_FILE}: r must be a positive integer and lora_alpha a number")
+    checked_rank(config.r, LORALIB_CONFIG_FILE)
+    checked_alpha(config.lora_alpha, LORALIB_CONFIG_FILE)
+    for field, names in (("target_modules", config.target_modules), ("qkv_slices", config.qkv_slices or [])):
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise InvalidAdapter(f"{LORALIB_CONFIG_FILE}: {field} must be a list of names")
     return config
 
 

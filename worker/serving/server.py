@@ -5,7 +5,8 @@ it, 401 before the path is routed or the body read. The server itself fetches ad
 the serving token, which opens nothing but the adapter download.
 
 Every configured base model is loaded at start-up (uvicorn accepts connections once they are all in memory),
-each with its own engine and adapter cache.
+each with its own engine, adapter cache and prompt encoder. Nothing heavy runs on the event loop: prompts are
+tokenised on threads (`worker.serving.prompts`), adapters loaded on threads, generation runs on the engine's.
 
     POST   /generate                 chat messages in; the completion as JSON, or as server-sent events
     DELETE /adapters/{adapter_id}    unload an adapter (its model was deleted)
@@ -26,7 +27,7 @@ import resource
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -57,6 +58,7 @@ from worker.serving.engine import (
     TextDelta,
 )
 from worker.serving.lora import BASE_SLOT, InvalidAdapter
+from worker.serving.prompts import PromptEncoder
 from worker.serving.settings import ServingSettings
 
 
@@ -76,8 +78,10 @@ class AdapterUnavailable(APIError):
 class ServedModel:
     engine: Engine
     adapters: AdapterCache
+    prompts: PromptEncoder
 
     def close(self) -> None:
+        self.prompts.close()
         self.adapters.close()
         self.engine.stop()
 
@@ -148,7 +152,7 @@ def create_inference_app(
         served: ServedModel | None = request.app.state.models.get(body.base_model)
         if served is None:
             raise _model_not_found(body.base_model)
-        prompt_ids, max_tokens = _prompt(served.engine, body)
+        prompt_ids, max_tokens = await _prompt(served, body)
         lease = await _lease(served.adapters, body.adapter_id) if body.adapter_id else None
         events = EventQueue()
         try:
@@ -210,7 +214,7 @@ def load_models(
             capacity=settings.max_loaded_adapters,
             host_bytes=serving.host_adapter_cache_mb * 2**20,
         )
-        models[model_id] = ServedModel(engine, adapters)
+        models[model_id] = ServedModel(engine, adapters, PromptEncoder(tokenizer))
     return models
 
 
@@ -252,12 +256,10 @@ class EventQueue:
                 return
 
 
-def _prompt(engine: Engine, body: GenerateBody) -> tuple[list[int], int]:
+async def _prompt(served: ServedModel, body: GenerateBody) -> tuple[list[int], int]:
     """The prompt's token ids (chat template, generation prompt added) and the completion's token budget."""
-    messages = [message.model_dump() for message in body.messages]
-    # Tokenized, without return_dict, the template gives the ids; transformers types every result it can give.
-    template = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-    prompt_ids = cast(list[int], template)
+    engine = served.engine
+    prompt_ids = await served.prompts.encode([message.model_dump() for message in body.messages])
     max_tokens = body.max_tokens or max(engine.context_length - len(prompt_ids), 1)
     try:
         engine.check_length(len(prompt_ids), max_tokens)
