@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.limits import MAX_COMPLETION_TOKENS
+
 TINY_MODEL_ID = "tiny-phi3"
 # The service-to-service secrets (app.service_auth), each generated into the data dir when not configured;
 # SecretStr, so that no repr or log of the settings shows them.
@@ -54,6 +56,46 @@ class Settings(BaseSettings):
         4 * 1024 * 1024,
         gt=0,
         description="Largest body of any other request (JSON): a larger one is a 413, read no further.",
+    )
+    # Limits per key and per tenant (README "Limits per key and per tenant"); 0 turns one off.
+    rate_limit_per_minute: float = Field(
+        600.0,
+        ge=0,
+        description="Requests an API key may make per minute in one API process, on average (a token bucket; "
+        "beyond it a 429 with Retry-After); 0: no limit.",
+    )
+    rate_limit_burst: int = Field(
+        120, gt=0, description="Requests an API key may make at once before its rate applies (bucket size)."
+    )
+    max_active_jobs_per_tenant: int = Field(
+        16,
+        ge=0,
+        description="Unfinished (queued, running or paused) jobs a tenant may have; creating one more is a "
+        "429; 0: no limit.",
+    )
+    max_stored_bytes_per_tenant: int = Field(
+        100 * 1024**3,
+        ge=0,
+        description="Bytes a tenant may store (its files and its jobs' adapter archives); an upload that "
+        "would pass it is a 413; 0: no limit.",
+    )
+    max_event_streams_per_tenant: int = Field(
+        64,
+        ge=0,
+        description="Live event streams (?stream=true) a tenant may hold open in one API process; one more "
+        "is a 429; 0: no limit.",
+    )
+    max_prompt_chars: int = Field(
+        1024 * 1024,
+        gt=0,
+        description="Characters of a chat request's messages together; longer is a 400 before the inference "
+        "server tokenises any of it.",
+    )
+    max_completion_tokens: int = Field(
+        MAX_COMPLETION_TOKENS,
+        gt=0,
+        le=MAX_COMPLETION_TOKENS,
+        description="Largest max_tokens (max_completion_tokens) a chat request may ask for.",
     )
     api_url: str = Field("http://127.0.0.1:8000", description="Where workers reach the API.")
     inference_url: str = Field(

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from anyio import to_thread
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.orm import Session
 
 from app.auth import KeyCache, KeyOwner, check_admin_key, owner_of_key
@@ -14,6 +15,8 @@ from app.config import Settings
 from app.db import async_session_scope, session_scope
 from app.internal.service import Attempt, check_serving_token, check_worker_token, current_attempt
 from app.models import Tenant
+from app.openapi_parts import ADMIN_KEY, API_KEY
+from app.rate_limit import RateLimiter
 from app.storage import Storage
 
 
@@ -44,16 +47,23 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
 async def get_current_tenant(
-    request: Request, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+    request: Request,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    _: Annotated[HTTPAuthorizationCredentials | None, Security(API_KEY)] = None,  # the document's security
 ) -> Tenant:
     """The key's tenant: from the app's KeyCache when the key was found valid moments ago, else from the
     database, in a unit of work of its own (in the threadpool). Not the request's: a route that reads
-    outside a unit of work (app.db.read) then opens none at all."""
+    outside a unit of work (app.db.read) then opens none at all. Then the key's rate (app.rate_limit): every
+    tenant route is counted here, on the event loop, after the key was found valid (a bad key is a 401)."""
     cache: KeyCache = request.app.state.api_keys
-    return await cache.tenant(
+    tenant = await cache.tenant(
         authorization,
         lambda: to_thread.run_sync(_owner_of_key, settings.resolved_database_url, authorization),
     )
+    limiter: RateLimiter = request.app.state.rate_limiter
+    limiter.take(authorization)
+    return tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
@@ -64,7 +74,11 @@ def _owner_of_key(database_url: str, authorization: str | None) -> KeyOwner:
         return owner_of_key(session, authorization)
 
 
-async def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    _: Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_KEY)] = None,  # the document's security
+) -> None:
     check_admin_key(settings, authorization)
 
 

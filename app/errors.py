@@ -10,11 +10,14 @@
     ├── PayloadTooLarge             413 invalid_request_error
     ├── UnsupportedMediaType        415 invalid_request_error
     ├── InvalidFile                 422 invalid_file, with line-numbered details
+    ├── RateLimited                 429 requests, with Retry-After (a key's request rate)
+    ├── LimitReached                429 invalid_request_error (a tenant's active jobs or event streams)
     └── ServiceUnavailable          503 server_error (the inference server is unreachable)
 
 Database errors that escape a route (a commit that fails, a lost connection) are answered too: a constraint
-violation with 409 `conflict`, anything else with 503 `database_unavailable`. The transaction is rolled back
-either way, so such a response never stands for a write that happened.
+violation with 409 `conflict`, a value the database cannot hold (text with a NUL character on PostgreSQL) with
+400 `invalid_value` (404 when it is an id in the path), anything else with 503 `database_unavailable`. The
+transaction is rolled back either way, so such a response never stands for a write that happened.
 
 Services raise these; one exception handler turns them into
 `{"error": {"message", "type", "param", "code", "details"?}}` (`ErrorResponse`) so services never build
@@ -30,14 +33,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 
 class ErrorDetail(BaseModel):
     message: str
     type: str = Field(
-        description="invalid_request_error, authentication_error, permission_error, server_error"
+        description="invalid_request_error, authentication_error, permission_error, requests, server_error"
     )
     param: str | None = Field(description="The request field at fault, if any.")
     code: str | None
@@ -58,9 +62,11 @@ ERROR_DESCRIPTIONS = {
     403: "Not permitted",
     404: "No such object (for this API key)",
     409: "Conflicts with the object's state",
-    413: "Upload too large",
+    413: "Request body too large, or an upload past its limit or the tenant's storage",
     415: "Unsupported media type",
     422: "Invalid file (the offending lines are in `details`), or an Idempotency-Key reused elsewhere",
+    429: "Too many requests for this API key (see Retry-After), or a tenant's limit of active jobs or live "
+    "event streams reached",
     503: "A service (the database or the inference server) is unavailable; nothing was saved",
 }
 
@@ -76,6 +82,7 @@ class APIError(Exception):
     status_code = 500
     error_type = "server_error"
     default_code: str | None = None
+    headers: dict[str, str] | None = None  # sent with the response
 
     def __init__(
         self,
@@ -154,6 +161,27 @@ class InvalidFile(APIError):
     default_code = "invalid_file"
 
 
+class RateLimited(APIError):
+    """OpenAI's answer to a request over a rate: type `requests`, code `rate_limit_exceeded`, and when to
+    try again in whole seconds (`Retry-After`), which the OpenAI SDKs wait for before they retry."""
+
+    status_code = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class LimitReached(APIError):
+    """A tenant holds as many of something (active jobs, live streams) as it may: a 429, which an SDK retries
+    after a pause, and which succeeds once one has ended."""
+
+    status_code = 429
+    error_type = "invalid_request_error"
+
+
 class ServiceUnavailable(APIError):
     status_code = 503
     error_type = "server_error"
@@ -206,7 +234,7 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else exc.headers
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -219,6 +247,22 @@ def install_error_handlers(app: FastAPI) -> None:
         error = Conflict("The request conflicts with a concurrent change; nothing was saved", code="conflict")
         return JSONResponse(error.body(), status_code=error.status_code)
 
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+        # What the request said, the database cannot hold: on PostgreSQL, text with a NUL character (U+0000),
+        # which a path, a query or a JSON string can carry, or a number out of a column's range. The client's
+        # doing, not an outage: an id in the path no object can have is 404, as a missing one; anything else
+        # a 400. Nothing was saved (the transaction is rolled back).
+        if any("\x00" in str(value) for value in request.path_params.values()):
+            error: APIError = NotFound("No such object")
+        else:
+            error = InvalidRequest(
+                "The request holds a value the database cannot store (text with a NUL character, U+0000, or "
+                "a number out of range)",
+                code="invalid_value",
+            )
+        return JSONResponse(error.body(), status_code=error.status_code)
+
     @app.exception_handler(SQLAlchemyError)
     async def _database_error(_: Request, exc: SQLAlchemyError) -> JSONResponse:
         error = ServiceUnavailable(
@@ -228,8 +272,22 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error.body(), status_code=error.status_code)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = APIError(str(exc.detail))
         error.status_code = exc.status_code
         error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error.body(), status_code=exc.status_code)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods of every route at the request's path. A 405's `Allow` (RFC 9110) must list them all, while
+    Starlette's names only those of the first route that matched the path (FastAPI makes one per method)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)  # PARTIAL: the path is the route's, the method is not
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))

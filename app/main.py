@@ -23,12 +23,13 @@ from app.files.routes import router as files_router
 from app.internal.listener import ListenerSplit
 from app.internal.routes import adapters_router as internal_adapters_router
 from app.internal.routes import router as internal_router
-from app.jobs.event_stream import EventHub
+from app.jobs.event_stream import EventHub, StreamSlots
 from app.jobs.housekeeping import Housekeeping
 from app.jobs.outbox import JobMessages
 from app.jobs.routes import router as jobs_router
 from app.metrics import install_metrics
 from app.models_api.routes import router as models_router
+from app.rate_limit import RateLimiter
 from app.service_auth import bearer
 from app.storage import Storage
 
@@ -79,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.api_keys = KeyCache(settings.api_key_cache_seconds)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    app.state.stream_slots = StreamSlots(settings.max_event_streams_per_tenant)
     app.state.storage = Storage(settings.storage_dir)
     app.state.messages = messages
     app.state.events = events

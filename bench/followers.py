@@ -286,6 +286,9 @@ def run() -> dict[str, object]:
             "PHITUNE_DATA_DIR": scratch,
             "PHITUNE_API_URL": f"http://127.0.0.1:{port}",
             "PHITUNE_WORKER_TOKEN": WORKER_TOKEN,
+            # FOLLOWERS streams and the probes on one key, past the limits' defaults.
+            "PHITUNE_RATE_LIMIT_PER_MINUTE": "0",
+            "PHITUNE_MAX_EVENT_STREAMS_PER_TENANT": "0",
         }
         run_phitune("migrate", env=env)
         key = run_phitune("keys", "create", "--tenant", "bench", env=env).strip().splitlines()[-1]

@@ -168,6 +168,7 @@ def phitune_env(data_dir: Path, base_model_dir: Path, *, api_url: str, inference
         "PHITUNE_BROKER_URL": "memory://",  # no training here: job messages go nowhere
         "PHITUNE_WORKER_TOKEN": WORKER_TOKEN,
         "PHITUNE_MAX_LOADED_ADAPTERS": "32",
+        "PHITUNE_RATE_LIMIT_PER_MINUTE": "0",  # every round's requests on one key
     }
 
 

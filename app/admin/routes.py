@@ -11,14 +11,11 @@ from app.admin.schemas import ApiKeyCreate, ApiKeyList, ApiKeyObject, CreatedApi
 from app.db import after_commit
 from app.deps import AdminOnly, SessionDep
 from app.errors import error_responses
-from app.pagination import MAX_LIMIT
+from app.openapi_parts import After, Limit
 
 router = APIRouter(
     prefix="/admin", tags=["admin"], dependencies=[AdminOnly], responses=error_responses(401, 503)
 )
-
-Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Objects per page.")]
-After = Annotated[str | None, Query(max_length=64, description="The last id of the previous page.")]
 
 
 @router.get("/tenants", response_model=TenantList, responses=error_responses(400))
@@ -27,7 +24,7 @@ def list_tenants(session: SessionDep, limit: Limit = 20, after: After = None) ->
     return service.list_tenants(session, limit=limit, after=after)
 
 
-@router.post("/keys", response_model=CreatedApiKey, responses=error_responses(400))
+@router.post("/keys", response_model=CreatedApiKey, responses=error_responses(400, 413))
 def create_key(body: ApiKeyCreate, session: SessionDep) -> CreatedApiKey:
     """A new key for a tenant (created if missing). The key is in this response only."""
     row, key = service.create_key(

@@ -20,25 +20,27 @@ from app.chat.schemas import (
     ChatCompletionRequest,
     Usage,
 )
+from app.config import Settings
 from app.db import release_connection
 from app.deps import CurrentTenant, SessionDep, SettingsDep
-from app.errors import APIError, ServiceUnavailable, error_responses
+from app.errors import APIError, InvalidRequest, ServiceUnavailable, error_responses
 from app.inference_contract import DELTA, GenerateBody, GenerateFinish, GenerateResult
 from app.models_api.service import resolve_model
+from app.openapi_parts import event_stream
 
 router = APIRouter(prefix="/chat", tags=["chat"])
 
 CHUNK_STREAM = {
     "description": "A `chat.completion` object, or with `stream: true` server-sent `chat.completion.chunk` "
     "events ending with `data: [DONE]`.",
-    "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}},
+    "content": {"text/event-stream": event_stream("ChatCompletionChunk", last_data="[DONE]")},
 }
 
 
 @router.post(
     "/completions",
     response_model=ChatCompletion,
-    responses={200: CHUNK_STREAM, **error_responses(400, 401, 404, 503)},
+    responses={200: CHUNK_STREAM, **error_responses(400, 401, 404, 413, 429, 503)},
 )
 async def create_chat_completion(
     body: ChatCompletionRequest,
@@ -47,6 +49,7 @@ async def create_chat_completion(
     session: SessionDep,
     settings: SettingsDep,
 ):
+    check_size(body, settings)
     resolved = await run_in_threadpool(resolve_model, session, settings, tenant.id, body.model)
     await run_in_threadpool(release_connection, session)  # hold no connection while the model generates
     inference: httpx.AsyncClient = request.app.state.inference
@@ -62,6 +65,30 @@ async def create_chat_completion(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def check_size(body: ChatCompletionRequest, settings: Settings) -> None:
+    """The server's own caps, below the schema's (app.limits), before anything else is done: the messages'
+    characters together (PHITUNE_MAX_PROMPT_CHARS), so that a prompt no context could hold is never sent to
+    the inference server to tokenise, and the completion's tokens (PHITUNE_MAX_COMPLETION_TOKENS)."""
+    chars = sum(
+        len(m.content) if isinstance(m.content, str) else sum(len(part.text) for part in m.content)
+        for m in body.messages
+    )
+    if chars > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"The messages hold {chars} characters, more than the {settings.max_prompt_chars} this server "
+            "accepts in one request",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if body.token_limit > settings.max_completion_tokens:
+        raise InvalidRequest(
+            f"max_tokens is {body.token_limit}, more than the {settings.max_completion_tokens} this server "
+            "generates in one completion",
+            param="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+            code="invalid_value",
+        )
 
 
 async def _call(inference: httpx.AsyncClient, generation: GenerateBody) -> GenerateResult:

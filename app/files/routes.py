@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -14,8 +12,9 @@ from app.errors import error_responses
 from app.files import service
 from app.files.schemas import FileDeleted, FileList, FileObject
 from app.files.upload import receive_form
+from app.openapi_parts import After, IdempotencyKey, Limit
 
-router = APIRouter(prefix="/files", tags=["files"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/files", tags=["files"], responses=error_responses(401, 429, 503))
 
 # The body is parsed by hand (see app.files.upload), so FastAPI cannot derive its schema; describe it here.
 UPLOAD_BODY = {
@@ -47,14 +46,20 @@ async def create_file(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> FileObject:
     """Upload a JSONL dataset; it is streamed to storage, validated line by line, and stored only if valid."""
     # End the auth query's transaction so the pooled connection is not held while a large body streams in.
     await run_in_threadpool(release_connection, session)
     form = await receive_form(request, storage.temp_path(), max_file_bytes=settings.max_upload_bytes)
     row = await run_in_threadpool(
-        service.create_file_once, session, storage, tenant.id, form, idempotency_key
+        service.create_file_once,
+        session,
+        storage,
+        tenant.id,
+        form,
+        idempotency_key,
+        max_stored_bytes=settings.max_stored_bytes_per_tenant,
     )
     return FileObject.from_row(row)
 
@@ -63,8 +68,8 @@ async def create_file(
 def list_files(
     tenant: CurrentTenant,
     session: SessionDep,
-    limit: int = 20,
-    after: str | None = None,
+    limit: Limit = 20,
+    after: After = None,
     purpose: str | None = None,
 ) -> FileList:
     """The tenant's files, newest first."""

@@ -6,14 +6,14 @@ from sqlalchemy.orm import Session
 
 from app import idempotency
 from app.db import after_commit, on_rollback
-from app.errors import Conflict, InvalidFile, InvalidRequest, NotFound
+from app.errors import Conflict, InvalidFile, InvalidRequest, NotFound, PayloadTooLarge
 from app.files.schemas import FileList
 from app.files.upload import FILE_FIELD, ReceivedFile, ReceivedForm
 from app.files.validation import Report, read_lines, validate_lines
 from app.models import File
 from app.models.base import new_id
 from app.pagination import paginate
-from app.repositories import files
+from app.repositories import files, tenants
 from app.storage import Storage
 
 PURPOSES = ("fine-tune",)
@@ -29,9 +29,11 @@ def get_file(session: Session, tenant_id: str, file_id: str, *, param: str = "fi
     return row
 
 
-def create_file(session: Session, storage: Storage, tenant_id: str, form: ReceivedForm) -> File:
-    """Validate an uploaded form's dataset and store it as a new file.
-    The temp file is consumed either way: moved into storage, or removed on any failure."""
+def create_file(
+    session: Session, storage: Storage, tenant_id: str, form: ReceivedForm, *, max_stored_bytes: int = 0
+) -> File:
+    """Validate an uploaded form's dataset and store it as a new file, within the tenant's `max_stored_bytes`
+    (0: no limit). The temp file is consumed either way: moved into storage, or removed on any failure."""
     try:
         received = _required_file(form)
         purpose = _checked_purpose(form.fields.get("purpose"))
@@ -40,13 +42,20 @@ def create_file(session: Session, storage: Storage, tenant_id: str, form: Receiv
             raise InvalidFile(
                 report.summary(received.filename), details=[problem.as_dict() for problem in report.problems]
             )
+        check_storage(session, tenant_id, received.bytes, max_stored_bytes)
         return _store(session, storage, tenant_id, received, purpose, report)
     finally:
         form.discard()
 
 
 def create_file_once(
-    session: Session, storage: Storage, tenant_id: str, form: ReceivedForm, idempotency_key: str | None
+    session: Session,
+    storage: Storage,
+    tenant_id: str,
+    form: ReceivedForm,
+    idempotency_key: str | None,
+    *,
+    max_stored_bytes: int = 0,
 ) -> File:
     """`create_file`, except that a retried upload with the same Idempotency-Key returns the first file."""
     request = {
@@ -61,13 +70,31 @@ def create_file_once(
             IDEMPOTENCY_ROUTE,
             idempotency_key,
             request,
-            create=lambda: create_file(session, storage, tenant_id, form),
+            create=lambda: create_file(session, storage, tenant_id, form, max_stored_bytes=max_stored_bytes),
             object_id=lambda row: row.id,
             load=lambda file_id: get_file(session, tenant_id, file_id),
             discard=lambda row: storage.delete(row.storage_key),  # a concurrent twin's file won
         )
     finally:
         form.discard()
+
+
+def check_storage(session: Session, tenant_id: str, new_bytes: int, limit: int) -> None:
+    """413 `storage_limit_exceeded` when `new_bytes` more would take the tenant past `limit` stored bytes
+    (its files and adapter archives; 0: no limit). A 413, not a 429: the SDKs retry a 429 by themselves,
+    which would send the whole upload again, in vain until the tenant deletes something. The tenant is locked
+    until the upload's row commits, so concurrent uploads cannot pass the limit together."""
+    if not limit:
+        return
+    tenants.lock(session, tenant_id)
+    stored = files.stored_bytes(session, tenant_id)
+    if stored + new_bytes > limit:
+        raise PayloadTooLarge(
+            f"This upload of {new_bytes} bytes would take the API key's tenant past its {limit} bytes of "
+            f"storage ({stored} in use by its files and adapters); delete files or models first",
+            param=FILE_FIELD,
+            code="storage_limit_exceeded",
+        )
 
 
 def validate_file(received: ReceivedFile) -> Report:

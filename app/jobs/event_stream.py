@@ -7,6 +7,9 @@ that joins, resumes from an older cursor, or lets its queue overflow is "behind"
 reads what it lacks from the database itself, and it rejoins the live batches before that read, dropping
 any frame whose seq it has already sent. So every follower gets every event once, in seq order, and a slow
 one never holds up the others.
+
+A tenant holds at most `PHITUNE_MAX_EVENT_STREAMS_PER_TENANT` streams open in a process (`StreamSlots`): each
+is a connection, a queue and a coroutine, and without a cap one key could hold them by the thousand.
 """
 
 from __future__ import annotations
@@ -15,13 +18,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from anyio import to_thread
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from app.db import session_scope
+from app.errors import LimitReached
 from app.jobs.schemas import FineTuningJobEvent
 from app.repositories import jobs
 
@@ -202,3 +209,60 @@ class EventHub:
             events = jobs.events_after(session, job_id, after_seq, limit=PAGE)
             frames = [(event.seq, _sse(FineTuningJobEvent.from_row(event))) for event in events]
         return frames, status is not None and status.is_final and len(frames) < PAGE
+
+
+class StreamSlots:
+    """The live event streams each tenant holds open in this API process, at most `limit` (0: no limit).
+    Taken in a threadpool route, given back on the event loop: hence the lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def open_streams(self, tenant_id: str) -> int:
+        return self._open.get(tenant_id, 0)
+
+    def take(self, tenant_id: str) -> Callable[[], None]:
+        """A slot of the tenant's, as the function that gives it back (once, however often called); 429
+        `too_many_event_streams` when the tenant holds `limit` already."""
+        with self._lock:
+            held = self._open.get(tenant_id, 0)
+            if self.limit and held >= self.limit:
+                raise LimitReached(
+                    f"This API key's tenant already follows {held} live event streams, the most this server "
+                    "allows at once; close one, or read events by page (without stream=true)",
+                    param="stream",
+                    code="too_many_event_streams",
+                )
+            self._open[tenant_id] = held + 1
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
+            with self._lock:
+                if given_back:
+                    return
+                given_back = True
+                if (left := self._open[tenant_id] - 1) > 0:
+                    self._open[tenant_id] = left
+                else:
+                    del self._open[tenant_id]
+
+        return give_back
+
+
+class SlotStream(StreamingResponse):
+    """A streaming response that gives its slot back when it ends, however it ends: the stream finished,
+    the client went away (Starlette cancels the response), or sending failed. The route takes the slot last,
+    once nothing else can fail before this response is sent."""
+
+    def __init__(self, content: AsyncIterator[bytes], give_back: Callable[[], None], **options: Any) -> None:
+        super().__init__(content, **options)
+        self._give_back = give_back
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._give_back()

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse
 
-from app.db import after_commit
+from app.adapter_format import Format
+from app.db import after_commit, release_connection
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from app.errors import error_responses
 from app.jobs import artifacts, checkpoints, service
+from app.jobs.event_stream import SlotStream
 from app.jobs.schemas import FineTuningJob, JobCheckpointList, JobCreate, JobEventList, JobList
+from app.openapi_parts import MAX_CURSOR_CHARS, After, IdempotencyKey, Limit, event_stream
 
-router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(401, 429, 503))
 
 EVENT_STREAM = {
     "description": "With `?stream=true` or `Accept: text/event-stream`: server-sent events, each with the "
     "event's `id`, its `type` as `event` and the event as `data`, ending with `event: done` once the job is "
     "final.",
-    "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/FineTuningJobEvent"}}},
+    "content": {"text/event-stream": event_stream("FineTuningJobEvent", last_data="{}")},
 }
 ADAPTER_ARCHIVE = {
     "description": "The adapter as a .tar.gz",
@@ -27,14 +30,14 @@ ADAPTER_ARCHIVE = {
 }
 
 
-@router.post("", response_model=FineTuningJob, responses=error_responses(400, 404, 422))
+@router.post("", response_model=FineTuningJob, responses=error_responses(400, 404, 413, 422))
 def create_job(
     body: JobCreate,
     request: Request,
     tenant: CurrentTenant,
     session: SessionDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> FineTuningJob:
     """Create a job; with an Idempotency-Key a retried request returns the job the first one created."""
     job = service.create_job_once(session, tenant.id, body, settings, idempotency_key)
@@ -47,8 +50,8 @@ def list_jobs(
     request: Request,
     tenant: CurrentTenant,
     session: SessionDep,
-    limit: int = 20,
-    after: str | None = None,
+    limit: Limit = 20,
+    after: After = None,
 ) -> JobList:
     # `?metadata[team]=search` filters; FastAPI cannot declare bracketed names, so read them directly.
     metadata = {
@@ -103,8 +106,8 @@ def list_events(
     request: Request,
     tenant: CurrentTenant,
     session: SessionDep,
-    limit: int = 20,
-    after: str | None = None,
+    limit: Limit = 20,
+    after: After = None,
     stream: bool = False,
     accept: Annotated[str | None, Header()] = None,
     last_event_id: Annotated[str | None, Header()] = None,
@@ -114,8 +117,13 @@ def list_events(
     if stream or "text/event-stream" in (accept or ""):
         cursor = after or last_event_id
         after_seq = service.event_seq(session, job.id, cursor) if cursor else 0
-        return StreamingResponse(
+        # The unit of work ends here, with no I/O left for when the route returns: the tenant's stream slot,
+        # taken last, is then given back only by the response, which nothing can now keep from being sent.
+        release_connection(session)
+        give_back = request.app.state.stream_slots.take(tenant.id)
+        return SlotStream(
             request.app.state.events.follow(job.id, after_seq),
+            give_back,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -129,8 +137,8 @@ def list_checkpoints(
     fine_tuning_job_id: str,
     tenant: CurrentTenant,
     session: SessionDep,
-    limit: int = 10,
-    after: str | None = None,
+    limit: Limit = 10,
+    after: After = None,
 ):
     """Checkpoints stored during training, newest first, each with its metrics and callable model id."""
     job = service.get_job(session, tenant.id, fine_tuning_job_id)
@@ -147,8 +155,10 @@ def download_adapter(
     tenant: CurrentTenant,
     session: SessionDep,
     storage: StorageDep,
-    format: str | None = None,
-    checkpoint: str | None = None,
+    format: Annotated[Format | None, Query(description="The archive's format; default `peft`.")] = None,
+    checkpoint: Annotated[
+        str | None, Query(max_length=MAX_CURSOR_CHARS, description="A checkpoint's id (`ftckpt-…`).")
+    ] = None,
 ):
     """The trained adapter as a .tar.gz: `format=peft` (default; `PeftModel.from_pretrained` loads it once
     extracted) or `format=loralib`; `checkpoint=ftckpt-…` for an intermediate one. Range and ETag work."""

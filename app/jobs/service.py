@@ -12,7 +12,14 @@ from sqlalchemy.orm import Session
 
 from app import db, idempotency
 from app.config import Settings
-from app.errors import Conflict, InvalidRequest, ModelConfigUnavailable, ModelNotAvailable, NotFound
+from app.errors import (
+    Conflict,
+    InvalidRequest,
+    LimitReached,
+    ModelConfigUnavailable,
+    ModelNotAvailable,
+    NotFound,
+)
 from app.files.service import get_file
 from app.jobs import states
 from app.jobs.schemas import JobCreate, JobEventList, JobList
@@ -20,7 +27,7 @@ from app.jobs.states import Transition
 from app.models import Job, JobEvent, JobStatus
 from app.models.base import new_id
 from app.pagination import paginate
-from app.repositories import jobs
+from app.repositories import jobs, tenants
 from app.specs import (
     DEFAULT_LEARNING_RATE,
     HYPERPARAMETER_FIELDS,
@@ -149,6 +156,7 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
             code="validation_file_required",
         )
     training_config = fit_to_base_model(training_config, peft_config, request.model, settings)
+    check_active_jobs(session, tenant_id, settings.max_active_jobs_per_tenant)
     job = Job(
         id=new_id("ftjob"),
         tenant_id=tenant_id,
@@ -167,6 +175,23 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
     jobs.add_message(session, job.id)
     add_event(session, job.id, f"Created fine-tuning job {job.id}")
     return job
+
+
+def check_active_jobs(session: Session, tenant_id: str, limit: int) -> None:
+    """429 `too_many_active_jobs` when the tenant's unfinished jobs (queued, running or paused: a paused job
+    resumes without asking) number `limit` already; 0 is no limit. Refused, not queued behind: a job
+    accepted is one the tenant sees queued, and a refusal says now what waiting would only hide. The tenant
+    is locked first, so 20 concurrent creates count one after another and never pass the limit together."""
+    if not limit:
+        return
+    tenants.lock(session, tenant_id)
+    active = jobs.unfinished_count(session, tenant_id)
+    if active >= limit:
+        raise LimitReached(
+            f"This API key's tenant has {active} unfinished fine-tuning jobs (queued, running or paused), "
+            "the most this server allows; cancel one or wait until one ends",
+            code="too_many_active_jobs",
+        )
 
 
 def fit_to_base_model(

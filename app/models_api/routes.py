@@ -15,7 +15,7 @@ from app.models_api import service
 from app.models_api.schemas import Model, ModelDeleted, ModelList
 from app.service_auth import bearer
 
-router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(401, 429, 503))
 log = logging.getLogger(__name__)
 
 

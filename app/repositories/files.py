@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Select, or_, select
+from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session
 
-from app.models import File, Job, JobStatus
+from app.models import Artifact, File, Job, JobStatus
 
 
 def get(session: Session, tenant_id: str, file_id: str) -> File | None:
@@ -35,3 +35,14 @@ def unfinished_job_using(session: Session, row: File) -> str | None:
             Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED]),
         )
     )
+
+
+def stored_bytes(session: Session, tenant_id: str) -> int:
+    """What the tenant stores: its files and its jobs' adapter archives (final and checkpoints')."""
+    uploads = select(func.coalesce(func.sum(File.bytes), 0)).where(File.tenant_id == tenant_id)
+    archives = (
+        select(func.coalesce(func.sum(Artifact.bytes), 0))
+        .join(Job, Job.id == Artifact.job_id)
+        .where(Job.tenant_id == tenant_id)
+    )
+    return int(session.scalar(uploads) or 0) + int(session.scalar(archives) or 0)

@@ -211,3 +211,12 @@ def queued_jobs_last_sent_before(session: Session, min_age: float) -> list[str]:
             .where(Job.status == JobStatus.QUEUED, last_sent.c.sent_at <= now() - min_age)
         )
     )
+
+
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
+
+
+def unfinished_count(session: Session, tenant_id: str) -> int:
+    """The tenant's jobs that are not final: queued, running or paused."""
+    query = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(UNFINISHED))
+    return session.scalar(query) or 0

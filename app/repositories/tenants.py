@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import Row, Select, bindparam, or_, select
+from sqlalchemy import Row, Select, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.models import ApiKey, Tenant
@@ -76,3 +76,14 @@ _TENANT_OF_KEY = (
 def tenant_of_key(session: Session, key_hash: str, now: int) -> Row[Tenant, str, int | None] | None:
     """(tenant, key id, expiry) of the key with this hash, if it is neither revoked nor expired at `now`."""
     return session.execute(_TENANT_OF_KEY, {"key_hash": key_hash, "now": now}).one_or_none()
+
+
+def lock(session: Session, tenant_id: str) -> None:
+    """Hold the tenant until the unit of work ends, so that concurrent requests checking one of its limits
+    (count, then insert) do so one at a time. An UPDATE that changes nothing: on PostgreSQL it locks the
+    row (READ COMMITTED: the next holder's count, a new statement, sees what this one committed), on SQLite
+    it takes the database's write lock, where a SELECT ... FOR UPDATE would take nothing."""
+    session.execute(
+        update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name),
+        execution_options={"synchronize_session": False},
+    )

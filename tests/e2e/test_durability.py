@@ -53,6 +53,9 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, tiny_model_dir: Path
         worker_token=secrets.token_urlsafe(16),
         lease_seconds=str(marker.args[0] if marker else 8),
         resume_state_seconds="2",
+        # 200 jobs created at once by one key: past the limits' defaults (tests/api/test_limits.py).
+        max_active_jobs_per_tenant="0",
+        rate_limit_per_minute="0",
     )
 
 

@@ -20,7 +20,10 @@ WORKER_TOKEN = "e2e-worker-token"
 @pytest.fixture
 def api_service(tmp_path: Path) -> Iterator[Service]:
     """`phitune api` alone on the embedded defaults (SQLite, filesystem broker); the test is the worker."""
-    yield from api_alone(tmp_path, worker_token=WORKER_TOKEN)
+    # 200 streams and their probes on one key, past the limits' defaults (tests/api/test_limits.py).
+    yield from api_alone(
+        tmp_path, worker_token=WORKER_TOKEN, rate_limit_per_minute="0", max_event_streams_per_tenant="0"
+    )
 
 
 def test_200_followers_of_one_job_leave_the_api_and_the_worker_fast(api_service: Service):
