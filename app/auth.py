@@ -105,6 +105,7 @@ class KeyCache:
     their SHA-256, so the cache holds no key and its lookups compare hashes, as the database's do."""
 
     MAX_KEYS = 10_000
+    REFRESH_AHEAD = 0.25  # of `seconds`
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -135,18 +136,36 @@ class KeyCache:
 
     async def tenant(self, authorization: str | None, look_up: Callable[[], Awaitable[KeyOwner]]) -> Tenant:
         """The tenant of the header's key: cached, else from `look_up`, run once for all the requests that
-        ask meanwhile. When a key's entry lapses under 64 pollers, one of them reads the database and the
-        others wait for its answer, instead of 64 threads queueing for the pool and the GIL at once."""
-        if (tenant := self.get(authorization)) is not None:
-            return tenant
+        ask meanwhile (64 pollers missing together make one database read, not 64 threads queueing for the
+        pool and the GIL). An entry in the last REFRESH_AHEAD of its time is answered from the cache while
+        one lookup renews it in the background, so a polled key's entry never lapses under its pollers (it
+        did every `seconds`, stalling each of them ~25 ms); a key found revoked by that lookup is dropped at
+        once, so it still stops working within `seconds`."""
         if self.seconds <= 0:
             return (await look_up()).tenant  # every request checked: share no lookup either
         key_hash = hash_token(bearer_key(authorization))
+        if (tenant := self.get(authorization)) is not None:
+            deadline = self._entries.get(key_hash, (0.0,))[0]
+            if time.monotonic() >= deadline - self.seconds * self.REFRESH_AHEAD:
+                self._lookup(key_hash, authorization, look_up)  # renewed meanwhile; nobody waits for it
+            return tenant
+        # Shielded: a waiter whose client went away must not cancel the lookup the others wait for.
+        return (await asyncio.shield(self._lookup(key_hash, authorization, look_up))).tenant
+
+    def _lookup(
+        self, key_hash: str, authorization: str | None, look_up: Callable[[], Awaitable[KeyOwner]]
+    ) -> asyncio.Future[KeyOwner]:
+        """The lookup of this key in flight, started if there is none."""
         if (lookup := self._lookups.get(key_hash)) is None:
             lookup = self._lookups[key_hash] = asyncio.ensure_future(self._look_up(authorization, look_up))
-            lookup.add_done_callback(lambda _: self._lookups.pop(key_hash, None))
-        # Shielded: a waiter whose client went away must not cancel the lookup the others wait for.
-        return (await asyncio.shield(lookup)).tenant
+            lookup.add_done_callback(lambda done: self._looked_up(key_hash, done))
+        return lookup
+
+    def _looked_up(self, key_hash: str, lookup: asyncio.Future[KeyOwner]) -> None:
+        self._lookups.pop(key_hash, None)
+        if not lookup.cancelled() and isinstance(lookup.exception(), Unauthorized):
+            with self._lock:  # revoked or expired since it was cached: its next request is a 401
+                self._entries.pop(key_hash, None)
 
     async def _look_up(
         self, authorization: str | None, look_up: Callable[[], Awaitable[KeyOwner]]

@@ -107,3 +107,39 @@ def test_with_the_cache_off_every_request_looks_its_key_up() -> None:
 
     asyncio.run(scenario())
     assert lookups == 4
+
+
+def test_a_polled_entry_is_renewed_before_it_lapses_and_dropped_once_its_key_is_revoked() -> None:
+    """In the last quarter of its time an entry answers at once and one lookup renews it meanwhile: pollers
+    never wait at its deadline. A renewal that finds the key revoked drops the entry."""
+    cache = KeyCache(2.0)
+    tenant = Tenant(seq=1, id="tenant-1", name="one", created_at=0)
+    revoked = False
+    lookups = finished = 0
+
+    async def look_up() -> KeyOwner:
+        nonlocal lookups, finished
+        lookups += 1
+        await asyncio.sleep(0.05)
+        finished += 1
+        if revoked:
+            raise Unauthorized("Invalid API key: unknown, revoked or expired.")
+        return KeyOwner(tenant, "key-1", None)
+
+    async def scenario() -> None:
+        nonlocal revoked
+        await cache.tenant("Bearer pt-a", look_up)
+        assert lookups == 1
+        await asyncio.sleep(1.7)  # into the last quarter
+        assert (await cache.tenant("Bearer pt-a", look_up)).id == "tenant-1"
+        assert finished == 1  # answered before any new lookup ended
+        await asyncio.sleep(0.5)  # past the first deadline: the renewed entry answers
+        assert lookups == finished == 2 and cache.get("Bearer pt-a") is not None
+
+        revoked = True
+        await asyncio.sleep(1.3)
+        await cache.tenant("Bearer pt-a", look_up)  # cached still; its renewal finds the key revoked
+        await asyncio.sleep(0.2)
+        assert lookups == 3 and cache.get("Bearer pt-a") is None
+
+    asyncio.run(scenario())
