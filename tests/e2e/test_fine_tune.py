@@ -329,7 +329,12 @@ def test_a_client_leaving_mid_stream_frees_its_slot(embedded_service: Service):
         with client.stream("POST", "/v1/chat/completions", json=body) as stream:
             lines = stream.iter_lines()
             assert next(lines).startswith("data: ")
-            assert inference.get("/stats").json()["running_sequences"] == 1
+            # The first chunk can come before the engine admits the sequence (its prompt is tokenised on a
+            # thread): wait for it to run.
+            deadline = time.monotonic() + 10
+            while inference.get("/stats").json()["running_sequences"] != 1:
+                assert time.monotonic() < deadline, "the sequence never ran"
+                time.sleep(0.05)
         # Leaving the block closed the connection mid-stream; the API closes its upstream request in turn.
         deadline = time.monotonic() + 10
         while inference.get("/stats").json()["running_sequences"]:
