@@ -37,7 +37,7 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from app.specs import RECIPE_FIELDS, PeftConfig, TrainingConfig, fit_to_model
-from worker import hardware, loralib_backend, memory_estimate, resume_state
+from worker import hardware, lm_head, loralib_backend, memory_estimate, resume_state
 from worker.adapter_archive import LORALIB_DIR, PEFT_UNAVAILABLE_FILE
 from worker.data import TokenizedDataset, load_tokenized_dataset
 from worker.hardware import DeviceSetting, HardwarePlan
@@ -436,7 +436,7 @@ def build_trainer(
         evaluate=eval_dataset is not None,
         checkpointing=checkpointing,
     )
-    return RecipeTrainer(
+    trainer = RecipeTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -445,6 +445,11 @@ def build_trainer(
         peft_config=build_lora_config(inputs.peft_config) if inputs.peft_config.backend == "peft" else None,
         callbacks=callbacks,
     )
+    # The model SFTTrainer gave its fused LM head; on the CPU, a head that scores trained positions only.
+    headed = trainer.model.get_base_model() if isinstance(trainer.model, PeftModel) else trainer.model
+    if plan.device.type == "cpu" and isinstance(headed, PreTrainedModel) and lm_head.applies_to(headed):
+        lm_head.score_labelled_positions_only(headed)
+    return trainer
 
 
 class RecipeTrainer(SFTTrainer):
