@@ -162,7 +162,8 @@ class KeyCache:
         return lookup
 
     def _looked_up(self, key_hash: str, lookup: asyncio.Future[KeyOwner]) -> None:
-        self._lookups.pop(key_hash, None)
+        if self._lookups.get(key_hash) is lookup:  # not a newer one, started after an eviction
+            del self._lookups[key_hash]
         if not lookup.cancelled() and isinstance(lookup.exception(), Unauthorized):
             with self._lock:  # revoked or expired since it was cached: its next request is a 401
                 self._entries.pop(key_hash, None)
@@ -205,9 +206,12 @@ class KeyCache:
             self._entries[key_hash] = entry
 
     def evict(self, key_id: str) -> None:
-        """Forget the key with this id (revoked): its next request is checked against the database."""
+        """Forget the key with this id (revoked): its next request is checked against the database, not
+        answered by a lookup that began before the revocation. All lookups in flight are forgotten: they are
+        keyed by the key's hash, which the id does not give, and a forgotten one only costs a new read."""
         with self._lock:
             self._evictions += 1
+            self._lookups.clear()
             # list(): one copy, made without yielding the GIL, as `get` may drop an expired entry meanwhile.
             for key_hash, entry in list(self._entries.items()):
                 if entry[2] == key_id:

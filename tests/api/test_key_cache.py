@@ -143,3 +143,31 @@ def test_a_polled_entry_is_renewed_before_it_lapses_and_dropped_once_its_key_is_
         assert lookups == 3 and cache.get("Bearer pt-a") is None
 
     asyncio.run(scenario())
+
+
+def test_a_request_after_a_revocation_does_not_join_a_lookup_that_began_before_it() -> None:
+    """Request 1 misses and its read finds the key valid; the key is revoked (evict, as the admin API does
+    after its commit); request 2 arrives while that read is still in flight: it reads again and is refused."""
+    cache = KeyCache(60)
+    tenant = Tenant(seq=1, id="tenant-1", name="one", created_at=0)
+    revoked = False
+
+    async def look_up() -> KeyOwner:
+        valid = not revoked  # what the database says when the read runs
+        await asyncio.sleep(0.05)
+        if not valid:
+            raise Unauthorized("Invalid API key: unknown, revoked or expired.")
+        return KeyOwner(tenant, "key-1", None)
+
+    async def scenario() -> None:
+        nonlocal revoked
+        first = asyncio.ensure_future(cache.tenant("Bearer pt-a", look_up))
+        await asyncio.sleep(0.01)  # its read has run: the key was valid then
+        revoked = True
+        cache.evict("key-1")
+        with pytest.raises(Unauthorized):
+            await cache.tenant("Bearer pt-a", look_up)
+        assert (await first).id == "tenant-1"  # it arrived before the revocation
+        assert cache.get("Bearer pt-a") is None  # and its answer is not cached
+
+    asyncio.run(scenario())
