@@ -69,6 +69,17 @@ async def get_current_tenant(
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 
+async def check_credentials(request: Request) -> None:
+    """Check a /v1 request's credentials as its route's dependencies would (the admin key on the admin API,
+    a tenant's key elsewhere): for errors found before they ran (app.errors.install_error_handlers)."""
+    path, authorization = request.url.path, request.headers.get("authorization")
+    settings: Settings = request.app.state.settings
+    if path.startswith("/v1/admin/") or path == "/v1/admin":
+        check_admin_key(settings, authorization)
+    elif path.startswith("/v1/"):
+        await get_current_tenant(request, settings, authorization)
+
+
 def _owner_of_key(database_url: str, authorization: str | None) -> KeyOwner:
     with session_scope(database_url) as session:
         return owner_of_key(session, authorization)

@@ -26,7 +26,7 @@ responses. Routes list the error statuses they can answer with `error_responses(
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -218,8 +218,16 @@ def _past_literal_member(errors: Sequence[Any]) -> tuple[dict[str, Any], tuple[A
     return other, (*field, *other["loc"][depth + 1 :])
 
 
+def _unparsed_body(exc: RequestValidationError) -> dict[str, Any] | None:
+    """The error of a body that is not JSON at all, if that is the problem."""
+    return next((error for error in exc.errors() if error.get("type") == "json_invalid"), None)
+
+
 def validation_error(exc: RequestValidationError) -> InvalidRequest:
     """The first pydantic problem, naming the field, as a 400."""
+    if (unparsed := _unparsed_body(exc)) is not None:
+        reason = (unparsed.get("ctx") or {}).get("error", "not JSON")
+        return InvalidRequest(f"The request body is not valid JSON: {reason}.", code="invalid_json")
     first, loc = _past_literal_member(exc.errors())
     param = _param_from_location(loc)
     message = first.get("msg", "Invalid request")
@@ -231,14 +239,25 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(message, param=param, code=code)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(
+    app: FastAPI, check_credentials: Callable[[Request], Awaitable[None]] | None = None
+) -> None:
+    """The OpenAI error shape for every error. `check_credentials` raises the APIError a request's
+    credentials earn (app.deps.check_credentials): FastAPI parses a JSON body before it resolves the route's
+    dependencies, so a body that is not JSON would otherwise be a 400 to a caller without a valid key."""
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else exc.headers
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if check_credentials is not None and _unparsed_body(exc) is not None:
+            try:
+                await check_credentials(request)
+            except APIError as refused:
+                return await _api_error(request, refused)
         error = validation_error(exc)
         return JSONResponse(error.body(), status_code=error.status_code)
 

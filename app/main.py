@@ -18,6 +18,7 @@ from app.chat.routes import router as chat_router
 from app.chat.schemas import ChatCompletionChunk
 from app.config import Settings, get_settings
 from app.db import check_database
+from app.deps import check_credentials
 from app.errors import install_error_handlers
 from app.files.routes import router as files_router
 from app.internal.listener import ListenerSplit
@@ -85,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = Storage(settings.storage_dir)
     app.state.messages = messages
     app.state.events = events
-    install_error_handlers(app)
+    install_error_handlers(app, check_credentials)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_body_bytes)
     install_metrics(app, settings)
     if settings.internal_port is not None:

@@ -368,3 +368,14 @@ def test_the_inference_server_validates_the_same_bounds(fields: dict, param: str
     with pytest.raises(ValidationError) as refused:
         GenerateBody.model_validate(body)
     assert refused.value.errors()[0]["loc"][0] == param
+
+
+def test_a_body_that_is_not_json_is_a_400_saying_so_to_a_caller_with_a_key(client, auth):
+    headers = {**auth, "Content-Type": "application/json"}
+    for path in ("/v1/fine_tuning/jobs", "/v1/chat/completions"):
+        response = client.post(path, content=b'{"model": ', headers=headers)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_json" and error["param"] is None
+        assert error["message"].startswith("The request body is not valid JSON")
+    assert client.get("/v1/fine_tuning/jobs", headers=auth).json()["data"] == []
