@@ -188,10 +188,19 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_secrets(self) -> Settings:
-        """Each secret is good for one thing only, which a secret configured twice would undo."""
-        configured = [secret.get_secret_value() for name in SECRETS if (secret := getattr(self, name))]
-        if len(set(configured)) < len(configured):
-            raise ValueError(f"{', '.join(f'PHITUNE_{name.upper()}' for name in SECRETS)} must all differ")
+        """Each secret is good for one thing only, which a secret configured twice would undo. The admin key
+        (never generated) is checked too, when set: equal to a service token, it would give that service's
+        every process the admin API."""
+        names = (*SECRETS, "admin_key")
+        seen: dict[str, str] = {}
+        for name in names:
+            if not (secret := getattr(self, name)):
+                continue
+            if (other := seen.setdefault(secret.get_secret_value(), name)) != name:
+                raise ValueError(
+                    f"PHITUNE_{other.upper()} and PHITUNE_{name.upper()} are the same secret: "
+                    f"{', '.join(f'PHITUNE_{each.upper()}' for each in names)} must all differ"
+                )
         return self
 
     @cached_property

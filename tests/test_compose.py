@@ -1,20 +1,62 @@
 """docker-compose.yml exposes no more than it must: one published port, on the loopback by default; each
-secret only in the services that present or check it; networks joining only services that talk."""
+secret only in the services that present or check it, and none written in the file; networks joining only
+services that talk, so that no GPU service reaches the database. And the settings refuse one secret for two
+purposes, the admin key included."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
-SERVICES = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text())[
-    "services"
-]
+from app.config import Settings
+
+COMPOSE_TEXT = (Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text()
+COMPOSE = yaml.safe_load(COMPOSE_TEXT)
+SERVICES = COMPOSE["services"]
 TOKENS = {"PHITUNE_WORKER_TOKEN", "PHITUNE_SERVING_TOKEN", "PHITUNE_INFERENCE_TOKEN"}
+# A value compose takes from a variable it requires: `${NAME:?message}`.
+REQUIRED_VARIABLE = re.compile(r"\$\{([A-Z][A-Z0-9_]*):\?[^}]*\}")
+# scheme://user:password@host[:port]/path, the password possibly a `${NAME:?message}`, which holds a `?`.
+URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+]*://[^:@/]*:(?P<password>\$\{[^}]*\}|[^@/]*)@[^/]+(/.*)?")
 
 
 def env(service: str) -> dict[str, str]:
     return SERVICES[service].get("environment", {})
+
+
+def networks() -> dict[str, set[str]]:
+    return {name: set(service["networks"]) for name, service in SERVICES.items()}
+
+
+def reaching(service: str) -> set[str]:
+    """The other services that share a network with `service`."""
+    joined = networks()
+    return {name for name, nets in joined.items() if name != service and nets & joined[service]}
+
+
+def required_variable(value: str, where: str = "") -> str:
+    """The variable `value` is, failing unless it is exactly one required variable."""
+    match = REQUIRED_VARIABLE.fullmatch(value)
+    assert match, f"{where or value!r}: written in the file, not a required ${{VARIABLE:?...}}"
+    return match.group(1)
+
+
+def password_in(url: str) -> str:
+    match = URL_WITH_PASSWORD.fullmatch(url)
+    assert match, f"{url!r} holds no password"
+    return match.group("password")
+
+
+def strings(node: object) -> list[str]:
+    if isinstance(node, dict):
+        return [s for key, value in node.items() for s in strings(key) + strings(value)]
+    if isinstance(node, list):
+        return [s for item in node for s in strings(item)]
+    return [node] if isinstance(node, str) else []
 
 
 def test_only_the_public_api_port_is_published_on_the_loopback_by_default() -> None:
@@ -40,9 +82,84 @@ def test_workers_and_the_inference_server_reach_the_api_on_its_internal_port_onl
 
 
 def test_networks_join_only_services_that_talk() -> None:
-    networks = {name: set(service["networks"]) for name, service in SERVICES.items()}
-    assert not networks["worker"] & networks["inference"]  # a worker cannot even reach the inference server
+    joined = networks()
+    assert not joined["worker"] & joined["inference"]  # a worker cannot even reach the inference server
     for service in ("postgres", "redis"):
-        assert not networks[service] & networks["inference"]
+        assert not joined[service] & joined["inference"]
     for service in ("worker", "inference"):
-        assert networks[service] <= networks["api"]
+        assert joined[service] <= joined["api"]
+    assert set(COMPOSE["networks"]) == set().union(*joined.values())  # none declared and left unused
+
+
+def test_only_the_api_and_the_migration_reach_the_database() -> None:
+    # A compromised worker or inference server must not be able to write the database (e.g. a key hash).
+    assert reaching("postgres") == {"api", "migrate"}
+    assert not networks()["worker"] & networks()["postgres"]
+    assert not networks()["inference"] & networks()["postgres"]
+    assert {name for name in SERVICES if "PHITUNE_DATABASE_URL" in env(name)} == {"api", "migrate"}
+
+
+def test_only_the_api_and_the_worker_reach_the_broker() -> None:
+    assert reaching("redis") == {"api", "worker"}
+    assert not networks()["inference"] & networks()["redis"]
+    assert not networks()["migrate"] & networks()["redis"]
+
+
+def test_the_database_and_the_broker_take_their_passwords_from_required_variables() -> None:
+    postgres_password = required_variable(env("postgres")["POSTGRES_PASSWORD"])
+    command = SERVICES["redis"]["command"]
+    redis_password = required_variable(command[command.index("--requirepass") + 1])
+    assert postgres_password != redis_password
+    for service in ("api", "migrate"):
+        assert required_variable(password_in(env(service)["PHITUNE_DATABASE_URL"])) == postgres_password
+    for service in ("api", "worker"):
+        assert required_variable(password_in(env(service)["PHITUNE_BROKER_URL"])) == redis_password
+
+
+def test_no_password_is_written_in_the_file() -> None:
+    assert "phitune:phitune@" not in COMPOSE_TEXT and "POSTGRES_PASSWORD: phitune" not in COMPOSE_TEXT
+    urls = [value for value in strings(COMPOSE) if "://" in value and "@" in value]
+    assert len(urls) >= 4  # the database URLs of api and migrate, the broker URLs of api and worker
+    for url in urls:
+        required_variable(password_in(url), url)
+    for name, service in SERVICES.items():
+        for key, value in service.get("environment", {}).items():
+            if re.search(r"PASSWORD|TOKEN|SECRET|KEY|AUTH", key):
+                required_variable(value, f"{name}: {key}")
+        command = service.get("command") or []
+        for flag, value in zip(command, command[1:], strict=False):
+            if flag in ("--requirepass", "--masterauth"):
+                required_variable(value, f"{name}: {flag}")
+
+
+def test_the_healthchecks_authenticate_with_the_configured_passwords() -> None:
+    # pg_isready needs no password; redis-cli authenticates with REDISCLI_AUTH, the password Redis requires.
+    assert SERVICES["postgres"]["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    command = SERVICES["redis"]["command"]
+    assert env("redis")["REDISCLI_AUTH"] == command[command.index("--requirepass") + 1]
+    assert "redis-cli ping" in " ".join(SERVICES["redis"]["healthcheck"]["test"])
+    assert SERVICES["api"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+
+
+ADMIN_KEY = "admin-" + "k" * 40
+
+
+@pytest.mark.parametrize("token", ["worker_token", "inference_token", "serving_token", "attempt_key"])
+def test_the_admin_key_doubles_as_no_service_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    # Set as an operator would: the admin key equal to the worker token would give every worker /v1/admin.
+    monkeypatch.setenv("PHITUNE_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv(f"PHITUNE_{token.upper()}", ADMIN_KEY)
+    with pytest.raises(ValidationError, match="must all differ") as refused:
+        Settings(data_dir=tmp_path)
+    message = str(refused.value)
+    assert f"PHITUNE_{token.upper()} and PHITUNE_ADMIN_KEY are the same secret" in message
+    assert ADMIN_KEY not in message  # the error names the settings, never the secret
+
+
+def test_a_distinct_admin_key_loads_and_an_unset_one_is_not_checked(tmp_path: Path) -> None:
+    tokens = {name: f"{name}-{'t' * 40}" for name in ("worker_token", "serving_token", "inference_token")}
+    settings = Settings(data_dir=tmp_path, admin_key=ADMIN_KEY, **tokens)
+    assert settings.admin_key is not None and settings.admin_key.get_secret_value() == ADMIN_KEY
+    assert Settings(data_dir=tmp_path, **tokens).admin_key is None
