@@ -3,8 +3,9 @@
 `phitune api` runs one uvicorn server on two sockets, so the process keeps one lifespan (one housekeeping
 loop, one key cache); this middleware tells the listeners apart by the local port of the connection a
 request arrived on, which a client cannot choose (a Host header it could). The internal listener answers
-only /internal/v1 and the health checks; the public one everything but /internal/v1. Anything else is the
-404 of an unknown path, before routing, authentication or reading the body.
+only /internal/v1, /metrics (job counts across all tenants are the operator's, not the public's) and the
+health checks; the public one everything else. Anything else is the 404 of an unknown path, before routing,
+authentication or reading the body.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.errors import NotFound
 
 INTERNAL_PREFIX = "/internal/"
+OPERATOR_PATHS = frozenset({"/metrics"})
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -36,4 +38,4 @@ class ListenerSplit:
             return True
         server = scope.get("server")  # (host, port) of the socket; None on a Unix socket: public
         on_internal = server is not None and server[1] == self.internal_port
-        return path.startswith(INTERNAL_PREFIX) == on_internal
+        return (path.startswith(INTERNAL_PREFIX) or path in OPERATOR_PATHS) == on_internal

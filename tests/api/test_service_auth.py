@@ -94,6 +94,9 @@ def test_internal_routes_are_served_only_on_the_internal_port(api: Api) -> None:
     assert api.public.get("/v1/models", headers=api.auth).status_code == 200
     for client in (api.public, api.internal):
         assert client.get("/healthz").json() == {"status": "ok"}
+    # Job counts across tenants are the operator's: /metrics on the internal port only.
+    assert api.public.get("/metrics").status_code == 404
+    assert "phitune_http_requests" in api.internal.get("/metrics").text
 
 
 def test_the_worker_token_only_claims(api: Api) -> None:
