@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO, Protocol, cast
 
 from app.adapter_format import FORMATS, Format
+from worker.tar_guard import GuardedTarFile, UnsafeTarHeader
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -76,7 +77,10 @@ def extract_adapter(
     extracted: set[str] = set()
     created = not destination.exists()
     try:
-        with archive.open("rb") as raw, tarfile.open(fileobj=_decompressed(raw, max_bytes), mode="r|") as tar:
+        with (
+            archive.open("rb") as raw,
+            GuardedTarFile.open(fileobj=_decompressed(raw, max_bytes), mode="r|") as tar,
+        ):
             declared = 0
             for count, member in enumerate(tar, start=1):
                 declared += member.size
@@ -96,7 +100,15 @@ def extract_adapter(
                 extracted.add(name)
         if missing := files - extracted:
             raise InvalidAdapter(f"the adapter archive lacks {', '.join(sorted(missing))}")
-    except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
+    except UnsafeTarHeader as exc:
+        _discard(destination, created, extracted)
+        raise InvalidAdapter(f"the adapter archive {exc}") from exc
+    except InvalidAdapter:
+        _discard(destination, created, extracted)
+        raise
+    except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error, ValueError) as exc:
+        # ValueError: tarfile's parsing of a malformed pax header (a hdrcharset or sparse size not UTF-8 or
+        # not a number)
         _discard(destination, created, extracted)
         raise InvalidAdapter(f"the adapter archive is not a readable tar file: {exc}") from exc
     except BaseException:

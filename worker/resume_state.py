@@ -28,6 +28,7 @@ from typing import Any
 from app.adapter_format import FORMATS
 from app.specs import PeftConfig, TrainingConfig
 from worker.adapter_archive import PICKLE_SUFFIXES
+from worker.tar_guard import GuardedTarFile, UnsafeTarHeader
 
 MANIFEST_FILE = "phitune_state.json"
 TRAINER_DIR = "trainer"
@@ -94,11 +95,14 @@ def unpack(archive: Path, destination: Path, *, sha256: str, expected_fingerprin
     if file_sha256(archive) != sha256:
         raise InvalidState("its sha256 does not match the one recorded when it was stored")
     try:
-        with tarfile.open(archive, "r") as tar:
+        # "r:": uncompressed, as `pack` writes it, so the archive is as large as what it unpacks to.
+        with GuardedTarFile.open(archive, "r:") as tar:
             members = [_checked(member) for member in tar.getmembers()]  # all, before extracting any
             wanted = [member for member in members if PurePosixPath(member.name).name not in NEVER_LOADED]
             tar.extractall(destination, members=wanted, filter="data")
         manifest = read_manifest(destination)
+    except UnsafeTarHeader as exc:
+        raise InvalidState(f"it {exc}") from exc
     except (tarfile.TarError, OSError, ValueError, TypeError, RecursionError) as exc:
         raise InvalidState(f"it cannot be read ({type(exc).__name__}: {exc})") from exc
     _check_manifest(manifest)

@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,8 +23,16 @@ from phitune.launch import free_port, run_phitune, running
 from tests.serving.conftest import BASE_MODEL, SERVING_TOKEN, InferenceServer, generate_body, load_model
 from tests.serving.stub_store import adapter_store_app, serve_in_thread
 from tests.serving.test_server_auth import api_env, fine_tuned_model
-from worker.adapter_archive import MAX_ARCHIVE_MEMBERS, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, pack
+from worker.adapter_archive import (
+    MAX_ARCHIVE_MEMBERS,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    InvalidAdapter,
+    extract_adapter,
+    pack,
+)
 from worker.serving.lora import MultiLora, largest_adapter_bytes
+from worker.tar_guard import MAX_CHAINED_HEADERS, MAX_EXTENDED_HEADER_BYTES
 
 DOWN_A = "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
 
@@ -101,6 +110,45 @@ def zeros(name: str, size: int):
     return add
 
 
+def pax_digits(size: int = 1 << 20):
+    """A member whose pax header holds `size` digits: tarfile reads it whole and parses it quadratically."""
+
+    def add(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("README.md")
+        info.pax_headers = {"comment": "1" * size}
+        tar.addfile(info, io.BytesIO())
+
+    return add
+
+
+def gnu_long_name(size: int = 1 << 20):
+    """A member whose GNU long-name header holds a name of `size` bytes."""
+
+    def add(tar: tarfile.TarFile) -> None:
+        tar.format = tarfile.GNU_FORMAT
+        tar.addfile(tarfile.TarInfo("n" * size), io.BytesIO())
+
+    return add
+
+
+def raw_headers(*blocks: bytes):
+    """Header blocks tarfile would not write, appended as they are."""
+
+    def add(tar: tarfile.TarFile) -> None:
+        data = b"".join(blocks)
+        assert tar.fileobj is not None and len(data) % tarfile.BLOCKSIZE == 0
+        tar.fileobj.write(data)
+        tar.offset += len(data)
+
+    return add
+
+
+def header(kind: bytes, payload: bytes = b"", name: str = "././@PaxHeader") -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(payload)
+    return info.tobuf(tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % tarfile.BLOCKSIZE)
+
+
 def many_files(tar: tarfile.TarFile) -> None:
     for index in range(MAX_ARCHIVE_MEMBERS):
         member(f"notes-{index}.txt")(tar)
@@ -137,6 +185,8 @@ def hostile(
         "twice": ({"extra": member(PEFT_CONFIG_FILE, data=b"{}")}, "adapter_config.json twice"),
         "bomb": ({"extra": zeros("README.md", cap + 1)}, "too large"),
         "many-files": ({"extra": many_files}, f"more than {MAX_ARCHIVE_MEMBERS} files"),
+        "pax-header": ({"extra": pax_digits()}, "extended header of"),
+        "gnu-long-name": ({"extra": gnu_long_name()}, "extended header of"),
         "rank-zero": ({"config": {"r": 0}}, "r=0 is not a rank"),
         "rank-absurd": ({"config": {"r": 10**9}}, "is not a rank"),
         "rank-text": ({"config": {"r": "8"}}, "is not a rank"),
@@ -177,6 +227,60 @@ def hostile(
     return archives
 
 
+CHAIN = [header(tarfile.XHDTYPE, b"17 comment=chain\n")] * (MAX_CHAINED_HEADERS + 1)
+SPARSE_1_0 = b"22 GNU.sparse.major=1\n22 GNU.sparse.minor=0\n"
+HOSTILE_HEADERS = {
+    "pax-digits": (pax_digits(), f"more than the {MAX_EXTENDED_HEADER_BYTES} one may have"),
+    "global-digits": (raw_headers(header(tarfile.XGLTYPE, b"1" * (1 << 20))), "extended header of"),
+    "gnu-long-name": (gnu_long_name(), "extended header of"),
+    "gnu-long-link": (raw_headers(header(tarfile.GNUTYPE_LONGLINK, b"l" * (1 << 20))), "extended header of"),
+    "many-pax-headers": (lambda tar: [pax_digits(8000)(tar) for _ in range(20)], "bytes of extended headers"),
+    "chained": (raw_headers(*CHAIN), f"more than {MAX_CHAINED_HEADERS} extended headers in a row"),
+    "sparse-pax": (
+        raw_headers(header(tarfile.XHDTYPE, SPARSE_1_0), header(tarfile.REGTYPE, name="x")),
+        "sparse",
+    ),
+    "bad-hdrcharset": (
+        raw_headers(header(tarfile.XHDTYPE, b"20 hdrcharset=\xff\xff\xff\n")),
+        "not a readable",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_HEADERS)
+def test_an_oversized_or_malformed_tar_header_is_refused_before_it_is_read(
+    adapter_dirs: dict[str, Path], tmp_path: Path, case: str
+) -> None:
+    """A few hundred bytes of gzip holding a header tarfile would read whole (and parse in quadratic time)
+    before any member check: refused at once, with the archive's clean error, and nothing left."""
+    extra, refusal = HOSTILE_HEADERS[case]
+    archive = peft_archive(adapter_dirs["ftjob-plain"], tmp_path / "hostile.tar.gz", extra=extra)
+    destination = tmp_path / "adapter"
+    started = time.monotonic()
+    with pytest.raises(InvalidAdapter, match=refusal):
+        extract_adapter(archive, destination)
+    assert time.monotonic() - started < 2
+    assert not destination.exists()
+
+
+def test_an_archive_with_long_member_names_still_extracts(
+    adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Names past ustar's 100 bytes (pax headers, and GNU long names) are read as before."""
+
+    def long_names(tar: tarfile.TarFile) -> None:
+        member("docs/" + "n" * 300 + ".txt")(tar)
+        tar.format = tarfile.GNU_FORMAT
+        member("docs/" + "g" * 300 + ".txt")(tar)
+
+    archive = peft_archive(adapter_dirs["ftjob-plain"], tmp_path / "long.tar.gz", extra=long_names)
+    with gzip.open(archive) as plain:
+        headers = [block[156:157] for block in iter(lambda: plain.read(tarfile.BLOCKSIZE), b"")]
+    assert tarfile.XHDTYPE in headers and tarfile.GNUTYPE_LONGNAME in headers
+    extracted = extract_adapter(archive, tmp_path / "adapter")
+    assert sorted(path.name for path in extracted.iterdir()) == [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]
+
+
 @pytest.fixture(scope="module")
 def store(hostile: dict[str, tuple[Path, str, str]]) -> Iterator[str]:
     archives = {adapter_id: archive for adapter_id, (archive, _, _) in hostile.items()}
@@ -192,7 +296,8 @@ def inference(start_server: Callable[..., InferenceServer], store: str) -> Infer
 
 CASES = [
     "pickle-beside", "pickle-nested", "traversal", "traversal-nested", "absolute", "symlink", "hardlink",
-    "device", "twice", "bomb", "many-files", "rank-zero", "rank-absurd", "rank-text", "rank-pattern-zero",
+    "device", "twice", "bomb", "many-files", "pax-header", "gnu-long-name", "rank-zero", "rank-absurd",
+    "rank-text", "rank-pattern-zero",
     "alpha-infinite", "alpha-absurd", "pattern-regex", "pattern-broken-regex", "config-deep", "unknown-layer",
     "wrong-rank", "int-tensor", "not-safetensors", "huge-header", "loralib-config",
 ]  # fmt: skip

@@ -4,10 +4,12 @@ would run code is refused by `unpack`, and the trainer itself loads its pickles 
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from app.specs import PeftConfig, TrainingConfig
 from tests.worker.conftest import Recorder, persona_inputs
 from worker import resume_state
 from worker.recipe import train
+from worker.tar_guard import MAX_EXTENDED_HEADER_BYTES
 
 TRAINING_CONFIG = TrainingConfig(
     max_steps=3, per_device_train_batch_size=8, logging_steps=1, save_steps=2, seed=5
@@ -112,6 +115,55 @@ def test_an_archive_with_a_member_outside_the_state_or_a_link_is_refused_whole(
         unpack(state, archive, destination)
     assert not destination.exists()  # refused before anything was extracted
     assert not (tmp_path / "work" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+
+
+def with_pax_digits(name: str) -> tarfile.TarInfo:
+    """A member whose pax header holds 1 MiB of digits: tarfile reads it whole and parses it quadratically."""
+    info = member(name)
+    info.pax_headers = {"comment": "1" * (1 << 20)}
+    return info
+
+
+def test_an_oversized_pax_header_is_refused_before_it_is_read(state: Path, tmp_path: Path) -> None:
+    archive = repacked(state, tmp_path / "hostile.tar", with_pax_digits("trainer/notes.txt"))
+    destination = tmp_path / "state"
+    started = time.monotonic()
+    with pytest.raises(
+        resume_state.InvalidState, match=f"more than the {MAX_EXTENDED_HEADER_BYTES} one may have"
+    ):
+        unpack(state, archive, destination)
+    assert time.monotonic() - started < 2
+    assert not destination.exists()
+
+
+def test_an_oversized_gnu_long_name_is_refused_before_it_is_read(state: Path, tmp_path: Path) -> None:
+    archive = repacked(state, tmp_path / "hostile.tar")
+    with tarfile.open(archive, "a", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("trainer/" + "n" * (1 << 20)), io.BytesIO())
+    started = time.monotonic()
+    with pytest.raises(resume_state.InvalidState, match="extended header of"):
+        unpack(state, archive, tmp_path / "state")
+    assert time.monotonic() - started < 2
+
+
+def test_a_compressed_state_is_refused(state: Path, tmp_path: Path) -> None:
+    """States are stored uncompressed: a gzip (which could expand a thousandfold) is not one."""
+    plain = repacked(state, tmp_path / "state.tar")
+    archive = tmp_path / "state.tar.gz"
+    archive.write_bytes(gzip.compress(plain.read_bytes(), compresslevel=1))
+    with pytest.raises(resume_state.InvalidState, match="cannot be read"):
+        unpack(state, archive, tmp_path / "state")
+
+
+def test_a_state_with_long_member_names_still_unpacks(state: Path, tmp_path: Path) -> None:
+    """Names past ustar's 100 bytes (a pax header, a GNU long name) are read as before."""
+    archive = repacked(state, tmp_path / "state.tar", member("trainer/" + "p/" * 150 + "p.txt"), data=b"x")
+    with tarfile.open(archive, "a", format=tarfile.GNU_FORMAT) as tar:
+        info = member("trainer/" + "g/" * 150 + "g.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    assert unpack(state, archive, tmp_path / "state").step == 2
+    assert (tmp_path / "state" / "trainer" / ("g/" * 150 + "g.txt")).read_bytes() == b"x"
 
 
 @pytest.mark.parametrize(
