@@ -52,6 +52,17 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 1024
 MIN_CHAT_SEED, MAX_CHAT_SEED = -(2**63), 2**63 - 1  # OpenAI's chat seed: a signed 64-bit integer
 
+# What workers report (app.internal.contracts)
+MAX_REPORTED_STEP = 2**31 - 1  # a step: MAX_STEPS bounds max_steps, not epochs × batches; the tables' integer
+MAX_TRAINED_TOKENS = 2**31 - 1  # the jobs table's trained_tokens is an integer
+MAX_EVENT_MESSAGE_CHARS = 4000  # an event's message, a failure's message, peft_unavailable_reason
+MAX_ERROR_CODE_CHARS = 64  # a failure's code, as the job's error lists it
+MAX_REASON_CHARS = 400  # why a requeued attempt stopped
+MAX_DATA_PAIRS = 32  # an event's data, a checkpoint's metrics: flat name → scalar pairs
+MAX_DATA_KEY_CHARS = 64
+MAX_DATA_VALUE_CHARS = 256  # a string value among them (a device name); numbers, booleans and null the others
+MIN_DATA_INT, MAX_DATA_INT = -(2**63), 2**63 - 1  # an integer value among them: a signed 64-bit integer
+
 
 def valid_unicode(value: Any) -> Any:
     """Refuse a string with a lone surrogate, saying where: JSON escapes can spell one, but no UTF-8 text
@@ -90,3 +101,7 @@ ChatModelId = Annotated[str, *_bounded(MAX_CHAT_MODEL_CHARS, 1)]
 Content = Annotated[str, *_bounded(MAX_CONTENT_CHARS)]
 Name = Annotated[str, *_bounded(MAX_NAME_CHARS)]
 StopSequence = Annotated[str, *_bounded(MAX_STOP_CHARS, 1)]
+EventMessage = Annotated[str, *_bounded(MAX_EVENT_MESSAGE_CHARS)]
+ErrorCode = Annotated[str, *_bounded(MAX_ERROR_CODE_CHARS)]
+Reason = Annotated[str, *_bounded(MAX_REASON_CHARS)]
+DataKey = Annotated[str, *_bounded(MAX_DATA_KEY_CHARS, 1)]

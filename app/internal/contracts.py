@@ -7,11 +7,24 @@ the replies with the same models, so a field renamed here is renamed for both pr
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, field_validator
 
 from app.job_status import JobStatus
+from app.limits import (
+    MAX_DATA_INT,
+    MAX_DATA_PAIRS,
+    MAX_DATA_VALUE_CHARS,
+    MAX_REPORTED_STEP,
+    MAX_TRAINED_TOKENS,
+    MIN_DATA_INT,
+    DataKey,
+    ErrorCode,
+    EventMessage,
+    Reason,
+    valid_unicode,
+)
 
 # What a worker sends: a field the API does not know is refused (400), not dropped, so that a field renamed on
 # one side only fails at once (tests/worker/test_contract.py drives the worker's client against these).
@@ -57,30 +70,65 @@ class LeaseReply(BaseModel):
     pause_requested: bool = False
 
 
+# What a worker reports is stored and read back by the tenant's every read of the job, its events and its
+# checkpoints: every string is valid Unicode and bounded, every number bounded, so that nothing a worker sends
+# can make those reads fail or swell (the request models below; the replies are the API's own).
+Step = Annotated[int, Field(gt=0, le=MAX_REPORTED_STEP)]
+
+
+def _scalar(value: Any) -> Any:
+    """A value of an event's data or of a checkpoint's metrics: a scalar, as the worker's figures are (a loss,
+    a step, a byte count, a device name), never a list or an object. A diverged run logs NaN or infinite
+    losses, which JSON columns refuse: they are stored as null."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if not MIN_DATA_INT <= value <= MAX_DATA_INT:
+            raise ValueError("an integer must be within the signed 64-bit range")
+        return int(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        valid_unicode(value)
+        if len(value) > MAX_DATA_VALUE_CHARS:
+            raise ValueError(f"a string must have at most {MAX_DATA_VALUE_CHARS} characters")
+        return value
+    raise ValueError("must be a string, a number, a boolean or null")
+
+
+DataValue = Annotated[Any, PlainValidator(_scalar)]
+Data = Annotated[dict[DataKey, DataValue], Field(max_length=MAX_DATA_PAIRS)]
+
+
 class WorkerEvent(BaseModel):
     model_config = REQUEST
     # Numbered by the worker within its attempt, so a retried post is stored once.
     seq: int | None = Field(None, ge=0, le=2**31 - 1)
     level: EventLevel = "info"
     type: EventType = "message"
-    message: str = Field(max_length=4000)
-    data: dict[str, Any] | None = None
+    message: EventMessage
+    data: Data | None = None
 
     @field_validator("data")
     @classmethod
-    def _finite(cls, data: dict[str, Any] | None) -> dict[str, Any] | None:
-        """A diverged run logs NaN or infinite losses, which JSON columns refuse: they are stored as null."""
-        return None if data is None else {k: _finite_or_none(v) for k, v in data.items()}
+    def _progress(cls, data: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        """A metrics event's step, total_steps and epoch become the job's progress, which every read of the
+        job computes with: they must be numbers of the kinds it expects."""
+        if info.data.get("type") == "metrics" and data and "step" in data:
+            step, total, epoch = (data.get(key) for key in ("step", "total_steps", "epoch"))
+            if not _steps(step) or not (total is None or _steps(total)):
+                raise ValueError("a metrics event's step and total_steps must be whole numbers of steps")
+            if not (epoch is None or _number(epoch)):
+                raise ValueError("a metrics event's epoch must be a number")
+        return data
 
 
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    return value
+def _steps(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_REPORTED_STEP
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class WorkerEvents(BaseModel):
@@ -90,8 +138,8 @@ class WorkerEvents(BaseModel):
 
 class WorkerError(BaseModel):
     model_config = REQUEST
-    message: str = Field(max_length=4000)
-    code: str | None = None
+    message: EventMessage
+    code: ErrorCode | None = None
 
 
 # succeeded / failed / cancelled end the job. paused: the worker saved its state after a pause request.
@@ -104,19 +152,27 @@ HANDED_BACK: frozenset[OutcomeStatus] = frozenset({"paused", "requeued"})  # the
 class Outcome(BaseModel):
     model_config = REQUEST
     status: OutcomeStatus
-    trained_tokens: int | None = None
-    shipped_step: int | None = Field(
+    trained_tokens: int | None = Field(None, ge=0, le=MAX_TRAINED_TOKENS)
+    shipped_step: Step | None = Field(
         None, description="The step whose adapter shipped (load_best_model_at_end)."
     )
-    peft_unavailable_reason: str | None = Field(None, max_length=4000)
+    peft_unavailable_reason: EventMessage | None = None
     error: WorkerError | None = None
-    reason: str | None = Field(None, max_length=400, description="Why a requeued attempt stopped.")
+    reason: Reason | None = Field(None, description="Why a requeued attempt stopped.")
 
 
 class CheckpointReport(BaseModel):
     model_config = REQUEST
-    step: int = Field(gt=0)
-    metrics: dict[str, Any]
+    step: Step
+    metrics: Data
+
+    @field_validator("metrics")
+    @classmethod
+    def _ranked(cls, metrics: dict[str, Any]) -> dict[str, Any]:
+        """valid_loss ranks the checkpoints that load_best_model_at_end keeps: a number or null."""
+        if not (metrics.get("valid_loss") is None or _number(metrics["valid_loss"])):
+            raise ValueError("metrics.valid_loss must be a number or null")
+        return metrics
 
 
 class AdapterReceipt(BaseModel):

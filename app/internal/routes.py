@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -36,10 +37,13 @@ from app.internal.contracts import (
 from app.internal.service import Attempt
 from app.jobs import artifacts, checkpoints, resume_states
 from app.jobs.schemas import JobCheckpoint
+from app.limits import MAX_REPORTED_STEP
 from app.models import Artifact, Job
 from app.storage import Storage
 
 T = TypeVar("T")
+# A checkpoint's step in the path, bounded as CheckpointReport's (a route checks its own parameters).
+Step = Annotated[int, PathParam(gt=0, le=MAX_REPORTED_STEP)]
 router = APIRouter(prefix="/jobs")
 adapters_router = APIRouter(prefix="/adapters")
 
@@ -87,7 +91,7 @@ async def upload_adapter(
 
 @router.put("/{job_id}/checkpoints/{step}/adapter")
 async def upload_checkpoint_adapter(
-    step: int,
+    step: Step,
     request: Request,
     attempt: CurrentAttempt,
     session: SessionDep,
@@ -165,7 +169,7 @@ async def upload_resume_state(
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
-    step: Annotated[int, Query(gt=0, le=2**31 - 1)],
+    step: Annotated[int, Query(gt=0, le=MAX_REPORTED_STEP)],
     sha256: Annotated[str, Query(pattern="^[0-9a-f]{64}$")],
 ) -> StateReceipt:
     """A resume state (see worker.resume_state), streamed to storage and recorded only if every byte arrived

@@ -121,22 +121,25 @@ def current_attempt(session: Session, settings: Settings, job_id: str, authoriza
 def attempt_job(session: Session, settings: Settings, job_id: str, token: str) -> Job:
     """The running job an attempt token belongs to, its row locked. 401 for a token the API never issued for
     this job (the same answer for a job that does not exist); 409 for one of a superseded or finished
-    attempt."""
+    attempt.
+
+    The token is checked first, against its MAC, without the job's row: only a token the API issued for this
+    job leads to the row's lookup (and lock), so a forged one can neither probe for jobs nor queue behind
+    their locks."""
     parsed = ATTEMPT_TOKEN.fullmatch(token)
-    job = jobs.lock(session, job_id) if parsed else None
-    if parsed is None or job is None:
+    attempt = int(parsed.group(1)) if parsed else 0
+    if parsed is None or not same_secret(token, attempt_token(settings, job_id, attempt)):
         raise Unauthorized(INVALID_ATTEMPT_TOKEN, code="invalid_attempt_token")
-    attempt = int(parsed.group(1))
-    if attempt == job.attempt and job.attempt_token_hash:
-        current = same_secret(hash_token(token), job.attempt_token_hash)
-    else:
-        current = False
-    if not current:
-        if attempt < job.attempt and same_secret(token, attempt_token(settings, job_id, attempt)):
-            raise Conflict(
-                f"Attempt {attempt} of job {job_id} was superseded by attempt {job.attempt}",
-                code="attempt_superseded",
-            )
+    job = jobs.lock(session, job_id)
+    if job is None or attempt > job.attempt:  # a job since deleted; an attempt never issued
+        raise Unauthorized(INVALID_ATTEMPT_TOKEN, code="invalid_attempt_token")
+    if attempt < job.attempt:
+        raise Conflict(
+            f"Attempt {attempt} of job {job_id} was superseded by attempt {job.attempt}",
+            code="attempt_superseded",
+        )
+    # The running attempt's token, as issued (the hash is the claim's record of it).
+    if not (job.attempt_token_hash and same_secret(hash_token(token), job.attempt_token_hash)):
         raise Unauthorized(INVALID_ATTEMPT_TOKEN, code="invalid_attempt_token")
     if job.status != JobStatus.RUNNING:
         raise Conflict(f"Job {job_id} is {job.status}; this attempt is over", code="attempt_over")
