@@ -125,14 +125,18 @@ class KeyCache:
 
     def get(self, authorization: str | None) -> Tenant | None:
         """The cached tenant of the header's key; 401 for a missing or malformed header; None if unknown."""
-        key_hash = hash_token(bearer_key(authorization))
+        cached = self._cached(hash_token(bearer_key(authorization)))
+        return None if cached is None else cached[0]
+
+    def _cached(self, key_hash: str) -> tuple[Tenant, float] | None:
+        """The tenant of a live entry and the entry's deadline; a lapsed entry is dropped."""
         if self.seconds <= 0 or (entry := self._entries.get(key_hash)) is None:
             return None
         deadline, expires_at, _, tenant = entry
         if time.monotonic() >= deadline or time.time() >= expires_at:
             self._entries.pop(key_hash, None)
             return None
-        return tenant
+        return tenant, deadline
 
     async def tenant(self, authorization: str | None, look_up: Callable[[], Awaitable[KeyOwner]]) -> Tenant:
         """The tenant of the header's key: cached, else from `look_up`, run once for all the requests that
@@ -141,11 +145,11 @@ class KeyCache:
         one lookup renews it in the background, so a polled key's entry never lapses under its pollers (it
         did every `seconds`, stalling each of them ~25 ms); a key found revoked by that lookup is dropped at
         once, so it still stops working within `seconds`."""
+        key_hash = hash_token(bearer_key(authorization))  # a missing or malformed header: 401 here
         if self.seconds <= 0:
             return (await look_up()).tenant  # every request checked: share no lookup either
-        key_hash = hash_token(bearer_key(authorization))
-        if (tenant := self.get(authorization)) is not None:
-            deadline = self._entries.get(key_hash, (0.0,))[0]
+        if (cached := self._cached(key_hash)) is not None:
+            tenant, deadline = cached
             if time.monotonic() >= deadline - self.seconds * self.REFRESH_AHEAD:
                 self._lookup(key_hash, authorization, look_up)  # renewed meanwhile; nobody waits for it
             return tenant
