@@ -13,14 +13,13 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
-from typing import ParamSpec, TypeVar
+from typing import TypeVar
 
 from anyio import CancelScope, CapacityLimiter, to_thread
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
 T = TypeVar("T")
 AFTER_COMMIT, ON_ROLLBACK = "phitune.after_commit", "phitune.on_rollback"
 
