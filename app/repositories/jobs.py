@@ -17,8 +17,9 @@ def get(session: Session, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id))
 
 
-# Built once: every GET of a job runs it, and building the statement cost more than executing it.
-_JOB_FOR_TENANT = select(Job).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+# Built once: every GET of a job runs one, and building a statement cost more than executing it.
+_OF_TENANT = (Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+_JOB_FOR_TENANT = select(Job).where(*_OF_TENANT)
 
 
 def get_for_tenant(session: Session, tenant_id: str, job_id: str) -> Job | None:
@@ -27,9 +28,7 @@ def get_for_tenant(session: Session, tenant_id: str, job_id: str) -> Job | None:
 
 # Every column under its attribute name, so that a row reads like a Job (`row.job_metadata`).
 _JOB_COLUMNS = [attr.columns[0].label(attr.key) for attr in inspect(Job).column_attrs]
-_JOB_RECORD_FOR_TENANT = select(*_JOB_COLUMNS).where(
-    Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id")
-)
+_JOB_RECORD_FOR_TENANT = select(*_JOB_COLUMNS).where(*_OF_TENANT)
 
 
 def record_for_tenant(connection: Connection, tenant_id: str, job_id: str) -> Row | None:
