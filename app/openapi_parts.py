@@ -4,7 +4,7 @@ schemes, and the events of server-sent event streams."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Header, Query
 from fastapi.security import HTTPBearer
@@ -19,6 +19,10 @@ Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Objects per page."
 After = Annotated[
     str | None,
     Query(max_length=MAX_CURSOR_CHARS, description="The last id of the previous page; the page after it."),
+]
+Order = Annotated[
+    Literal["asc", "desc"],
+    Query(description="`desc` (the default, as OpenAI lists them): newest first; `asc`: oldest first."),
 ]
 # Bounds stated only (`json_schema_extra`): app.idempotency checks the key itself, naming the header.
 IdempotencyKey = Annotated[

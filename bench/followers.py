@@ -160,7 +160,7 @@ def start_job(client: httpx.Client, worker_token: str) -> tuple[str, dict[str, s
 def event_ids(client: httpx.Client, job_id: str) -> list[str]:
     """Every event id of the job, oldest first, from the paged list."""
     ids: list[str] = []
-    params: dict[str, str | int] = {"limit": 100}
+    params: dict[str, str | int] = {"limit": 100, "order": "asc"}
     while True:
         page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
         ids += [event["id"] for event in page["data"]]

@@ -607,7 +607,9 @@ def train(client: httpx.Client, file_id: str, peft_options: dict, steps: int, se
             client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
         time.sleep(2)
         job = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    events = client.get(
+        f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100, "order": "asc"}
+    ).json()["data"]
     messages = [event["message"] for event in events]
     losses = [event["data"]["train_loss"] for event in events if event["type"] == "metrics"]
     return {

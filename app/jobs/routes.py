@@ -14,7 +14,7 @@ from app.errors import error_responses
 from app.jobs import artifacts, checkpoints, service
 from app.jobs.event_stream import SlotStream
 from app.jobs.schemas import FineTuningJob, JobCheckpointList, JobCreate, JobEventList, JobList
-from app.openapi_parts import MAX_CURSOR_CHARS, After, IdempotencyKey, Limit, event_stream
+from app.openapi_parts import MAX_CURSOR_CHARS, After, IdempotencyKey, Limit, Order, event_stream
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(401, 429, 503))
 
@@ -108,11 +108,14 @@ def list_events(
     session: SessionDep,
     limit: Limit = 20,
     after: After = None,
+    order: Order = "desc",
     stream: bool = False,
     accept: Annotated[str | None, Header()] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ):
-    """Events oldest first, so `after` continues where the reader stopped; `?stream=true` follows live."""
+    """Events newest first as OpenAI lists them (`order=asc`: oldest first); `after` is the last id of the
+    previous page in either order. `?stream=true` follows live, oldest first, from `after` (or
+    `Last-Event-ID`) on."""
     job = service.get_job(session, tenant.id, fine_tuning_job_id)
     if stream or "text/event-stream" in (accept or ""):
         cursor = after or last_event_id
@@ -127,7 +130,7 @@ def list_events(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return service.list_events(session, job, limit=limit, after=after)
+    return service.list_events(session, job, limit=limit, after=after, newest_first=order == "desc")
 
 
 @router.get(

@@ -263,10 +263,12 @@ def list_jobs(
     return paginate(session, query, limit=limit, after=after, newest_first=True, into=JobList)
 
 
-def list_events(session: Session, job: Job, *, limit: int, after: str | None) -> JobEventList:
-    """The job's events oldest first, so `after` continues where the reader stopped."""
+def list_events(
+    session: Session, job: Job, *, limit: int, after: str | None, newest_first: bool
+) -> JobEventList:
+    """A page of the job's events, after the event whose id is `after` in the order asked for."""
     query = jobs.events_query(job.id)
-    return paginate(session, query, limit=limit, after=after, newest_first=False, into=JobEventList)
+    return paginate(session, query, limit=limit, after=after, newest_first=newest_first, into=JobEventList)
 
 
 def finish_job(session: Session, job: Job, status: JobStatus, message: str, **fields: Any) -> None:

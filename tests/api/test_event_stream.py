@@ -19,7 +19,9 @@ from tests.api.test_internal import claim
 
 
 def all_event_ids(client, auth, job_id: str) -> list[str]:
-    page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}, headers=auth).json()
+    page = client.get(
+        f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, "order": "asc"}, headers=auth
+    ).json()
     assert not page["has_more"]
     return [event["id"] for event in page["data"]]
 

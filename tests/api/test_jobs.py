@@ -177,15 +177,28 @@ def test_cancel_queued_job_at_once_and_idempotently(client, auth, training_file)
     )
 
 
-def test_events_page_oldest_first_and_stream_ends_with_the_job(client, auth, training_file):
+def test_events_newest_first_by_default_oldest_first_on_request_and_stream_ends_with_the_job(
+    client, auth, training_file
+):
     job_id = create(client, auth, training_file=training_file).json()["id"]
     client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth)
-    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=auth).json()
+    url = f"/v1/fine_tuning/jobs/{job_id}/events"
+    events = client.get(url, params={"order": "asc"}, headers=auth).json()
     messages = [e["message"] for e in events["data"]]
+    assert len(messages) >= 2
     assert messages[0].startswith("Created fine-tuning job") and "cancelled" in messages[-1]
     assert all(e["object"] == "fine_tuning.job.event" for e in events["data"])
-    after_first = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?after={events['first_id']}", headers=auth)
+    after_first = client.get(url, params={"order": "asc", "after": events["first_id"]}, headers=auth)
     assert [e["id"] for e in after_first.json()["data"]] == [e["id"] for e in events["data"][1:]]
+
+    # As OpenAI lists them: newest first, and `after` pages on towards the oldest.
+    newest = client.get(url, headers=auth).json()
+    assert [e["id"] for e in newest["data"]] == [e["id"] for e in reversed(events["data"])]
+    first_page = client.get(url, params={"limit": 1}, headers=auth).json()
+    assert first_page["has_more"] and first_page["data"][0]["id"] == events["last_id"]
+    second_page = client.get(url, params={"limit": 1, "after": first_page["last_id"]}, headers=auth).json()
+    assert second_page["data"][0]["id"] == events["data"][-2]["id"]
+    assert_error(client.get(url, params={"order": "sideways"}, headers=auth), 400, param="order")
 
     with client.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events?stream=true", headers=auth) as response:
         assert response.headers["content-type"].startswith("text/event-stream")

@@ -315,7 +315,7 @@ def test_files_jobs_events_checkpoints_and_errors_validate(client, auth, openapi
         job_row = session.query(Job).filter_by(id=job_id).one()
         assert_unchanged(running, job_object(job_row))
         assert_unchanged(listed["data"][0], job_object(job_row))
-        event_rows = session.query(JobEvent).filter_by(job_id=job_id).order_by(JobEvent.seq).all()
+        event_rows = session.query(JobEvent).filter_by(job_id=job_id).order_by(JobEvent.seq.desc()).all()
         for event, row in zip(events["data"], event_rows, strict=True):
             assert_unchanged(event, event_object(row))
         checkpoint_row = session.query(Checkpoint).filter_by(job_id=job_id).one()

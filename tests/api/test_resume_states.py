@@ -82,15 +82,17 @@ def test_pause_and_resume_follow_the_job_state(client, job_id, auth):
     assert client.post(f"/internal/v1/jobs/{job_id}/heartbeat", headers=attempt).status_code == 409
     resumed = client.post(f"/v1/fine_tuning/jobs/{job_id}/resume", headers=auth).json()
     assert resumed["status"] == "queued"
-    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}, headers=auth).json()[
-        "data"
-    ]
+    events = client.get(
+        f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, "order": "asc"}, headers=auth
+    ).json()["data"]
     assert "Job resumed; it continues from step 7" in [e["message"] for e in events]
 
     # Final jobs can be neither paused nor resumed; a paused job can be cancelled.
     client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=auth)
     assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelled"
-    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}, headers=auth).json()
+    events = client.get(
+        f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, "order": "asc"}, headers=auth
+    ).json()
     assert events["data"][-1]["message"] == "Job cancelled while paused"
     for action in ("pause", "resume"):
         refused = client.post(f"/v1/fine_tuning/jobs/{job_id}/{action}", headers=auth)
@@ -120,9 +122,9 @@ def test_a_retried_events_post_is_stored_once(client, job_id, auth):
         )
     more = {"events": [{"seq": n, "message": f"event {n}"} for n in (3, 4)]}
     client.post(f"/internal/v1/jobs/{job_id}/events", json=more, headers=attempt)
-    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}, headers=auth).json()[
-        "data"
-    ]
+    events = client.get(
+        f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, "order": "asc"}, headers=auth
+    ).json()["data"]
     assert [e["message"] for e in events if e["message"].startswith("event")] == [
         f"event {n}" for n in (1, 2, 3, 4)
     ]

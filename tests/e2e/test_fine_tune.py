@@ -62,7 +62,7 @@ def wait_final(service: Service, job_id: str, timeout: float = 300) -> dict:
 
 def all_events(client: httpx.Client, job_id: str) -> list[dict]:
     events: list[dict] = []
-    params = {"limit": 100}
+    params = {"limit": 100, "order": "asc"}
     while True:
         page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
         events += page["data"]
