@@ -139,8 +139,14 @@ class NotFound(APIError):
 
 
 class Conflict(APIError):
+    """The object's state forbids the request (a finished job cancelled, a file in use). The OpenAI SDKs
+    retry a 409 twice, taking it for a lock timeout; `x-should-retry: false`, which they obey, spares the
+    user those seconds of waiting for the same answer. (The 409 of a concurrent write, answered by the
+    IntegrityError handler below without this header, is worth retrying and is.)"""
+
     status_code = 409
     error_type = "invalid_request_error"
+    headers = {"x-should-retry": "false"}
 
 
 class PayloadTooLarge(APIError):

@@ -12,7 +12,7 @@ from app.errors import error_responses
 from app.files import service
 from app.files.schemas import FileDeleted, FileList, FileObject
 from app.files.upload import receive_form
-from app.openapi_parts import After, IdempotencyKey, Limit
+from app.openapi_parts import After, IdempotencyKey, Limit, Order
 
 router = APIRouter(prefix="/files", tags=["files"], responses=error_responses(401, 429, 503))
 
@@ -24,6 +24,7 @@ UPLOAD_BODY = {
             "schema": {
                 "type": "object",
                 "required": ["file", "purpose"],
+                "additionalProperties": False,  # another field (OpenAI's `expires_after`) is a 400
                 "properties": {
                     "file": {"type": "string", "format": "binary", "description": "The JSONL dataset."},
                     "purpose": {"type": "string", "enum": list(service.PURPOSES)},
@@ -70,10 +71,14 @@ def list_files(
     session: SessionDep,
     limit: Limit = 20,
     after: After = None,
+    order: Order = "desc",
     purpose: str | None = None,
 ) -> FileList:
-    """The tenant's files, newest first."""
-    return service.list_files(session, tenant.id, limit=limit, after=after, purpose=purpose)
+    """The tenant's files, newest first (`order=asc`: oldest first); `after` is the last id of the previous
+    page in either order."""
+    return service.list_files(
+        session, tenant.id, limit=limit, after=after, newest_first=order == "desc", purpose=purpose
+    )
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))

@@ -36,6 +36,7 @@ def create_file(
     (0: no limit). The temp file is consumed either way: moved into storage, or removed on any failure."""
     try:
         received = _required_file(form)
+        _check_no_other_fields(form)
         purpose = _checked_purpose(form.fields.get("purpose"))
         report = validate_file(received)
         if not report.ok:
@@ -104,15 +105,21 @@ def validate_file(received: ReceivedFile) -> Report:
 
 
 def list_files(
-    session: Session, tenant_id: str, *, limit: int, after: str | None, purpose: str | None
+    session: Session,
+    tenant_id: str,
+    *,
+    limit: int,
+    after: str | None,
+    newest_first: bool,
+    purpose: str | None,
 ) -> FileList:
-    """One page of the tenant's files, newest first, optionally only those of one purpose."""
+    """One page of the tenant's files, in the order asked for, optionally only those of one purpose."""
     return paginate(
         session,
         files.list_query(tenant_id, purpose),
         limit=limit,
         after=after,
-        newest_first=True,
+        newest_first=newest_first,
         into=FileList,
     )
 
@@ -142,6 +149,20 @@ def _required_file(form: ReceivedForm) -> ReceivedFile:
             code="missing_required_parameter",
         )
     return form.file
+
+
+def _check_no_other_fields(form: ReceivedForm) -> None:
+    """A field this server would ignore is refused instead, as JSON bodies refuse unknown keys: the SDK's
+    `expires_after` (sent as `expires_after[anchor]`, `expires_after[seconds]`) would otherwise be dropped
+    and the file kept past the expiry its uploader asked for."""
+    for name in form.fields:
+        if name != "purpose":
+            field = name.split("[", 1)[0]
+            raise InvalidRequest(
+                f"Unknown field '{field}'; the form takes only 'file' and 'purpose'",
+                param=field,
+                code="unknown_parameter",
+            )
 
 
 def _checked_purpose(purpose: str | None) -> str:

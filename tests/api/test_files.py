@@ -226,6 +226,19 @@ def test_list_is_newest_first_with_cursor_and_purpose_filter(
     assert client.get("/v1/files", headers=auth, params={"purpose": "assistants"}).json()["data"] == []
 
 
+def test_list_order_asc_is_oldest_first_and_after_pages_on_in_that_order(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    ids = [uploaded(client, auth, jsonl({"text": str(n)}))["id"] for n in range(3)]
+    first = client.get("/v1/files", headers=auth, params={"limit": 2, "order": "asc"}).json()
+    assert [f["id"] for f in first["data"]] == ids[:2] and first["has_more"] is True
+    params = {"limit": 2, "order": "asc", "after": first["last_id"]}
+    second = client.get("/v1/files", headers=auth, params=params).json()
+    assert ([f["id"] for f in second["data"]], second["has_more"]) == (ids[2:], False)
+    wrong = client.get("/v1/files", headers=auth, params={"order": "newest"})
+    assert (wrong.status_code, error_of(wrong)["param"]) == (400, "order")
+
+
 def test_list_limit_out_of_range(client: TestClient, auth: dict[str, str]) -> None:
     response = client.get("/v1/files", headers=auth, params={"limit": 101})
     assert response.status_code == 400
@@ -427,6 +440,26 @@ def test_wrong_or_missing_purpose_is_400(
         "purpose",
         "missing_required_parameter",
     )
+    assert_nothing_stored(client, auth, settings)
+
+
+def test_unknown_form_field_is_400_and_nothing_stored(
+    client: TestClient, auth: dict[str, str], settings: Settings
+) -> None:
+    """The SDK's `expires_after` is refused, not dropped: files here are kept until deleted."""
+    sdk = openai.OpenAI(
+        base_url="http://testserver/v1",
+        api_key=auth["Authorization"].split()[1],
+        http_client=client,
+        max_retries=0,
+    )
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.files.create(
+            file=("t.jsonl", jsonl(*CHAT)),
+            purpose="fine-tune",
+            expires_after={"anchor": "created_at", "seconds": 3600},
+        )
+    assert (refused.value.param, refused.value.code) == ("expires_after", "unknown_parameter")
     assert_nothing_stored(client, auth, settings)
 
 

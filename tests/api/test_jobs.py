@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import openai
 import pytest
 from fastapi.testclient import TestClient
 
@@ -175,6 +176,20 @@ def test_cancel_queued_job_at_once_and_idempotently(client, auth, training_file)
     assert_error(
         client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter", headers=auth), 409, code="adapter_not_ready"
     )
+
+
+def test_the_sdk_does_not_retry_a_state_conflict(client, auth, training_file):
+    """The OpenAI SDK retries a 409 twice unless the answer says `x-should-retry: false`: a job that is not
+    paused is refused once, at once, not three times over some seconds."""
+    job_id = create(client, auth, training_file=training_file).json()["id"]
+    sent: list[object] = []
+    client.event_hooks = {"request": [sent.append], "response": []}
+    sdk = openai.OpenAI(
+        base_url="http://testserver/v1", api_key=auth["Authorization"].split()[1], http_client=client
+    )
+    with pytest.raises(openai.ConflictError) as refused:
+        sdk.fine_tuning.jobs.resume(job_id)
+    assert (refused.value.code, len(sent)) == ("job_not_paused", 1)
 
 
 def test_events_newest_first_by_default_oldest_first_on_request_and_stream_ends_with_the_job(
