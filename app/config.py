@@ -11,7 +11,7 @@ import os
 import secrets
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -153,11 +153,49 @@ class Settings(BaseSettings):
         description="Where the worker trains and the inference server serves: cuda fails when CUDA cannot be "
         "used; auto falls back to the CPU, with a warning, only for small models (see worker.hardware).",
     )
+    # Experiment trackers (app.trackers): a job only names one in training_config.report_to.
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="The MLflow tracking server (or store URI) of jobs whose report_to names mlflow; unset: "
+        "such jobs are refused. Credentials, if the server needs them, go in the worker's MLFLOW_TRACKING_* "
+        "environment variables, not here.",
+    )
+    mlflow_experiment_name: str = Field(
+        "phitune", min_length=1, description="The MLflow experiment each job's run is created in."
+    )
+    wandb_project: str | None = Field(
+        None,
+        description="The W&B project of jobs whose report_to names wandb; unset: such jobs are refused. The "
+        "worker needs the wandb package and WANDB_API_KEY (or WANDB_MODE=offline).",
+    )
+    tensorboard_dir: Path | None = Field(
+        None,
+        description="Where the worker writes the TensorBoard logs of jobs whose report_to names tensorboard, "
+        "a directory per job; default: tensorboard/ in data_dir.",
+    )
     stop_grace_seconds: float = Field(
         60.0,
         gt=0,
         description="How long `phitune serve` lets its worker stop (and save its training state) after "
         "SIGTERM before killing it; the API and the inference server get at most 15 s.",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=60, description="Longest wait for a webhook endpoint to answer one delivery attempt."
+    )
+    webhook_poll_seconds: float = Field(
+        1.0, gt=0, description="How often the API's webhook sender looks for deliveries that are due."
+    )
+    webhook_retry_seconds: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        max_length=32,
+        description="JSON list: the wait after each failed webhook delivery attempt before the next one "
+        "(each varied by up to 20% at random); once the list is used up the delivery is marked failed. "
+        "Default as Standard Webhooks suggest: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h (8 attempts, ~27 h).",
+    )
+    webhook_allow_private_urls: bool = Field(
+        False,
+        description="Let webhooks reach loopback, private, link-local and other non-public addresses "
+        "(refused by default: a tenant could otherwise make the API call into its own network).",
     )
 
     @property
@@ -176,6 +214,10 @@ class Settings(BaseSettings):
     @property
     def storage_dir(self) -> Path:
         return (self.data_dir / "storage").resolve()
+
+    @property
+    def resolved_tensorboard_dir(self) -> Path:
+        return (self.tensorboard_dir or self.data_dir / "tensorboard").resolve()
 
     @property
     def tiny_model_dir(self) -> Path:

@@ -52,6 +52,10 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 1024
 MIN_CHAT_SEED, MAX_CHAT_SEED = -(2**63), 2**63 - 1  # OpenAI's chat seed: a signed 64-bit integer
 
+# Webhooks (app.webhooks)
+MAX_WEBHOOKS_PER_TENANT = 16  # endpoints a tenant may register
+MAX_WEBHOOK_URL_CHARS = 2048  # the webhook_endpoints table's url column
+
 # What workers report (app.internal.contracts)
 MAX_REPORTED_STEP = 2**31 - 1  # a step: MAX_STEPS bounds max_steps, not epochs × batches; the tables' integer
 MAX_TRAINED_TOKENS = 2**31 - 1  # the jobs table's trained_tokens is an integer
@@ -105,3 +109,4 @@ EventMessage = Annotated[str, *_bounded(MAX_EVENT_MESSAGE_CHARS)]
 ErrorCode = Annotated[str, *_bounded(MAX_ERROR_CODE_CHARS)]
 Reason = Annotated[str, *_bounded(MAX_REASON_CHARS)]
 DataKey = Annotated[str, *_bounded(MAX_DATA_KEY_CHARS, 1)]
+WebhookUrl = Annotated[str, *_bounded(MAX_WEBHOOK_URL_CHARS, 1)]

@@ -33,6 +33,9 @@ from app.models_api.routes import router as models_router
 from app.rate_limit import RateLimiter
 from app.service_auth import bearer
 from app.storage import Storage
+from app.ui.routes import router as ui_router
+from app.webhooks.routes import router as webhooks_router
+from app.webhooks.sender import WebhookSender
 
 # Objects only streamed (as server-sent events), which no route's response_model brings into the schema.
 STREAMED_SCHEMAS: tuple[type[BaseModel], ...] = (ChatCompletionChunk,)
@@ -56,11 +59,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     messages = JobMessages(settings)
     housekeeping = Housekeeping(settings, messages)
+    webhook_sender = WebhookSender(settings)
     events = EventHub(settings.resolved_database_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         housekeeping.start()
+        webhook_sender.start()
         app.state.inference = httpx.AsyncClient(
             base_url=settings.inference_url,
             timeout=settings.inference_timeout_seconds,
@@ -72,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await events.aclose()
             await app.state.inference.aclose()
             housekeeping.stop()
+            webhook_sender.stop()
 
     app = FastAPI(
         title="phitune",
@@ -96,8 +102,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models_router, prefix="/v1")
     app.include_router(chat_router, prefix="/v1")
     app.include_router(admin_router, prefix="/v1")
+    app.include_router(webhooks_router, prefix="/v1")
     app.include_router(internal_router, prefix="/internal/v1", include_in_schema=False)
     app.include_router(internal_adapters_router, prefix="/internal/v1", include_in_schema=False)
+    app.include_router(ui_router)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     def healthz() -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""GET /metrics: Prometheus text of request counts and latencies, jobs by status and unsent job messages."""
+"""GET /metrics: Prometheus text of request counts and latencies, jobs by status, unsent job messages and
+pending webhook deliveries."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.models import JobStatus
 from app.repositories import jobs as job_rows
+from app.repositories import webhooks
 
 
 class StateCollector:
@@ -24,12 +26,18 @@ class StateCollector:
         with session_scope(self.settings.resolved_database_url) as session:
             counts = job_rows.counts_by_status(session)
             unsent = job_rows.unsent_count(session)
+            pending_webhooks = webhooks.pending_count(session)
         jobs = GaugeMetricFamily("phitune_jobs", "Fine-tuning jobs by status", labels=["status"])
         for status in JobStatus:
             jobs.add_metric([status.value], counts.get(status.value, 0))
         yield jobs
         yield GaugeMetricFamily(
             "phitune_outbox_unsent", "Job messages not yet sent to the broker", value=unsent
+        )
+        yield GaugeMetricFamily(
+            "phitune_webhook_deliveries_pending",
+            "Webhook deliveries not yet delivered nor given up on",
+            value=pending_webhooks,
         )
 
 

@@ -8,9 +8,17 @@ bounded, every string and list capped, by the constants of `app.limits`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from app.limits import (
     MAX_BATCH_SIZE,
@@ -39,6 +47,38 @@ DEFAULT_BATCH_SIZE = 4
 PositiveInt = Annotated[int, Field(gt=0)]
 Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
 BatchSize = Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)]
+
+Tracker = Literal["mlflow", "tensorboard", "wandb"]
+TRACKERS: tuple[str, ...] = get_args(Tracker)
+"""The experiment trackers a job may name in report_to; where each sends its data is the server's setting."""
+
+
+def _tracker_list(value: Any) -> Any:
+    # The recipe writes one name or "none"; TrainingArguments takes a list too. Stored as a list.
+    if value is None or value == "none" or value == ["none"]:
+        return []
+    return [value] if isinstance(value, str) else value
+
+
+ReportTo = Annotated[
+    list[Tracker],
+    Field(max_length=len(TRACKERS)),
+    BeforeValidator(_tracker_list),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "enum": ["none", *TRACKERS]},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "enum": list(TRACKERS)},
+                    "maxItems": len(TRACKERS),
+                },
+                {"type": "null"},
+            ]
+        },
+        mode="validation",
+    ),
+]
 
 
 class _Closed(BaseModel):
@@ -111,6 +151,12 @@ class TrainingConfig(_Closed):
         False,
         description="Ship the checkpoint (or final step) with the lowest eval loss; needs validation_file.",
     )
+    report_to: ReportTo = Field(
+        default_factory=list,
+        description='Experiment trackers the worker also logs this job to: "mlflow", "tensorboard", "wandb" '
+        'or a list of them; "none" (the default): none. Only names a tracker: where it sends data is the '
+        "server's setting, and a tracker the server does not offer is refused.",
+    )
     # Accepted so the recipe's dictionary can be pasted as is; the server owns output and logging.
     output_dir: OutputDir | None = Field(
         None, description="Ignored and not stored (always null): the server stores every artifact."
@@ -130,6 +176,11 @@ class TrainingConfig(_Closed):
         # The recipe's dictionaries write null for "keep all": keep the most allowed, so a job that saves a
         # checkpoint every step never keeps an unbounded number.
         return MAX_SAVE_TOTAL_LIMIT if limit is None else limit
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, trackers: list[str]) -> list[str]:
+        return sorted(set(trackers))
 
     @field_validator("gradient_checkpointing_kwargs")
     @classmethod

@@ -15,8 +15,9 @@ from packaging.version import Version
 ROOT = Path(__file__).parents[1]
 DOCKERFILE = (ROOT / "Dockerfile.gpu").read_text(encoding="utf-8")
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-# The image runs the training worker and the inference server: the base install and these extras.
-IMAGE_EXTRAS = {"train", "serve"}
+# The image runs the training worker (with its experiment trackers) and the inference server: the base
+# install and these extras.
+IMAGE_EXTRAS = {"train", "serve", "trackers"}
 # The libraries that run on the image's torch, and the extras of theirs phitune relies on.
 TORCH_USERS = {
     "transformers": {"torch"},

@@ -37,7 +37,7 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from app.specs import RECIPE_FIELDS, PeftConfig, TrainingConfig, fit_to_model
-from worker import hardware, lm_head, loralib_backend, memory_estimate, resume_state
+from worker import hardware, lm_head, loralib_backend, memory_estimate, resume_state, trackers
 from worker.adapter_archive import LORALIB_DIR, PEFT_UNAVAILABLE_FILE
 from worker.data import TokenizedDataset, load_tokenized_dataset
 from worker.hardware import DeviceSetting, HardwarePlan
@@ -84,6 +84,7 @@ class RecipeInputs:
     resume_from: Path | None = None  # an unpacked resume state of this job (checked by resume_state.unpack)
     resume_state_seconds: float | None = None  # a resume state at least this often, besides every save_steps
     device: DeviceSetting = "auto"  # PHITUNE_DEVICE
+    tracking: trackers.Tracking | None = None  # the experiment trackers it reports to (worker.trackers)
 
 
 @dataclass
@@ -168,8 +169,11 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         evaluate=validation_data is not None,
         keep_best=config.load_best_model_at_end,
     )
+    resumed_step = 0
     if inputs.resume_from is not None:
-        checkpoints.restore(resume_state.read_manifest(inputs.resume_from), inputs.resume_from)
+        manifest = resume_state.read_manifest(inputs.resume_from)
+        checkpoints.restore(manifest, inputs.resume_from)
+        resumed_step = manifest.step
     states = ResumeStateCallback(
         reporter,
         checkpoints,
@@ -200,11 +204,12 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
     reset_peak(plan.device)
-    trainer.train(
-        resume_from_checkpoint=str(inputs.resume_from / resume_state.TRAINER_DIR)
-        if inputs.resume_from
-        else None
-    )
+    with trackers.reporting(inputs.tracking, trainer, resumed_step=resumed_step):
+        trainer.train(
+            resume_from_checkpoint=str(inputs.resume_from / resume_state.TRAINER_DIR)
+            if inputs.resume_from
+            else None
+        )
 
     text, figures = measured_peak(plan.device)
     reporter.message(text, data=figures)
@@ -409,7 +414,7 @@ def build_trainer_args(
         eval_steps=(config.eval_steps or config.logging_steps) if evaluate else None,
         save_strategy="no",
         include_num_input_tokens_seen="non_padding",  # feeds trained_tokens and tokens_per_second
-        report_to="none",
+        report_to="none",  # worker.trackers adds the job's trackers, set up from the worker's settings
         disable_tqdm=True,  # progress goes to the reporter, not to the worker's log
         dataloader_pin_memory=plan.device.type == "cuda",
         log_level=config.log_level or "passive",

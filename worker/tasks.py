@@ -221,17 +221,20 @@ def recipe_inputs(
     claim: ClaimReply, settings: Settings, training_file: Path, validation_file: Path | None, scratch: Path
 ) -> RecipeInputs:
     """What the recipe needs to train a claimed job on this worker."""
+    from worker import trackers
     from worker.recipe import RecipeInputs
 
+    training_config = TrainingConfig(**claim.training_config)
     return RecipeInputs(
         base_model=resolve_base_model(settings, claim.model),
         training_file=training_file,
         validation_file=validation_file,
-        training_config=TrainingConfig(**claim.training_config),
+        training_config=training_config,
         peft_config=PeftConfig(**claim.peft_config),
         output_dir=scratch / "output",
         resume_state_seconds=settings.resume_state_seconds,
         device=settings.device,
+        tracking=trackers.for_job(claim.job_id, claim.suffix, training_config, settings),
     )
 
 

@@ -54,6 +54,7 @@ class ClaimReply(BaseModel):
     attempt: int
     token: str
     model: str
+    suffix: str | None = None  # names the job's tracker runs (worker.trackers)
     training_file: str
     validation_file: str | None
     training_config: dict[str, Any]

@@ -101,6 +101,7 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> ClaimReply:
         attempt=job.attempt,
         token=token,
         model=job.model,
+        suffix=job.suffix,
         training_file=job.training_file,
         validation_file=job.validation_file,
         training_config=job.training_config,

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
-from app import db, idempotency
+from app import db, idempotency, trackers
 from app.config import Settings
 from app.errors import (
     Conflict,
@@ -156,6 +156,12 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
             code="validation_file_required",
         )
     training_config = fit_to_base_model(training_config, peft_config, request.model, settings)
+    try:
+        trackers.check_offered(training_config.report_to, settings)
+    except ValueError as refusal:
+        raise InvalidRequest(
+            str(refusal), param="training_config.report_to", code="tracker_not_configured"
+        ) from None
     check_active_jobs(session, tenant_id, settings.max_active_jobs_per_tenant)
     job = Job(
         id=new_id("ftjob"),

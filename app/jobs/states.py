@@ -17,7 +17,8 @@
     lose_lease       running            running     the lease expired                    lost_attempts + 1
 
 Leaving `running` clears the lease and any pause request (nothing is left to pause); landing in a final
-status stamps `finished_at`. A job is created `queued`; succeeded, failed and cancelled have no way out.
+status stamps `finished_at`; landing in a new status queues its webhooks (app.webhooks.events.announce). A
+job is created `queued`; succeeded, failed and cancelled have no way out.
 
 Every transition is one guarded `UPDATE jobs … WHERE id = … AND status IN (from) AND <only while>`: the
 UPDATE holds the row's lock (on SQLite the database's) until commit, so of concurrent attempts at the same
@@ -36,6 +37,7 @@ from sqlalchemy.orm import Session
 from app.models import Job, JobStatus
 from app.models.base import now
 from app.repositories import jobs
+from app.webhooks.events import announce
 
 
 class Transition(enum.StrEnum):
@@ -151,6 +153,8 @@ def transition(
     )
     if not done and job.status not in rule.sources:
         raise IllegalTransition(job.id, job.status, name)
+    if done and rule.target not in rule.sources:
+        announce(session, job)  # the webhooks of the status it landed in, in this transaction
     return done
 
 

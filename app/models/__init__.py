@@ -13,6 +13,8 @@ from app.models.tables import (
     Outbox,
     ResumeState,
     Tenant,
+    WebhookDelivery,
+    WebhookEndpoint,
 )
 
 __all__ = [
@@ -28,4 +30,6 @@ __all__ = [
     "Outbox",
     "ResumeState",
     "Tenant",
+    "WebhookDelivery",
+    "WebhookEndpoint",
 ]

@@ -1,10 +1,22 @@
-"""Tenants, API keys, files, jobs, job events, checkpoints, resume states and the job outbox."""
+"""Tenants, API keys, files, jobs, job events, checkpoints, resume states, the job outbox, webhook endpoints
+and their deliveries."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, now
@@ -177,3 +189,45 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     object_id: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[int] = mapped_column(Integer, default=now, index=True)
+
+
+class WebhookEndpoint(Base):
+    """A tenant's URL that is sent the job events it subscribed to, signed with its secret."""
+
+    __tablename__ = "webhook_endpoints"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(128))  # `whsec_…`: HMAC needs it in the clear
+    created_at: Mapped[int] = mapped_column(Integer, default=now)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint, written in the transaction of the job's transition, until it is delivered
+    or its retries are used up. `id` is the `webhook-id` every attempt carries."""
+
+    __tablename__ = "webhook_deliveries"
+    # The sender's question, every poll: which pending deliveries are due.
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True
+    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event_type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)  # the exact bytes signed and sent on every attempt
+    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # started, counted when claimed
+    # When it is due; while an attempt runs, when that attempt's claim lapses (its sender died).
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[int] = mapped_column(Integer, default=now)
+    delivered_at: Mapped[int | None] = mapped_column(Integer, nullable=True)

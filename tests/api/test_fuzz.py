@@ -62,6 +62,9 @@ SEMANTIC_REFUSALS = {
     "invalid_file",
     "conflicting_parameters",
     "idempotency_key_reused",
+    "tracker_not_configured",  # training_config.report_to names a tracker the server does not offer
+    "invalid_url",  # a webhook URL that is no http(s) URL, or names no host
+    "too_many_webhooks",
 }
 # Fields with rules of their own that no schema keyword states: (operation, field) → the rule.
 FIELD_RULES = {
@@ -134,6 +137,7 @@ class Live:
             assert complete.status_code == 200, complete.text
             model = client.get(f"/v1/fine_tuning/jobs/{done}", headers=self.auth).json()["fine_tuned_model"]
             key = client.post("/v1/admin/keys", json={"tenant": "fuzz-other"}, headers=self.admin).json()
+            webhook = self._webhook(client)
         self.ids = {
             "file_id": [file_id],
             "fine_tuning_job_id": [queued, done],
@@ -141,11 +145,23 @@ class Live:
             "model_id": [model, checkpoint["fine_tuned_model_checkpoint"], "tiny-phi3"],
             "key_id": [key["id"]],  # never the fuzzing tenant's own key: revoking it would end the run
             "checkpoint": [checkpoint["id"]],
+            "webhook_id": [webhook],
         }
 
     def _job(self, client: httpx.Client, file_id: str, extra: dict[str, Any]) -> str:
         body = {"model": "tiny-phi3", "training_file": file_id, **extra}
         response = client.post("/v1/fine_tuning/jobs", json=body, headers=self.auth)
+        assert response.status_code == 200, response.text
+        return response.json()["id"]
+
+    def _webhook(self, client: httpx.Client) -> str:
+        """A webhook of the tenant: one left by an earlier operation, else a new one (the tenant may hold
+        no more than MAX_WEBHOOKS_PER_TENANT)."""
+        listed = client.get("/v1/webhooks", headers=self.auth).json()["data"]
+        if listed:
+            return listed[0]["id"]
+        body = {"url": "http://127.0.0.1:9/fuzz", "events": ["fine_tuning.job.cancelled"]}
+        response = client.post("/v1/webhooks", json=body, headers=self.auth)
         assert response.status_code == 200, response.text
         return response.json()["id"]
 
@@ -194,6 +210,10 @@ def live(tmp_path: Path, fresh_database: str) -> Iterator[Live]:
                 # Off: thousands of requests in a minute from one key, and as many jobs, are the point here.
                 rate_limit_per_minute=0,
                 max_active_jobs_per_tenant=0,
+                # Made-up webhook URLs are registered unresolved, and the sender never gets round to them:
+                # the fuzzer checks the API's answers, and sends nothing anywhere.
+                webhook_allow_private_urls=True,
+                webhook_poll_seconds=3600,
             )
         )
         with serve_in_thread(app) as base_url:
@@ -251,6 +271,8 @@ def with_placeholders(case, pick: int | None):
             case.body["model"] = "tiny-phi3"
         if case.path == "/v1/files" and "file" in case.body:
             case.body["file"] = jsonl(CHAT_LINES[: pick + 2])  # a valid dataset
+        if case.path == "/v1/webhooks" and "url" in case.body:
+            case.body["url"] = f"http://127.0.0.1:9/fuzz/{pick}"  # what the schema cannot say: a URL
     if case.query and "checkpoint" in case.query:
         case.query["checkpoint"] = f"{PLACEHOLDER}checkpoint:{pick}"
     return case
