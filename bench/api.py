@@ -2,7 +2,7 @@
 
 `python -m bench api` migrates a fresh database, creates a key, uploads a file and creates a job through the
 API (it stays queued: the filesystem broker, no worker), and serves two processes the same way
-(`phitune.cli.serve_asgi`, the uvicorn settings of `phitune api`):
+(`phitune.cli.processes.serve_asgi`, the uvicorn settings of `phitune api`):
 
     api    `phitune api`, its real `GET /v1/fine_tuning/jobs/{id}` (auth, database, response model)
     bare   a FastAPI app whose `async def` route returns the same job object as a dict, no database
@@ -72,7 +72,8 @@ def serving_bare(job: dict[str, Any], scratch: Path) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     code = (
-        f"from phitune.cli import serve_asgi; serve_asgi('bench.api:bare_app', host='127.0.0.1', port={port})"
+        "from phitune.cli.processes import serve_asgi; "
+        f"serve_asgi('bench.api:bare_app', host='127.0.0.1', port={port})"
     )
     process = subprocess.Popen(
         [sys.executable, "-c", code],

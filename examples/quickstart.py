@@ -1,16 +1,16 @@
-"""`make quickstart`: a real fine-tune on the tiny Phi-3, end to end, through the public API.
+"""`make quickstart`: a real fine-tune on the tiny Phi-3, end to end, with the `phitune` CLI.
 
-Starts `phitune serve`, creates an API key, uploads examples/persona.jsonl, trains a LoRA adapter while
-showing the live loss, downloads the adapter, shows that it loads with PEFT, then asks the base model and
-the fine-tuned model the same question through /v1/chat/completions.
+Starts `phitune serve`, creates an API key, then runs the commands a user would type, each shown before its
+output: upload examples/persona.jsonl, create a LoRA job and watch it train (the live progress bar), download
+the adapter, show that it loads with PEFT, and ask the base model and the fine-tuned one the same question.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,8 +18,6 @@ import tarfile
 import time
 import warnings
 from pathlib import Path
-
-import httpx
 
 from phitune.launch import free_port, phitune_command, wait_healthy
 
@@ -38,19 +36,11 @@ TRAINING_CONFIG = {
 PEFT_CONFIG = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
 
-def phitune(*args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen(phitune_command(*args), **popen)
-
-
 def start_service(port: int) -> subprocess.Popen:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     log = (DATA_DIR / "serve.log").open("w")
-    server = phitune(
-        "serve",
-        "--port",
-        str(port),
-        "--inference-port",
-        str(free_port()),
+    server = subprocess.Popen(
+        phitune_command("serve", "--port", str(port), "--inference-port", str(free_port())),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -61,36 +51,14 @@ def start_service(port: int) -> subprocess.Popen:
     return server
 
 
-def create_key() -> str:
-    output = phitune("keys", "create", "--tenant", "quickstart", stdout=subprocess.PIPE, text=True)
-    stdout, _ = output.communicate()
-    return stdout.strip().splitlines()[-1]
-
-
-def follow(client: httpx.Client, job_id: str) -> float | None:
-    """Draw a progress bar from the live event stream until the job ends; return the last train loss."""
-    loss, bar_drawn = None, False
-    with client.stream(
-        "GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"}, timeout=None
-    ) as s:
-        for line in s.iter_lines():
-            if not line.startswith('data: {"'):
-                continue
-            event = json.loads(line[6:])
-            data = event.get("data") or {}
-            if event["type"] == "metrics" and data.get("train_loss") is not None:
-                loss = data["train_loss"]
-                bar = "#" * int(30 * data["step"] / max(data["total_steps"], 1))
-                print(
-                    f"\r  [{bar:<30}] step {data['step']}/{data['total_steps']}  loss {loss:.3f}",
-                    end="",
-                    flush=True,
-                )
-                bar_drawn = True
-            elif event["type"] == "message":
-                print(("\n" if bar_drawn else "") + f"  {event['message']}", flush=True)
-                bar_drawn = False
-    return loss
+def phitune(*args: str, shown: bool = True, capture: bool = False) -> str:
+    """Run `phitune ARGS` (shown as typed, its output passed through unless captured); exit if it fails."""
+    if shown:
+        print(f"\n$ phitune {shlex.join(args)}", flush=True)
+    done = subprocess.run(phitune_command(*args), stdout=subprocess.PIPE if capture else None, text=True)
+    if done.returncode != 0:
+        sys.exit(f"phitune {args[0]} failed with status {done.returncode}")
+    return done.stdout or ""
 
 
 def check_adapter_loads(adapter_dir: Path, base_dir: Path) -> int:
@@ -123,65 +91,58 @@ def check_adapter_loads(adapter_dir: Path, base_dir: Path) -> int:
     return sum(1 for name, _ in model.named_parameters() if "lora_B" in name)
 
 
-def chat(client: httpx.Client, model: str) -> str:
-    """One greedy answer to QUESTION through the OpenAI-compatible chat endpoint."""
-    response = client.post(
-        "/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": QUESTION}],
-            "temperature": 0,
-            "max_tokens": 60,
-        },
-    )
-    response.raise_for_status()
-    return response.json()["choices"][0]["message"]["content"]
-
-
 def main() -> None:
     started = time.monotonic()
     port = free_port()
     print(f"Starting phitune serve on port {port} (data in {DATA_DIR}) ...")
+    # Every `phitune` command below talks to this server (the CLI reads PHITUNE_BASE_URL and PHITUNE_API_KEY).
+    os.environ["PHITUNE_BASE_URL"] = f"http://127.0.0.1:{port}"
     server = start_service(port)
     try:
-        key = create_key()
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"})
-        with DATASET.open("rb") as body:
-            uploaded = client.post(
-                "/v1/files", files={"file": (DATASET.name, body)}, data={"purpose": "fine-tune"}
+        created = phitune("keys", "create", "--tenant", "quickstart", capture=True)
+        print(created, end="")
+        os.environ["PHITUNE_API_KEY"] = created.split()[-1]  # the key is the last line
+        uploaded = phitune("files", "upload", os.path.relpath(DATASET), capture=True)
+        print(uploaded, end="")
+        file_id = uploaded.split()[-1]  # the file's id is the last line
+        job = json.loads(
+            phitune(
+                "jobs",
+                "create",
+                "--model",
+                "tiny-phi3",
+                "--training-file",
+                file_id,
+                "--suffix",
+                "persona",
+                "--training-config",
+                json.dumps(TRAINING_CONFIG),
+                "--peft-config",
+                json.dumps(PEFT_CONFIG),
+                "--json",
+                capture=True,
             )
-        uploaded.raise_for_status()
-        file = uploaded.json()
-        print(f"Uploaded {DATASET.name}: {file['stats']['examples']} examples ({file['id']})")
-        job = client.post(
-            "/v1/fine_tuning/jobs",
-            json={
-                "model": "tiny-phi3",
-                "training_file": file["id"],
-                "suffix": "persona",
-                "training_config": TRAINING_CONFIG,
-                "peft_config": PEFT_CONFIG,
-            },
         )
-        job.raise_for_status()
-        job_id = job.json()["id"]
-        print(f"Created job {job_id}; training:")
-        loss = follow(client, job_id)
-        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-        if job["status"] != "succeeded":
-            sys.exit(f"job {job_id} ended {job['status']}: {job['error']}")
-        archive = client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter")
-        archive.raise_for_status()
-        adapter_dir = DATA_DIR / "adapters" / job_id
-        with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        print(f"Created {job['id']} ({job['status']})")
+        phitune("jobs", "watch", job["id"])
+        job = json.loads(phitune("jobs", "get", job["id"], "--json", shown=False, capture=True))
+        adapters = DATA_DIR / "adapters"
+        adapters.mkdir(parents=True, exist_ok=True)
+        archive = adapters / f"{job['id']}.tar.gz"
+        phitune("jobs", "download", job["id"], "--output", str(archive))
+        adapter_dir = adapters / job["id"]
+        with tarfile.open(archive) as tar:
             tar.extractall(adapter_dir, filter="data")
         matrices = check_adapter_loads(adapter_dir, DATA_DIR / "models" / "tiny-phi3")
-        print(f"\n  The adapter loads with peft.PeftModel.from_pretrained ({matrices} LoRA B matrices).")
-        print(f"\n  Q: {QUESTION}   (POST /v1/chat/completions)")
-        print(f"  tiny-phi3 (base)      : {chat(client, 'tiny-phi3')!r}")
-        print(f"  {job['fine_tuned_model']}: {chat(client, job['fine_tuned_model'])!r}")
+        print(f"  The adapter loads with peft.PeftModel.from_pretrained ({matrices} LoRA B matrices).")
+        for model in ["tiny-phi3", job["fine_tuned_model"]]:
+            phitune("chat", model, QUESTION, "--temperature", "0", "--max-tokens", "60")
+        events = json.loads(
+            phitune("jobs", "events", job["id"], "--limit", "100", "--json", shown=False, capture=True)
+        )
+        loss = next(e["data"]["train_loss"] for e in events["data"] if e["type"] == "metrics")  # newest first
         print(
-            f"\nDone in {time.monotonic() - started:.0f} s.\n  job id       : {job_id}\n"
+            f"\nDone in {time.monotonic() - started:.0f} s.\n  job id       : {job['id']}\n"
             f"  model        : {job['fine_tuned_model']}\n  final loss   : {loss:.4f}\n"
             f"  adapter      : {adapter_dir}"
         )

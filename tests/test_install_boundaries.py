@@ -123,8 +123,8 @@ import migrations
 import phitune.cli
 from app.config import Settings
 from app.jobs.service import read_model_config
-from click.testing import CliRunner
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 data_dir = Path(sys.argv[2])
 settings = Settings(data_dir=data_dir)
@@ -135,7 +135,7 @@ assert response.status_code == 200, response.text
 (data_dir / "model" / "config.json").write_text('{"model_type": "phi3"}')
 assert read_model_config(str(data_dir / "model")) == {"model_type": "phi3"}
 assert read_model_config("phitune-tests/not-in-the-hub-cache") is None
-result = CliRunner().invoke(phitune.cli.main, ["--help"])
+result = CliRunner().invoke(phitune.cli.app, ["--help"])
 assert result.exit_code == 0, result.output
 for command, extras in [
     (["worker"], "train"),
@@ -143,7 +143,7 @@ for command, extras in [
     (["serve"], "train,serve"),
     (["make-tiny-model", str(data_dir / "tiny")], "serve"),
 ]:
-    result = CliRunner().invoke(phitune.cli.main, command)
+    result = CliRunner().invoke(phitune.cli.app, command)
     assert result.exit_code == 1 and f"needs phitune[{extras}]" in result.output, (command, result.output)
 print(json.dumps(sorted({name.partition(".")[0] for name, module in sys.modules.items() if module})))
 """
@@ -168,15 +168,15 @@ def test_the_base_install_brings_no_training_library() -> None:
 def test_the_extras() -> None:
     optional = PROJECT["optional-dependencies"]
     assert {"train", "serve", "dev"} <= set(optional)
-    assert "phitune[train,serve]" in optional["dev"], "the tests need both the worker and the server"
+    assert "phitune[train,serve,trackers]" in optional["dev"], "the tests need every part"
     assert {"torch", "trl", "datasets", "peft", "bitsandbytes"} <= install_closure("train")
     assert {"torch", "transformers", "peft", "loralib", "safetensors"} <= install_closure("serve")
 
 
 def test_the_cli_checks_each_extra_as_the_installed_metadata_states_it() -> None:
-    # phitune.cli keeps no list of the extras' libraries: it reads them from the distribution's metadata and
-    # imports each under its distribution's name, which must be a module that distribution provides here.
-    from phitune.cli import extra_modules
+    # phitune.cli.extras keeps no list of the extras' libraries: it reads them from the distribution's
+    # metadata and imports each under its distribution's name, which that distribution must provide here.
+    from phitune.cli.extras import extra_modules
 
     providers = metadata.packages_distributions()
     for extra in ["train", "serve"]:
@@ -186,26 +186,26 @@ def test_the_cli_checks_each_extra_as_the_installed_metadata_states_it() -> None
         provided = {canonicalize_name(d) for module in modules for d in providers.get(module, [])}
         assert len(modules) == len(wanted) and provided >= wanted, (
             f"phitune[{extra}]: {modules} against {sorted(wanted)}; a distribution imported under another "
-            "name needs that name in phitune/cli.py, or the installed metadata is older than pyproject.toml "
-            "(pip install -e '.[dev]')"
+            "name needs that name in phitune/cli/extras.py, or the installed metadata is older than "
+            "pyproject.toml (pip install -e '.[dev]')"
         )
     assert set(extra_modules("dev")) >= set(extra_modules("train")) | {"pytest"}, "dev names the other extras"
 
 
 def test_the_cli_reads_the_extras_from_pyproject_without_an_install(monkeypatch, tmp_path) -> None:
-    from phitune import cli
+    from phitune.cli import extras
 
-    installed = {extra: sorted(cli.extra_modules(extra)) for extra in ["train", "serve"]}
+    installed = {extra: sorted(extras.extra_modules(extra)) for extra in ["train", "serve"]}
 
     def not_installed(name: str) -> list[str]:
         raise metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(metadata, "requires", not_installed)
-    assert {extra: sorted(cli.extra_modules(extra)) for extra in installed} == installed
+    assert {extra: sorted(extras.extra_modules(extra)) for extra in installed} == installed
     # No metadata and no pyproject.toml: nothing to check against; the command's own imports say what lacks.
-    monkeypatch.setattr(cli, "PYPROJECT", tmp_path / "pyproject.toml")
-    assert cli.extra_modules("train") == []
-    cli.require_extras("train", "serve")
+    monkeypatch.setattr(extras, "PYPROJECT", tmp_path / "pyproject.toml")
+    assert extras.extra_modules("train") == []
+    extras.require_extras("train", "serve")
 
 
 def test_the_api_and_the_cli_import_no_training_library() -> None:
@@ -263,8 +263,8 @@ def imports(path: Path) -> Iterator[tuple[int, str, bool]]:
 
 
 def test_the_import_scan_sees_lazy_imports() -> None:
-    found = {(name, at_import) for _, name, at_import in imports(ROOT / "phitune" / "cli.py")}
-    assert {("worker.serving.server", False), ("click", True), ("app.config.get_settings", True)} <= found
+    found = {(name, at_import) for _, name, at_import in imports(ROOT / "phitune" / "cli" / "processes.py")}
+    assert {("worker.serving.server", False), ("typer", True), ("app.config.get_settings", False)} <= found
     found = {(name, at_import) for _, name, at_import in imports(ROOT / "worker" / "model_loader.py")}
     assert ("worker.hardware", True) in found
 

@@ -95,6 +95,7 @@ def service_env(data_dir: Path, port: int, **settings: str) -> dict[str, str]:
     env.update(
         PHITUNE_DATA_DIR=str(data_dir),
         PHITUNE_API_URL=f"http://127.0.0.1:{port}",
+        PHITUNE_BASE_URL=f"http://127.0.0.1:{port}",  # where the `phitune` CLI's HTTP commands go
         PHITUNE_HEARTBEAT_SECONDS="1",
         PHITUNE_HOUSEKEEPING_SECONDS="1",
         HF_HUB_OFFLINE="1",

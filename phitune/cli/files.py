@@ -1,0 +1,98 @@
+"""`phitune files`: upload, list, show and delete datasets (/v1/files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from phitune.cli.options import After, ApiKey, BaseUrl, Json, Limit, connected
+from phitune.cli.output import console, iso, print_json, print_page, print_table
+from phitune.client import DEFAULT_BASE_URL
+
+app = typer.Typer(help="Datasets: upload a JSONL file, list, show or delete them.", no_args_is_help=True)
+COLUMNS = ("ID", "FILENAME", "EXAMPLES", "FORMAT", "BYTES", "CREATED")
+
+
+def row(file: dict[str, Any]) -> tuple[Any, ...]:
+    stats = file.get("stats") or {}
+    return (
+        file["id"],
+        file["filename"],
+        stats.get("examples"),
+        stats.get("format"),
+        file["bytes"],
+        iso(file["created_at"]),
+    )
+
+
+@app.command()
+def upload(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The JSONL dataset.")],
+    purpose: Annotated[str, typer.Option(help="The file's purpose.")] = "fine-tune",
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Upload a dataset (streamed); the server validates it line by line and says what is wrong."""
+    with connected(base_url, api_key) as client:
+        file = client.upload(path, purpose)
+    if as_json:
+        print_json(file)
+        return
+    stats = file["stats"]
+    console.print(
+        f"Uploaded {file['filename']}: {stats['examples']} {stats['format']} examples, {file['bytes']} bytes"
+    )
+    console.print(file["id"])
+
+
+@app.command("list")
+def list_files(
+    limit: Limit = 20,
+    after: After = None,
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """The tenant's files, newest first."""
+    with connected(base_url, api_key) as client:
+        page = client.get("/v1/files", limit=limit, after=after)
+    if as_json:
+        print_json(page)
+    else:
+        print_page(page, COLUMNS, row)
+
+
+@app.command()
+def get(
+    file_id: Annotated[str, typer.Argument(help="file-…")],
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """One file and what validation counted in it."""
+    with connected(base_url, api_key) as client:
+        file = client.get(f"/v1/files/{file_id}")
+    if as_json:
+        print_json(file)
+        return
+    print_table(COLUMNS, [row(file)])
+    console.print(f"sha256 {file['sha256']}")
+
+
+@app.command()
+def delete(
+    file_id: Annotated[str, typer.Argument(help="file-…")],
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Delete a file (refused while a queued, running or paused job needs it)."""
+    with connected(base_url, api_key) as client:
+        deleted = client.delete(f"/v1/files/{file_id}")
+    if as_json:
+        print_json(deleted)
+    else:
+        console.print(f"Deleted {deleted['id']}")

@@ -1,0 +1,269 @@
+"""`phitune jobs`: create fine-tuning jobs, follow, pause, resume or cancel them, read their events and
+checkpoints, and download their adapters (/v1/fine_tuning/jobs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.text import Text
+
+from app.adapter_format import Format
+from phitune.cli import recipe, watch
+from phitune.cli.options import After, ApiKey, BaseUrl, Json, Limit, connected
+from phitune.cli.output import console, iso, notes, print_json, print_page, print_table
+from phitune.client import DEFAULT_BASE_URL, Client, json_object
+
+app = typer.Typer(
+    help="Fine-tuning jobs: create, watch, pause, resume, cancel; events, checkpoints, adapters.",
+    no_args_is_help=True,
+)
+JobId = Annotated[str, typer.Argument(help="ftjob-…")]
+COLUMNS = ("ID", "STATUS", "MODEL", "PROGRESS", "FINE-TUNED MODEL", "CREATED")
+JOBS = "/v1/fine_tuning/jobs"
+
+
+def row(job: dict[str, Any]) -> tuple[Any, ...]:
+    progress = job["progress"]
+    steps = f"{progress['step']}/{progress['total_steps'] or '?'} ({progress['percent']:g}%)"
+    return (job["id"], job["status"], job["model"], steps, job["fine_tuned_model"], iso(job["created_at"]))
+
+
+def show(job: dict[str, Any]) -> None:
+    print_table(COLUMNS, [row(job)])
+    if job.get("error"):
+        console.print(Text(f"error: {job['error']['message']} ({job['error']['code']})", style="red"))
+
+
+def dataset_id(client: Client, value: str) -> str:
+    """A file id as it is, or a local dataset uploaded first (what a user has at hand is often the file)."""
+    path = Path(value)
+    if value.startswith("file-") or not path.is_file():
+        return value
+    file = client.upload(path, "fine-tune")
+    notes.print(f"Uploaded {path.name}: {file['stats']['examples']} examples ({file['id']})")
+    return file["id"]
+
+
+def metadata_pairs(pairs: list[str]) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    if bad := [pair for pair in pairs if "=" not in pair]:
+        raise typer.BadParameter(f"expected KEY=VALUE, got {bad[0]!r}", param_hint="--metadata")
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+@app.command()
+def create(
+    model: Annotated[str, typer.Option(help="A base model id (`phitune models list`).")],
+    training_file: Annotated[str, typer.Option(help="A file id, or a local JSONL file to upload first.")],
+    validation_file: Annotated[str | None, typer.Option(help="A file id, or a local JSONL file.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="A JSON or YAML recipe holding training_config and/or peft_config.", dir_okay=False
+        ),
+    ] = None,
+    training_config: Annotated[
+        str | None, typer.Option(help="training_config as a JSON object; its keys win over --config's.")
+    ] = None,
+    peft_config: Annotated[
+        str | None, typer.Option(help="peft_config as a JSON object; its keys win over --config's.")
+    ] = None,
+    suffix: Annotated[str | None, typer.Option(help="Part of the fine-tuned model's name.")] = None,
+    seed: Annotated[int | None, typer.Option(help="The training seed.")] = None,
+    metadata: Annotated[list[str], typer.Option(help="KEY=VALUE, repeatable.")] = [],  # noqa: B006
+    follow: Annotated[
+        bool, typer.Option("--watch", help="Then watch it train, as `jobs watch` does.")
+    ] = False,
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Create a fine-tuning job; the server checks the recipe and says which field is wrong."""
+    body: dict[str, Any] = {"model": model, **recipe.recipe(config, training_config, peft_config)}
+    for key, value in [("suffix", suffix), ("seed", seed), ("metadata", metadata_pairs(metadata))]:
+        if value is not None:
+            body[key] = value
+    with connected(base_url, api_key) as client:
+        body["training_file"] = dataset_id(client, training_file)
+        if validation_file is not None:
+            body["validation_file"] = dataset_id(client, validation_file)
+        job = client.post(JOBS, body)
+        if as_json:
+            print_json(job)
+        else:
+            console.print(f"Created {job['id']} ({job['status']})")
+        if follow:
+            finish(watch.watch(client, job["id"]))
+
+
+def finish(job: dict[str, Any]) -> None:
+    """Print how a watched job ended; a job that did not succeed fails the command."""
+    succeeded, lines = watch.outcome(job)
+    for line in lines:
+        console.print(Text(line, style="green" if succeeded else "red"))
+    if not succeeded:
+        raise typer.Exit(1)
+
+
+@app.command("watch")
+def watch_job(job_id: JobId, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None) -> None:
+    """Follow a job live (step, epoch, losses, tokens/s, ETA), then its outcome; exit 1 unless it succeeds."""
+    with connected(base_url, api_key) as client:
+        finish(watch.watch(client, job_id))
+
+
+@app.command("list")
+def list_jobs(
+    limit: Limit = 20,
+    after: After = None,
+    metadata: Annotated[list[str], typer.Option(help="Only jobs with KEY=VALUE, repeatable.")] = [],  # noqa: B006
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """The tenant's jobs, newest first."""
+    filters = {f"metadata[{key}]": value for key, value in (metadata_pairs(metadata) or {}).items()}
+    with connected(base_url, api_key) as client:
+        page = client.get(JOBS, limit=limit, after=after, **filters)
+    if as_json:
+        print_json(page)
+    else:
+        print_page(page, COLUMNS, row)
+
+
+@app.command()
+def get(
+    job_id: JobId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
+) -> None:
+    """One job: its status, progress and, once it succeeded, its model."""
+    with connected(base_url, api_key) as client:
+        job = client.get(f"{JOBS}/{job_id}")
+    if as_json:
+        print_json(job)
+    else:
+        show(job)
+
+
+def _action(action: str, job_id: str, as_json: bool, base_url: str, api_key: str | None) -> None:
+    with connected(base_url, api_key) as client:
+        job = client.post(f"{JOBS}/{job_id}/{action}")
+    if as_json:
+        print_json(job)
+    else:
+        show(job)
+
+
+@app.command()
+def cancel(
+    job_id: JobId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
+) -> None:
+    """Cancel a job: a queued one at once, a running one within a logging step."""
+    _action("cancel", job_id, as_json, base_url, api_key)
+
+
+@app.command()
+def pause(
+    job_id: JobId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
+) -> None:
+    """Pause a job: its worker saves the training state and frees the GPU."""
+    _action("pause", job_id, as_json, base_url, api_key)
+
+
+@app.command()
+def resume(
+    job_id: JobId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
+) -> None:
+    """Resume a paused job from the step it was paused at."""
+    _action("resume", job_id, as_json, base_url, api_key)
+
+
+@app.command()
+def events(
+    job_id: JobId,
+    limit: Limit = 20,
+    after: After = None,
+    order: Annotated[
+        Literal["desc", "asc"], typer.Option(help="desc: newest first, as OpenAI lists them.")
+    ] = "desc",
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream them live, oldest first, until the job ends.")
+    ] = False,
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """A job's events: a page of them, or with --follow all of them live (--json: one JSON object a line)."""
+    with connected(base_url, api_key) as client:
+        if not follow:
+            page = client.get(f"{JOBS}/{job_id}/events", limit=limit, after=after, order=order)
+            if as_json:
+                print_json(page)
+            else:
+                print_table(("CREATED", "LEVEL", "TYPE", "MESSAGE"), [event_row(e) for e in page["data"]])
+            return
+        params = {"stream": "true", "after": after}
+        for data in client.events("GET", f"{JOBS}/{job_id}/events", params=params):
+            if data == "{}":
+                return
+            if as_json:
+                typer.echo(data)
+            else:
+                print_table(("CREATED", "LEVEL", "TYPE", "MESSAGE"), [event_row(json_object(data))])
+
+
+def event_row(event: dict[str, Any]) -> tuple[Any, ...]:
+    return (iso(event["created_at"]), event["level"], event["type"], event["message"])
+
+
+@app.command()
+def checkpoints(
+    job_id: JobId,
+    limit: Limit = 10,
+    after: After = None,
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """The checkpoints a job stored (`training_config.save_steps`), newest first, each callable by name."""
+    with connected(base_url, api_key) as client:
+        page = client.get(f"{JOBS}/{job_id}/checkpoints", limit=limit, after=after)
+    if as_json:
+        print_json(page)
+        return
+
+    def checkpoint_row(checkpoint: dict[str, Any]) -> tuple[Any, ...]:
+        metrics = checkpoint["metrics"]
+        return (
+            checkpoint["id"],
+            checkpoint["step_number"],
+            metrics.get("train_loss"),
+            metrics.get("valid_loss"),
+            checkpoint["fine_tuned_model_checkpoint"],
+        )
+
+    print_page(page, ("ID", "STEP", "TRAIN LOSS", "VALID LOSS", "MODEL"), checkpoint_row)
+
+
+@app.command()
+def download(
+    job_id: JobId,
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="A file, or a directory to save it in under the server's name."),
+    ] = Path("."),
+    format: Annotated[Format | None, typer.Option(help="The archive's format (default peft).")] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="An intermediate checkpoint's id (ftckpt-…).")
+    ] = None,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Download a job's adapter (.tar.gz: adapter_config.json, adapter_model.safetensors, a model card)."""
+    with connected(base_url, api_key) as client:
+        path, size = client.download(f"{JOBS}/{job_id}/adapter", output, format=format, checkpoint=checkpoint)
+    console.print(
+        f"Saved {path} ({size:,} bytes); extract it and load it with peft.PeftModel.from_pretrained"
+    )

@@ -1,0 +1,231 @@
+"""The commands that run phitune's processes on this machine: migrate, api, worker, inference, serve, and
+make-tiny-model. They read the server's settings (PHITUNE_…); the worker's libraries are imported only by the
+commands that need them, once `require_extras` has said what is missing."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from phitune.cli.extras import require_extras
+from phitune.cli.output import fail
+
+if TYPE_CHECKING:
+    from app.config import Settings
+
+SERVER_STOP_GRACE_SECONDS = 15  # the API and inference server; the worker's is a setting
+
+Host = Annotated[str, typer.Option(help="The address to listen on.")]
+Gpu = Annotated[
+    int | None,
+    typer.Option(
+        min=0, help="The GPU to use, counted among the visible ones (default: PHITUNE_GPU, else the first)."
+    ),
+]
+
+
+def get_settings() -> Settings:
+    """The server's settings, imported when a process command runs: the HTTP commands start faster without."""
+    from app.config import get_settings
+
+    return get_settings()
+
+
+def migrate() -> None:
+    """Create or upgrade the database schema (Alembic)."""
+    import migrations
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrations.upgrade(settings.resolved_database_url)
+    typer.echo("database is at the latest schema")
+
+
+def make_tiny_model(
+    directory: Annotated[Path, typer.Argument(file_okay=False, help="Where to write it.")],
+    seed: Annotated[int, typer.Option(help="The random seed of the weights.")] = 0,
+) -> None:
+    """Write a small random Phi-3 with a locally trained tokenizer to DIRECTORY."""
+    require_extras("serve")
+    from worker.tiny_model import make_tiny_model
+
+    make_tiny_model(directory, seed=seed)
+    typer.echo(f"tiny Phi-3 written to {directory}")
+
+
+def api(
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The public port.")] = 8000,
+    internal_host: Annotated[
+        str, typer.Option(help="Where /internal/v1 listens when PHITUNE_INTERNAL_PORT is set.")
+    ] = "127.0.0.1",
+) -> None:
+    """Run the API server (uvicorn); with PHITUNE_INTERNAL_PORT, /internal/v1 is served on that port only."""
+    internal_port = get_settings().internal_port
+    if internal_port == port:
+        raise typer.BadParameter("must differ from PHITUNE_INTERNAL_PORT", param_hint="--port")
+    internal = (internal_host, internal_port) if internal_port is not None else None
+    serve_asgi("app.main:create_app", host=host, port=port, internal=internal)
+
+
+# How `phitune api` serves (bench/api.py serves its bare baseline app the same way).
+API_SERVER_OPTIONS: dict[str, Any] = {"log_level": "info"}
+
+
+def serve_asgi(factory: str, *, host: str, port: int, internal: tuple[str, int] | None = None) -> None:
+    """Serve the ASGI app that `factory` ("module:function") makes with uvicorn, as `phitune api` does; also
+    on the `internal` (host, port) if given."""
+    import uvicorn
+
+    make_app = functools.partial(_make_and_freeze, factory)
+    if internal is None:
+        uvicorn.run(make_app, factory=True, host=host, port=port, **API_SERVER_OPTIONS)
+        return
+    # One server on two sockets rather than two servers: one process, one lifespan (housekeeping, key cache),
+    # one graceful shutdown. The app tells the sockets apart by port (app.internal.listener).
+    config = uvicorn.Config(make_app, factory=True, host=host, port=port, **API_SERVER_OPTIONS)
+    internal_socket = uvicorn.Config(make_app, host=internal[0], port=internal[1]).bind_socket()
+    server = uvicorn.Server(config)
+    server.run(sockets=[config.bind_socket(), internal_socket])
+    if not server.started:
+        sys.exit(3)  # uvicorn's start-up failure status, as uvicorn.run exits with
+
+
+def _make_and_freeze(factory: str) -> Any:
+    """The app, then everything made so far (modules, routes, schemas: the process's life) frozen out of the
+    cyclic garbage collector: a full collection then walks only what requests left behind. Unfrozen, each
+    took ~110 ms under 2,000 requests/s, a stall for every request in flight (`python -m bench api`)."""
+    from uvicorn.importer import import_from_string
+
+    app = import_from_string(factory)()
+    gc.collect()
+    gc.freeze()
+    return app
+
+
+def use_one_gpu(gpu: int | None) -> None:
+    """Pin this process to one GPU before torch loads, and fail now if PHITUNE_DEVICE=cuda cannot be met."""
+    from worker.devices import VISIBLE, pin_one_gpu
+
+    try:
+        os.environ[VISIBLE] = pin_one_gpu(os.environ, gpu)
+    except ValueError as problem:
+        raise typer.BadParameter(str(problem), param_hint="--gpu") from None
+    if get_settings().device == "cuda":
+        from worker.hardware import cuda_problem
+
+        if unusable := cuda_problem():
+            fail(f"PHITUNE_DEVICE=cuda, but CUDA cannot be used: {unusable}")
+
+
+def inference(
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8001,
+    gpu: Gpu = None,
+) -> None:
+    """Run the inference server: base models loaded once, adapters on demand, batched generation."""
+    require_extras("serve")
+    use_one_gpu(gpu)
+    import uvicorn
+
+    from worker.bootstrap import ensure_tiny_model
+    from worker.serving.server import create_inference_app
+
+    settings = get_settings()
+    ensure_tiny_model(settings)
+    uvicorn.run(create_inference_app(settings), host=host, port=port, log_level="info")
+
+
+def worker(gpu: Gpu = None) -> None:
+    """Run a Celery training worker (queue `training`, one job at a time) on one GPU: run one per GPU."""
+    require_extras("train")
+    use_one_gpu(gpu)
+    from worker.bootstrap import ensure_tiny_model
+
+    ensure_tiny_model(get_settings())
+    # The recipe imports torch, transformers, peft and TRL (about 5 s here): pay that at start, not on the
+    # first job, which would otherwise train that much later (bench/service.py's cold overhead).
+    importlib.import_module("worker.recipe")
+    from worker.celery_app import celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            "--pool=solo",  # one job per process, one process per GPU
+            "--queues=training",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--hostname=phitune-worker@%h",
+        ]
+    )
+
+
+def serve(
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The API's port.")] = 8000,
+    inference_port: Annotated[int, typer.Option(help="The inference server's port.")] = 8001,
+) -> None:
+    """All in one: migrate, then run the API, a worker and the inference server until Ctrl-C / SIGTERM.
+
+    A child that dies is restarted (with backoff) while the others keep running.
+    """
+    require_extras("train", "serve")
+    from phitune.launch import phitune_command
+    from phitune.supervisor import Child, Supervisor
+    from worker.bootstrap import ensure_tiny_model
+    from worker.devices import gpu_assignment, visible_gpus
+
+    settings = get_settings()
+    migrate()
+    ensure_tiny_model(settings)
+    reachable = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    # With PHITUNE_INTERNAL_PORT, the API serves /internal/v1 there, on 127.0.0.1 (its --internal-host).
+    api_url = (
+        f"http://127.0.0.1:{settings.internal_port}"
+        if settings.internal_port
+        else f"http://{reachable}:{port}"
+    )
+    env = {
+        **os.environ,
+        "PHITUNE_API_URL": api_url,
+        "PHITUNE_INFERENCE_URL": f"http://127.0.0.1:{inference_port}",
+    }
+    # The worker's grace is long enough to save its training state; the servers only finish requests.
+    worker_grace = settings.stop_grace_seconds
+    server_grace = min(SERVER_STOP_GRACE_SECONDS, worker_grace)
+    gpus = gpu_assignment(len(visible_gpus(os.environ)))
+    worker_gpu = ["--gpu", str(gpus["worker"])] if gpus else []
+    inference_gpu = ["--gpu", str(gpus["inference"])] if gpus else []
+    if gpus and gpus["worker"] == gpus["inference"]:
+        # One GPU for both: the inference server's KV cache must leave the training job room.
+        env.setdefault("PHITUNE_INFERENCE_GPU_MEMORY_FRACTION", "0.25")
+    supervisor = Supervisor(
+        [
+            Child(
+                "api", phitune_command("api", "--host", host, "--port", str(port)), server_grace, stop_wave=1
+            ),
+            # Stopped first: it saves its training state and hands its job back to the API, still up.
+            Child("worker", phitune_command("worker", *worker_gpu), worker_grace, stop_wave=0),
+            Child(
+                "inference",
+                phitune_command(
+                    "inference", "--host", "127.0.0.1", "--port", str(inference_port), *inference_gpu
+                ),
+                server_grace,
+                stop_wave=1,
+            ),
+        ],
+        env,
+    )
+    supervisor.run(
+        on_started=lambda: typer.echo(f"phitune is serving on http://{reachable}:{port} (Ctrl-C stops it)")
+    )
