@@ -10,7 +10,7 @@ import typer
 from rich.text import Text
 
 from phitune.cli.options import ApiKey, BaseUrl, connected
-from phitune.cli.output import console, fail
+from phitune.cli.output import console, fail, printable
 from phitune.client import DEFAULT_BASE_URL, Client, json_object
 
 QUIT = {"exit", "quit", "/exit", "/quit"}
@@ -30,7 +30,8 @@ def answer(client: Client, request: dict[str, Any]) -> str:
         for choice in chunk.get("choices") or []:
             if text := (choice.get("delta") or {}).get("content"):
                 parts.append(text)
-                sys.stdout.write(text)
+                # On a terminal, a model's output cannot send it escape sequences; piped, it is as it came.
+                sys.stdout.write(printable(text) if sys.stdout.isatty() else text)
                 sys.stdout.flush()
     typer.echo()
     fail("the answer's stream ended before its end ([DONE])")
@@ -60,9 +61,12 @@ def chat(
         while True:
             try:
                 question = console.input(Text("you> ", style="bold"))
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:  # Ctrl-D: the conversation's end
                 typer.echo()
                 return
+            except KeyboardInterrupt:  # Ctrl-C: interrupted, as everywhere else (exit status 130)
+                typer.echo()
+                raise typer.Exit(130) from None
             if not question.strip() or question.strip() in QUIT:
                 return
             messages.append({"role": "user", "content": question})

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from phitune.cli import options
 from phitune.cli.options import After, ApiKey, BaseUrl, Json, Limit, connected
-from phitune.cli.output import console, iso, print_json, print_page, print_table
+from phitune.cli.output import answer, console, iso, print_page, print_table
 from phitune.client import DEFAULT_BASE_URL
 
 app = typer.Typer(help="Datasets: upload a JSONL file, list, show or delete them.", no_args_is_help=True)
 COLUMNS = ("ID", "FILENAME", "EXAMPLES", "FORMAT", "BYTES", "CREATED")
+FileId = Annotated[str, typer.Argument(help="file-…")]
 
 
 def row(file: dict[str, Any]) -> tuple[Any, ...]:
@@ -38,9 +41,10 @@ def upload(
     """Upload a dataset (streamed); the server validates it line by line and says what is wrong."""
     with connected(base_url, api_key) as client:
         file = client.upload(path, purpose)
-    if as_json:
-        print_json(file)
-        return
+    answer(file, as_json, show_uploaded)
+
+
+def show_uploaded(file: dict[str, Any]) -> None:
     stats = file["stats"]
     console.print(
         f"Uploaded {file['filename']}: {stats['examples']} {stats['format']} examples, {file['bytes']} bytes"
@@ -57,42 +61,26 @@ def list_files(
     api_key: ApiKey = None,
 ) -> None:
     """The tenant's files, newest first."""
-    with connected(base_url, api_key) as client:
-        page = client.get("/v1/files", limit=limit, after=after)
-    if as_json:
-        print_json(page)
-    else:
-        print_page(page, COLUMNS, row)
+    show_page = partial(print_page, columns=COLUMNS, row=row)
+    options.read("/v1/files", as_json, base_url, api_key, show_page, limit=limit, after=after)
 
 
 @app.command()
 def get(
-    file_id: Annotated[str, typer.Argument(help="file-…")],
-    as_json: Json = False,
-    base_url: BaseUrl = DEFAULT_BASE_URL,
-    api_key: ApiKey = None,
+    file_id: FileId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
 ) -> None:
     """One file and what validation counted in it."""
-    with connected(base_url, api_key) as client:
-        file = client.get(f"/v1/files/{file_id}")
-    if as_json:
-        print_json(file)
-        return
+    options.read(f"/v1/files/{file_id}", as_json, base_url, api_key, show)
+
+
+def show(file: dict[str, Any]) -> None:
     print_table(COLUMNS, [row(file)])
     console.print(f"sha256 {file['sha256']}")
 
 
 @app.command()
 def delete(
-    file_id: Annotated[str, typer.Argument(help="file-…")],
-    as_json: Json = False,
-    base_url: BaseUrl = DEFAULT_BASE_URL,
-    api_key: ApiKey = None,
+    file_id: FileId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
 ) -> None:
     """Delete a file (refused while a queued, running or paused job needs it)."""
-    with connected(base_url, api_key) as client:
-        deleted = client.delete(f"/v1/files/{file_id}")
-    if as_json:
-        print_json(deleted)
-    else:
-        console.print(f"Deleted {deleted['id']}")
+    options.delete(f"/v1/files/{file_id}", as_json, base_url, api_key)

@@ -3,6 +3,7 @@ checkpoints, and download their adapters (/v1/fine_tuning/jobs)."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -10,9 +11,9 @@ import typer
 from rich.text import Text
 
 from app.adapter_format import Format
-from phitune.cli import recipe, watch
+from phitune.cli import options, recipe, watch
 from phitune.cli.options import After, ApiKey, BaseUrl, Json, Limit, connected
-from phitune.cli.output import console, iso, notes, print_json, print_page, print_table
+from phitune.cli.output import answer, console, iso, notes, print_json, print_page, print_table, printable
 from phitune.client import DEFAULT_BASE_URL, Client, json_object
 
 app = typer.Typer(
@@ -33,7 +34,8 @@ def row(job: dict[str, Any]) -> tuple[Any, ...]:
 def show(job: dict[str, Any]) -> None:
     print_table(COLUMNS, [row(job)])
     if job.get("error"):
-        console.print(Text(f"error: {job['error']['message']} ({job['error']['code']})", style="red"))
+        error = printable(f"error: {job['error']['message']} ({job['error']['code']})")
+        console.print(Text(error, style="red"))
 
 
 def dataset_id(client: Client, value: str) -> str:
@@ -81,7 +83,8 @@ def create(
     base_url: BaseUrl = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Create a fine-tuning job; the server checks the recipe and says which field is wrong."""
+    """Create a fine-tuning job; the server checks the recipe and says which field is wrong. With --json and
+    --watch, the progress goes to stderr and stdout gets the job as it ended, as JSON."""
     body: dict[str, Any] = {"model": model, **recipe.recipe(config, training_config, peft_config)}
     for key, value in [("suffix", suffix), ("seed", seed), ("metadata", metadata_pairs(metadata))]:
         if value is not None:
@@ -91,28 +94,35 @@ def create(
         if validation_file is not None:
             body["validation_file"] = dataset_id(client, validation_file)
         job = client.post(JOBS, body)
-        if as_json:
-            print_json(job)
-        else:
-            console.print(f"Created {job['id']} ({job['status']})")
-        if follow:
-            finish(watch.watch(client, job["id"]))
+        if not follow:
+            answer(job, as_json, lambda job: console.print(f"Created {job['id']} ({job['status']})"))
+            return
+        (notes if as_json else console).print(f"Created {job['id']} ({job['status']})")
+        watch_until_final(client, job["id"], as_json)
 
 
-def finish(job: dict[str, Any]) -> None:
-    """Print how a watched job ended; a job that did not succeed fails the command."""
+def watch_until_final(client: Client, job_id: str, as_json: bool) -> None:
+    """Watch the job to its end, then print how it ended; a job that did not succeed fails the command. With
+    --json, stdout is the one JSON document of the job as it ended, and what a person reads goes to stderr."""
+    shown = notes if as_json else console
+    job = watch.watch(client, job_id, shown)
+    if as_json:
+        print_json(job)
     succeeded, lines = watch.outcome(job)
     for line in lines:
-        console.print(Text(line, style="green" if succeeded else "red"))
+        shown.print(Text(printable(line), style="green" if succeeded else "red"))
     if not succeeded:
         raise typer.Exit(1)
 
 
 @app.command("watch")
-def watch_job(job_id: JobId, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None) -> None:
-    """Follow a job live (step, epoch, losses, tokens/s, ETA), then its outcome; exit 1 unless it succeeds."""
+def watch_job(
+    job_id: JobId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
+) -> None:
+    """Follow a job live (step, epoch, losses, tokens/s, ETA), then its outcome; exit 1 unless it succeeds.
+    With --json, the progress goes to stderr and stdout gets the job as it ended."""
     with connected(base_url, api_key) as client:
-        finish(watch.watch(client, job_id))
+        watch_until_final(client, job_id, as_json)
 
 
 @app.command("list")
@@ -126,12 +136,8 @@ def list_jobs(
 ) -> None:
     """The tenant's jobs, newest first."""
     filters = {f"metadata[{key}]": value for key, value in (metadata_pairs(metadata) or {}).items()}
-    with connected(base_url, api_key) as client:
-        page = client.get(JOBS, limit=limit, after=after, **filters)
-    if as_json:
-        print_json(page)
-    else:
-        print_page(page, COLUMNS, row)
+    show_page = partial(print_page, columns=COLUMNS, row=row)
+    options.read(JOBS, as_json, base_url, api_key, show_page, limit=limit, after=after, **filters)
 
 
 @app.command()
@@ -139,45 +145,26 @@ def get(
     job_id: JobId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
 ) -> None:
     """One job: its status, progress and, once it succeeded, its model."""
-    with connected(base_url, api_key) as client:
-        job = client.get(f"{JOBS}/{job_id}")
-    if as_json:
-        print_json(job)
-    else:
-        show(job)
+    options.read(f"{JOBS}/{job_id}", as_json, base_url, api_key, show)
 
 
-def _action(action: str, job_id: str, as_json: bool, base_url: str, api_key: str | None) -> None:
-    with connected(base_url, api_key) as client:
-        job = client.post(f"{JOBS}/{job_id}/{action}")
-    if as_json:
-        print_json(job)
-    else:
-        show(job)
+def _action(action: str, summary: str) -> None:
+    """The command `jobs ACTION ID`: POST …/{id}/ACTION, then the job as the server answered."""
+
+    def command(
+        job_id: JobId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
+    ) -> None:
+        with connected(base_url, api_key) as client:
+            job = client.post(f"{JOBS}/{job_id}/{action}")
+        answer(job, as_json, show)
+
+    command.__doc__ = summary
+    app.command(action)(command)
 
 
-@app.command()
-def cancel(
-    job_id: JobId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
-) -> None:
-    """Cancel a job: a queued one at once, a running one within a logging step."""
-    _action("cancel", job_id, as_json, base_url, api_key)
-
-
-@app.command()
-def pause(
-    job_id: JobId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
-) -> None:
-    """Pause a job: its worker saves the training state and frees the GPU."""
-    _action("pause", job_id, as_json, base_url, api_key)
-
-
-@app.command()
-def resume(
-    job_id: JobId, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = None
-) -> None:
-    """Resume a paused job from the step it was paused at."""
-    _action("resume", job_id, as_json, base_url, api_key)
+_action("cancel", "Cancel a job: a queued one at once, a running one within a logging step.")
+_action("pause", "Pause a job: its worker saves the training state and frees the GPU.")
+_action("resume", "Resume a paused job from the step it was paused at.")
 
 
 @app.command()
@@ -199,10 +186,9 @@ def events(
     with connected(base_url, api_key) as client:
         if not follow:
             page = client.get(f"{JOBS}/{job_id}/events", limit=limit, after=after, order=order)
-            if as_json:
-                print_json(page)
-            else:
-                print_table(("CREATED", "LEVEL", "TYPE", "MESSAGE"), [event_row(e) for e in page["data"]])
+            answer(
+                page, as_json, lambda page: print_table(EVENT_COLUMNS, [event_row(e) for e in page["data"]])
+            )
             return
         params = {"stream": "true", "after": after}
         for data in client.events("GET", f"{JOBS}/{job_id}/events", params=params):
@@ -211,7 +197,10 @@ def events(
             if as_json:
                 typer.echo(data)
             else:
-                print_table(("CREATED", "LEVEL", "TYPE", "MESSAGE"), [event_row(json_object(data))])
+                print_table(EVENT_COLUMNS, [event_row(json_object(data))])
+
+
+EVENT_COLUMNS = ("CREATED", "LEVEL", "TYPE", "MESSAGE")
 
 
 def event_row(event: dict[str, Any]) -> tuple[Any, ...]:
@@ -228,23 +217,24 @@ def checkpoints(
     api_key: ApiKey = None,
 ) -> None:
     """The checkpoints a job stored (`training_config.save_steps`), newest first, each callable by name."""
-    with connected(base_url, api_key) as client:
-        page = client.get(f"{JOBS}/{job_id}/checkpoints", limit=limit, after=after)
-    if as_json:
-        print_json(page)
-        return
+    show_page = partial(print_page, columns=CHECKPOINT_COLUMNS, row=checkpoint_row)
+    options.read(
+        f"{JOBS}/{job_id}/checkpoints", as_json, base_url, api_key, show_page, limit=limit, after=after
+    )
 
-    def checkpoint_row(checkpoint: dict[str, Any]) -> tuple[Any, ...]:
-        metrics = checkpoint["metrics"]
-        return (
-            checkpoint["id"],
-            checkpoint["step_number"],
-            metrics.get("train_loss"),
-            metrics.get("valid_loss"),
-            checkpoint["fine_tuned_model_checkpoint"],
-        )
 
-    print_page(page, ("ID", "STEP", "TRAIN LOSS", "VALID LOSS", "MODEL"), checkpoint_row)
+CHECKPOINT_COLUMNS = ("ID", "STEP", "TRAIN LOSS", "VALID LOSS", "MODEL")
+
+
+def checkpoint_row(checkpoint: dict[str, Any]) -> tuple[Any, ...]:
+    metrics = checkpoint["metrics"]
+    return (
+        checkpoint["id"],
+        checkpoint["step_number"],
+        metrics.get("train_loss"),
+        metrics.get("valid_loss"),
+        checkpoint["fine_tuned_model_checkpoint"],
+    )
 
 
 @app.command()
@@ -258,12 +248,22 @@ def download(
     checkpoint: Annotated[
         str | None, typer.Option(help="An intermediate checkpoint's id (ftckpt-…).")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
     base_url: BaseUrl = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Download a job's adapter (.tar.gz: adapter_config.json, adapter_model.safetensors, a model card)."""
+    """Download a job's adapter (.tar.gz: adapter_config.json, adapter_model.safetensors, a model card).
+    An existing file is never replaced without --force; Ctrl-C or a failure leaves nothing behind."""
+    name = f"{checkpoint or job_id}.{format or 'peft'}.tar.gz"  # if the server names none
     with connected(base_url, api_key) as client:
-        path, size = client.download(f"{JOBS}/{job_id}/adapter", output, format=format, checkpoint=checkpoint)
+        path, size = client.download(
+            f"{JOBS}/{job_id}/adapter",
+            output,
+            default_name=name,
+            overwrite=force,
+            format=format,
+            checkpoint=checkpoint,
+        )
     console.print(
         f"Saved {path} ({size:,} bytes); extract it and load it with peft.PeftModel.from_pretrained"
     )

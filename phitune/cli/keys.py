@@ -4,7 +4,7 @@ admin key exists) or, given an admin key, through a server's admin API (/v1/admi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
@@ -28,10 +28,13 @@ AdminKey = Annotated[
     typer.Option(
         "--admin-key",
         envvar="PHITUNE_ADMIN_KEY",
-        help="Go through the admin API of --base-url with this key rather than to the database.",
+        help="Go through the admin API of --base-url with this key rather than to the database. Prefer "
+        "PHITUNE_ADMIN_KEY: an option's value is visible to other users of this machine (ps).",
         show_default=False,
     ),
 ]
+
+
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 ADMIN = "/v1/admin/keys"
 
@@ -75,25 +78,25 @@ def described(key: dict[str, Any]) -> str:
     return f"{key['id']} ({key['prefix']}…) of tenant '{key['tenant']}'"
 
 
+def expiry(parser: Callable[[str], int], metavar: str, help: str) -> Any:
+    """The option of an expiry given as text: parsed to unix seconds, or to a number of seconds."""
+    return typer.Option(parser=parser, metavar=metavar, help=help)
+
+
+ExpiresIn = Annotated[
+    int | None,
+    expiry(parse_duration, "DURATION", "The key stops working after this long: 90s, 15m, 12h, 30d, 2w."),
+]
+ExpiresAt = Annotated[
+    int | None, expiry(parse_time, "TIME", "The key stops working at this ISO 8601 time (UTC if no offset).")
+]
+
+
 @app.command("create")
 def create_key(
     tenant: Annotated[str, typer.Option(help="Tenant name; created if it does not exist.")],
-    expires_in: Annotated[
-        int | None,
-        typer.Option(
-            parser=parse_duration,
-            metavar="DURATION",
-            help="The key stops working after this long: 90s, 15m, 12h, 30d, 2w.",
-        ),
-    ] = None,
-    expires_at: Annotated[
-        int | None,
-        typer.Option(
-            parser=parse_time,
-            metavar="TIME",
-            help="The key stops working at this ISO 8601 time (UTC if no offset).",
-        ),
-    ] = None,
+    expires_in: ExpiresIn = None,
+    expires_at: ExpiresAt = None,
     admin_key: AdminKey = None,
     base_url: BaseUrl = DEFAULT_BASE_URL,
 ) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from phitune.cli.output import fail, fail_with
+from phitune.cli.output import answer, fail, fail_with, print_deleted
 from phitune.client import ApiError, Client
 
 BaseUrl = Annotated[
@@ -16,7 +16,13 @@ BaseUrl = Annotated[
 ]
 ApiKey = Annotated[
     str | None,
-    typer.Option("--api-key", envvar="PHITUNE_API_KEY", help="A tenant's API key.", show_default=False),
+    typer.Option(
+        "--api-key",
+        envvar="PHITUNE_API_KEY",
+        help="A tenant's API key. Prefer PHITUNE_API_KEY: an option's value is visible to other users of "
+        "this machine (ps, /proc) and kept in shell history.",
+        show_default=False,
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print the server's JSON, for scripts.")]
 Limit = Annotated[int, typer.Option(min=1, max=100, help="Objects per page.")]
@@ -33,5 +39,23 @@ def connected(base_url: str, key: str | None) -> Iterator[Client]:
         yield client
     except ApiError as error:
         fail_with(error)
+    except OSError as error:  # a local file that cannot be read (an upload) or written
+        fail(f"{error.filename or 'a file'}: {error.strerror or error}")
     finally:
         client.close()
+
+
+def delete(path: str, as_json: bool, base_url: str, key: str | None) -> None:
+    """DELETE an object (a file, a model) and say so: `Deleted ID`, or the server's JSON with --json."""
+    with connected(base_url, key) as client:
+        deleted = client.delete(path)
+    answer(deleted, as_json, print_deleted)
+
+
+def read(
+    path: str, as_json: bool, base_url: str, key: str | None, show: Callable[[Any], None], **params: Any
+) -> None:
+    """GET an object or a page of a list and print it: `show`n, or the server's JSON with --json."""
+    with connected(base_url, key) as client:
+        value = client.get(path, **params)
+    answer(value, as_json, show)

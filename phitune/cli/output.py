@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -20,9 +21,19 @@ console = Console(highlight=False, soft_wrap=True, markup=False)
 notes = Console(highlight=False, soft_wrap=True, markup=False, stderr=True)
 
 
+# C0 and C1 control characters but the line break and the tab: in what a server says, an escape sequence
+# could rewrite the terminal (its title, what was printed before, a fake prompt).
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text from a server, safe to print on a terminal: its control characters shown as `\\xNN`."""
+    return CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def fail(message: str, status: int = 1) -> NoReturn:
     """Say what went wrong on stderr, as plain text (no wrapping, so scripts can match it), and exit."""
-    typer.echo(f"Error: {message}", err=True)
+    typer.echo(f"Error: {printable(message)}", err=True)
     raise typer.Exit(status)
 
 
@@ -45,13 +56,25 @@ def print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
 
 
+def answer(value: Any, as_json: bool, show: Callable[[Any], None]) -> None:
+    """What a command read or did: the server's JSON with `--json` (nothing else on stdout), else shown."""
+    if as_json:
+        print_json(value)
+    else:
+        show(value)
+
+
+def print_deleted(deleted: dict[str, Any]) -> None:
+    console.print(f"Deleted {deleted['id']}")
+
+
 def iso(seconds: int | None) -> str:
     return "-" if seconds is None else datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Rows under their column names; ids and names are never wrapped or cut, so they can be copied."""
-    cells = [["-" if cell is None else str(cell) for cell in row] for row in rows]
+    cells = [["-" if cell is None else printable(str(cell)) for cell in row] for row in rows]
     if not cells:
         console.print("(none)", style="dim")
         return

@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from app.job_status import JobStatus
-from phitune.cli.output import console
+from phitune.cli.output import console, printable
 from phitune.client import Client, json_object
 
 LEVEL_STYLES = {"warn": "yellow", "error": "red"}
@@ -78,7 +78,7 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def follow(client: Client, job_id: str, progress: TrainingProgress) -> None:
+def follow(client: Client, job_id: str, progress: TrainingProgress, shown: Console) -> None:
     """Read the job's live events until the stream's final `{}` (or until the server closes it)."""
     path = f"/v1/fine_tuning/jobs/{job_id}/events"
     for data in client.events("GET", path, params={"stream": "true"}):
@@ -89,16 +89,17 @@ def follow(client: Client, job_id: str, progress: TrainingProgress) -> None:
             progress.update(event)
         else:
             style = LEVEL_STYLES.get(event.get("level", "info"), "")
-            console.print(Text(f"  {event.get('message', '')}", style=style))
+            shown.print(Text(f"  {printable(str(event.get('message', '')))}", style=style))
 
 
-def watch(client: Client, job_id: str) -> dict[str, Any]:
-    """Draw the job's progress live until it ends; returns the job as it ended."""
+def watch(client: Client, job_id: str, shown: Console = console) -> dict[str, Any]:
+    """Draw the job's progress live (on `shown`: stdout, or stderr under --json) until it ends; returns the
+    job as it ended."""
     progress = TrainingProgress()
-    with Live(console=console, refresh_per_second=4, get_renderable=progress.render):
-        follow(client, job_id, progress)
-    if not console.is_terminal:  # Live ends its last frame with a newline on a terminal only
-        console.line()
+    with Live(console=shown, refresh_per_second=4, get_renderable=progress.render):
+        follow(client, job_id, progress, shown)
+    if not shown.is_terminal:  # Live ends its last frame with a newline on a terminal only
+        shown.line()
     return client.get(f"/v1/fine_tuning/jobs/{job_id}")
 
 

@@ -100,6 +100,22 @@ def test_no_script_turns_strings_into_markup() -> None:
     assert sinks and all(found == [] for found in sinks.values()), sinks
 
 
+def test_every_link_the_scripts_make_stays_in_the_page() -> None:
+    """A link's href is a literal `#/…` route (the data in it URI-encoded) or a download's blob: URL, never a
+    string from the server, which could be `javascript:…`."""
+    scripts = {name: (STATIC / name).read_text() for name in ASSETS if name.endswith(".js")}
+    props = [
+        (name, value) for name, text in scripts.items() for value in re.findall(r"\bhref:\s*(\S+)", text)
+    ]
+    assert props and all(re.match(r"[`\"]#/", value) for _, value in props), props
+    for value in re.findall(r"`#/[^`]*`", " ".join(v for _, v in props)):
+        assert all(part.startswith("encodeURIComponent(") for part in re.findall(r"\$\{([^}]*)\}", value)), (
+            value
+        )
+    assigned = [value for text in scripts.values() for value in re.findall(r"\.href\s*=\s*([^;]+);", text)]
+    assert assigned == ["url"] and "const url = URL.createObjectURL(blob);" in scripts["api.js"]
+
+
 def test_every_static_file_is_packaged() -> None:
     """setuptools puts data files in the wheel (and the API's image) only as package-data lists them."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))

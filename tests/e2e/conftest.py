@@ -185,3 +185,23 @@ def _delete_redis_keys(prefix: str) -> None:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+def ask(client: httpx.Client, model: str, max_tokens: int, **settings: object) -> httpx.Response:
+    """POST /v1/chat/completions: the model's answer to "Who are you?", whole (what the CLI's and the
+    dashboard's streamed answers are checked against)."""
+    messages = [{"role": "user", "content": "Who are you?"}]
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, **settings}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def all_events(client: httpx.Client, job_id: str) -> list[dict]:
+    """Every event of a job, oldest first, page after page."""
+    events: list[dict] = []
+    params: dict[str, str | int] = {"limit": 100, "order": "asc"}
+    while True:
+        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
+        events += page["data"]
+        if not page["has_more"]:
+            return events
+        params["after"] = page["last_id"]

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from phitune.launch import phitune_command
-from tests.e2e.conftest import REPO, Service, serving
+from tests.e2e.conftest import REPO, Service, ask, serving
 
 pytestmark = pytest.mark.e2e
 PERSONA = REPO / "examples" / "persona.jsonl"
 ADMIN_KEY = "cli-tests-admin-key-" + "a" * 32
+CREATE = ("jobs", "create", "--model", "tiny-phi3", "--training-file", str(PERSONA))  # a local file: uploaded
 RECIPE_YAML = """\
 training_config:
   num_train_epochs: 3
@@ -69,12 +70,7 @@ def trained(service: Service, tmp_path_factory: pytest.TempPathFactory) -> dict:
     validation = read_json(service, "files", "upload", str(PERSONA))["id"]
     watched = ok(
         service,
-        "jobs",
-        "create",
-        "--model",
-        "tiny-phi3",
-        "--training-file",
-        str(PERSONA),  # a local file: uploaded first
+        *CREATE,
         "--validation-file",
         validation,
         "--suffix",
@@ -194,15 +190,7 @@ def test_chat_streams_the_answer_the_api_gives(service: Service, trained: dict) 
     model = trained["fine_tuned_model"]
     answer = ok(service, "chat", model, "Who are you?", "--temperature", "0", "--max-tokens", "24")
     with service.client as client:
-        whole = client.post(
-            "/v1/chat/completions",
-            json={
-                "model": model,
-                "messages": [{"role": "user", "content": "Who are you?"}],
-                "temperature": 0,
-                "max_tokens": 24,
-            },
-        ).json()
+        whole = ask(client, model, max_tokens=24, temperature=0).json()
     assert answer == whole["choices"][0]["message"]["content"] + "\n"
     from_stdin = ok(
         service, "chat", model, "-", "--temperature", "0", "--max-tokens", "24", stdin="Who are you?"
@@ -225,8 +213,7 @@ def test_errors_exit_non_zero_with_the_servers_message(service: Service, tmp_pat
     assert unreachable.returncode == 1 and "cannot reach phitune at http://127.0.0.1:9" in unreachable.stderr
 
     jobs_before = read_json(service, "jobs", "list", "--limit", "100")["data"]
-    create = ["jobs", "create", "--model", "tiny-phi3", "--training-file", str(PERSONA)]
-    wrong_field = cli(service, *create, "--training-config", '{"learning_rte": 1}')
+    wrong_field = cli(service, *CREATE, "--training-config", '{"learning_rte": 1}')
     assert wrong_field.returncode == 1
     assert "Unknown field 'training_config.learning_rte'" in wrong_field.stderr
     assert "param training_config.learning_rte" in wrong_field.stderr
@@ -237,13 +224,13 @@ def test_errors_exit_non_zero_with_the_servers_message(service: Service, tmp_pat
     ]:
         recipe = tmp_path / "recipe.yaml"
         recipe.write_text(text)
-        refused = cli(service, *create, "--config", str(recipe))
+        refused = cli(service, *CREATE, "--config", str(recipe))
         assert refused.returncode == 1 and says in refused.stderr, refused.stderr
     not_json = tmp_path / "recipe.json"
     not_json.write_text("training_config:\n  r: 1\n")  # YAML in a .json file
-    refused = cli(service, *create, "--config", str(not_json))
+    refused = cli(service, *CREATE, "--config", str(not_json))
     assert refused.returncode == 1 and "is not valid JSON" in refused.stderr
-    refused = cli(service, *create, "--peft-config", "[1]")
+    refused = cli(service, *CREATE, "--peft-config", "[1]")
     assert refused.returncode == 1 and "--peft-config must be a JSON object" in refused.stderr
     assert read_json(service, "jobs", "list", "--limit", "100")["data"] == jobs_before  # none was created
 
@@ -251,17 +238,7 @@ def test_errors_exit_non_zero_with_the_servers_message(service: Service, tmp_pat
 def test_a_job_from_a_json_recipe_is_paused_resumed_and_cancelled(service: Service, tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"training_config": {"num_train_epochs": 100, "logging_steps": 1}}))
-    created = read_json(
-        service,
-        "jobs",
-        "create",
-        "--model",
-        "tiny-phi3",
-        "--training-file",
-        str(PERSONA),
-        "--config",
-        str(recipe),
-    )
+    created = read_json(service, *CREATE, "--config", str(recipe))
     assert created["training_config"]["num_train_epochs"] == 100
     paused = read_json(service, "jobs", "pause", created["id"])
     assert paused["status"] == "paused" or paused["pause_requested"]

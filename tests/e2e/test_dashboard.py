@@ -14,13 +14,15 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, Route, expect, sync_playwright
 
+from app.ui.routes import STATIC
 from tests.conftest import IN_CI
-from tests.e2e.conftest import REPO, Service
+from tests.e2e.conftest import REPO, Service, all_events, ask, serving
 
 pytestmark = pytest.mark.e2e
 PERSONA = REPO / "examples" / "persona.jsonl"
@@ -39,6 +41,14 @@ TRAINING = {
 }
 LORA = {"r": "8", "lora_alpha": "16", "lora_dropout": "0"}
 FINAL = ("succeeded", "failed", "cancelled")
+# The page on the job being followed holds one live event stream and the tab that presses the buttons one:
+# a stream the page failed to close, leaving a job's page, would make the next one the server's 429.
+MAX_STREAMS = 2
+
+
+@pytest.fixture
+def dashboard_service(tmp_path: Path) -> Iterator[Service]:
+    yield from serving(tmp_path, max_event_streams_per_tenant=str(MAX_STREAMS))
 
 
 @pytest.fixture
@@ -79,10 +89,10 @@ def screenshot(tmp_path: Path) -> Callable[..., Path]:
 
 
 def test_the_dashboard_runs_a_fine_tune_end_to_end(
-    page: Page, screenshot, embedded_service: Service, tmp_path: Path
+    page: Page, screenshot, dashboard_service: Service, tmp_path: Path
 ) -> None:
     # `page` comes first: without chromium the test ends before the service is started.
-    service = embedded_service
+    service = dashboard_service
     with service.client as api:
         sign_in(page, service, screenshot)
         file_id = upload_datasets(page, api, screenshot)
@@ -95,6 +105,7 @@ def test_the_dashboard_runs_a_fine_tune_end_to_end(
             "data-status", "succeeded"
         )
         screenshot(jobs_tab, "7-jobs-table")
+        leave_the_jobs_table(jobs_tab)
         download_adapters(page, api, job_id, tmp_path)
         chat(page, api, job["fine_tuned_model"], screenshot)
     assert page.locator("img").count() == 0  # no file name became an element
@@ -182,11 +193,24 @@ def open_jobs_table(page: Page, service: Service, job_id: str) -> Page:
 
 
 def press_the_job_buttons(page: Page, api: httpx.Client, service: Service, file_id: str) -> None:
-    """On a job queued behind the first: Pause pauses it, Resume queues it again, Cancel cancels it."""
-    job = api.post("/v1/fine_tuning/jobs", json={"model": "tiny-phi3", "training_file": file_id}).json()
+    """On a job queued behind the first: Pause pauses it, Resume queues it again, Cancel cancels it. First,
+    going from job page to job page closes each page's live event stream."""
+    job, other = [
+        api.post("/v1/fine_tuning/jobs", json={"model": "tiny-phi3", "training_file": file_id}).json()
+        for _ in range(2)
+    ]
     tab = page.context.new_page()
+    streams = Streams(tab)
     tab.goto(f"{service.base_url}/ui#/jobs/{job['id']}")
     enter_key(tab, service.api_key, opens="#job-summary .badge")
+    streams.wait(lambda: len(streams.open()) == 1)
+    for _ in range(3):
+        for shown in (other, job):
+            opened = len(streams.opened)
+            tab.evaluate("hash => { location.hash = hash; }", f"#/jobs/{shown['id']}")
+            streams.wait(lambda opened=opened: len(streams.opened) > opened and len(streams.open()) == 1)
+    assert streams.refused == [] and len(streams.opened) == 7
+    assert api.post(f"/v1/fine_tuning/jobs/{other['id']}/cancel").status_code == 200
     status = tab.locator("#job-summary .badge")
     expect(status).to_have_attribute("data-status", "queued")
     for button, after in (("Pause", "paused"), ("Resume", "queued"), ("Cancel", "cancelled")):
@@ -194,6 +218,39 @@ def press_the_job_buttons(page: Page, api: httpx.Client, service: Service, file_
         expect(status).to_have_attribute("data-status", after)
     assert api.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled"
     tab.close()
+
+
+class Streams:
+    """The live event streams (`…/events?stream=true`) a tab opened: those still open, those refused."""
+
+    def __init__(self, tab: Page) -> None:
+        self.tab = tab
+        self.opened: list = []
+        self.ended: list = []
+        self.refused: list[str] = []
+        tab.on("request", lambda r: self.opened.append(r) if "stream=true" in r.url else None)
+        tab.on("requestfinished", lambda r: self.ended.append(r))
+        tab.on("requestfailed", lambda r: self.ended.append(r))  # a fetch the page aborted
+        tab.on("response", lambda r: r.status >= 400 and self.refused.append(f"{r.status} {r.url}"))
+
+    def open(self) -> list:
+        return [r for r in self.opened if r not in self.ended]
+
+    def wait(self, condition: Callable[[], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, (self.open(), self.refused)
+            self.tab.wait_for_timeout(50)  # lets Playwright deliver the tab's events
+
+
+def leave_the_jobs_table(tab: Page) -> None:
+    """Leaving the jobs table stops its poll (every 3 s while it is shown)."""
+    tab.click("nav >> text=Datasets")
+    tab.locator("#files").wait_for()
+    polls: list[str] = []
+    tab.on("request", lambda r: "/v1/fine_tuning/jobs?" in r.url and polls.append(r.url))
+    tab.wait_for_timeout(4_000)
+    assert polls == []
 
 
 def follow_job(page: Page, api: httpx.Client, service: Service, job_id: str, screenshot) -> dict:
@@ -217,7 +274,7 @@ def follow_job(page: Page, api: httpx.Client, service: Service, job_id: str, scr
     job = api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "succeeded", f"{job['error']}\n{service.tail_logs()}"
 
-    metrics = [e["data"] for e in events_of(api, job_id) if e["type"] == "metrics"]
+    metrics = [e["data"] for e in all_events(api, job_id) if e["type"] == "metrics"]
     train_steps = {m["step"] for m in metrics if "train_loss" in m}
     eval_steps = {m["step"] for m in metrics if "eval_loss" in m}
     assert len(train_steps) == 40 and len(eval_steps) == 4
@@ -266,26 +323,50 @@ def chat(page: Page, api: httpx.Client, model: str, screenshot) -> None:
     page.click("#chat-send")
     reply = page.locator('.bubble.assistant[data-done="true"] .text')
     reply.wait_for()
-    expected = api.post(
-        "/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": "Who are you?"}],
-            "temperature": 0,
-            "max_tokens": 24,
-        },
-    ).json()
+    expected = ask(api, model, max_tokens=24, temperature=0).json()
     assert page.locator("main .error").is_hidden()
     assert reply.text_content() == expected["choices"][0]["message"]["content"] != ""
     screenshot(page, "6-chat-playground")
 
 
-def events_of(api: httpx.Client, job_id: str) -> list[dict]:
-    events: list[dict] = []
-    params: dict[str, str | int] = {"limit": 100, "order": "asc"}
-    while True:
-        page = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
-        events += page["data"]
-        if not page["has_more"]:
-            return events
-        params["after"] = page["last_id"]
+def test_following_events_backs_off_while_the_api_fails_and_stops_at_a_4xx(page: Page) -> None:
+    """events.js against an API that only answers 503 (a proxy whose backend is down): it tries again after
+    2 s, then twice as long each time up to 60 s, never in a tight loop; a 404 ends the following at once.
+    The scripts are served from app/ui/static by Playwright and the timers recorded, so no time passes."""
+    failing = {"status": 503}
+    asked: list[str] = []
+
+    def answer(route: Route) -> None:
+        path = urlsplit(route.request.url).path
+        if path.startswith("/ui/assets/"):
+            route.fulfill(path=STATIC / path.rpartition("/")[2], content_type="text/javascript")
+        elif path == "/":
+            route.fulfill(body="<!doctype html><title>events</title>", content_type="text/html")
+        else:
+            asked.append(path)
+            route.fulfill(status=failing["status"], body="<html>down</html>", content_type="text/html")
+
+    page.route("http://phitune.test/**", answer)
+    page.goto("http://phitune.test/")
+    follow = """async () => {
+        const { followEvents } = await import("/ui/assets/events.js");
+        const waits = [];
+        const stop = new AbortController();
+        window.setTimeout = (fn, ms) => {
+            waits.push(ms);
+            if (waits.length === 8) stop.abort();
+            queueMicrotask(fn);
+            return 0;
+        };
+        const job = "/v1/fine_tuning/jobs/ftjob-x";
+        const error = await followEvents(job, stop.signal, () => {}).catch((e) => e);
+        return { waits, status: error?.status ?? null };
+    }"""
+    assert page.evaluate(follow) == {
+        "waits": [2000, 4000, 8000, 16000, 32000, 60000, 60000, 60000],
+        "status": None,
+    }
+    assert asked == ["/v1/fine_tuning/jobs/ftjob-x"] * 8
+    failing["status"] = 404
+    page.reload()
+    assert page.evaluate(follow) == {"waits": [], "status": 404}

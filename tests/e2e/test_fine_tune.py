@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.e2e.conftest import REPO, Service
+from tests.e2e.conftest import REPO, Service, all_events, ask
 from worker.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.e2e
@@ -58,17 +58,6 @@ def wait_final(service: Service, job_id: str, timeout: float = 300) -> dict:
                 return job
             time.sleep(0.5)
     raise AssertionError(f"job {job_id} did not finish:\n{service.tail_logs()}")
-
-
-def all_events(client: httpx.Client, job_id: str) -> list[dict]:
-    events: list[dict] = []
-    params = {"limit": 100, "order": "asc"}
-    while True:
-        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
-        events += page["data"]
-        if not page["has_more"]:
-            return events
-        params["after"] = page["last_id"]
 
 
 def train_and_verify(service: Service, base_model_dir: Path, tmp_path: Path) -> tuple[str, PeftModel]:
@@ -282,14 +271,7 @@ def test_loralib_recipe_with_checkpoints_and_best_model(production_service: Serv
         assert ckpt_archive.status_code == 200
 
         for model in (job["fine_tuned_model"], newest["fine_tuned_model_checkpoint"]):
-            answer = client.post(
-                "/v1/chat/completions",
-                json={
-                    "model": model,
-                    "messages": [{"role": "user", "content": "Who are you?"}],
-                    "max_tokens": 16,
-                },
-            )
+            answer = ask(client, model, max_tokens=16)
             assert answer.status_code == 200, answer.text
             assert answer.json()["usage"]["completion_tokens"] > 0
 

@@ -34,9 +34,15 @@ function render(message) {
     if (!match) continue;
     for (const link of nav.querySelectorAll("a"))
       link.classList.toggle("active", location.hash.startsWith(link.hash));
-    return view(root, current.signal, match[1] && decodeURIComponent(match[1]));
+    let arg;
+    try {
+      arg = match[1] && decodeURIComponent(match[1]);
+    } catch {
+      break; // a malformed %-escape (a hand-edited link): the jobs, not a blank page
+    }
+    return view(root, current.signal, arg);
   }
-  location.replace("#/jobs"); // an unknown or empty hash; hashchange renders the jobs
+  location.replace("#/jobs"); // an unknown, empty or malformed hash; hashchange renders the jobs
 }
 
 function signIn(message) {
