@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ class Received:
 @dataclass
 class Receiver:
     """Answers each POST with the next of `statuses` (the last one from then on), after `delay` seconds, and
-    keeps what it got."""
+    keeps what it got (as it arrives)."""
 
     url: str
     statuses: list[int]
@@ -39,15 +40,17 @@ class Receiver:
 
 
 @contextmanager
-def receiving(*statuses: int, delay: float = 0) -> Iterator[Receiver]:
-    """A `Receiver` served over HTTP on a free loopback port from a thread."""
+def receiving(*statuses: int, delay: float = 0, tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
+    """A `Receiver` served over HTTP (HTTPS with the server context `tls`) on a free loopback port from a
+    thread."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
             headers = {name.lower(): value for name, value in self.headers.items()}
+            status = receiver.answer(Received(headers, body))
             time.sleep(receiver.delay)
-            self.send_response(receiver.answer(Received(headers, body)))
+            self.send_response(status)
             self.send_header("content-length", "0")
             self.end_headers()
 
@@ -55,7 +58,10 @@ def receiving(*statuses: int, delay: float = 0) -> Iterator[Receiver]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    receiver = Receiver(f"http://127.0.0.1:{server.server_port}/hook", list(statuses or (200,)), delay)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    scheme = "https" if tls else "http"
+    receiver = Receiver(f"{scheme}://127.0.0.1:{server.server_port}/hook", list(statuses or (200,)), delay)
     thread = threading.Thread(target=server.serve_forever, name="webhook-receiver", daemon=True)
     thread.start()
     try:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Row, Select, func, select, update
+from sqlalchemy import Row, Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.models import WebhookDelivery, WebhookEndpoint
 
 PENDING = WebhookDelivery.PENDING
+SETTLED = (WebhookDelivery.DELIVERED, WebhookDelivery.FAILED)
 
 
 def add_endpoint(session: Session, endpoint: WebhookEndpoint) -> None:
@@ -29,8 +30,14 @@ def endpoints_query(tenant_id: str) -> Select:
     return select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant_id)
 
 
-def endpoints_of(session: Session, tenant_id: str) -> Sequence[WebhookEndpoint]:
-    return session.scalars(endpoints_query(tenant_id).order_by(WebhookEndpoint.seq)).all()
+def endpoints_to_announce(session: Session, tenant_id: str) -> Sequence[WebhookEndpoint]:
+    """The tenant's endpoints, held until the transaction ends (PostgreSQL's `FOR KEY SHARE`): one deleted
+    meanwhile would otherwise fail the transition's commit on its deliveries' foreign key. A delete waits for
+    the commit instead, and takes the deliveries it wrote with it."""
+    query = (
+        endpoints_query(tenant_id).order_by(WebhookEndpoint.seq).with_for_update(read=True, key_share=True)
+    )
+    return session.scalars(query).all()
 
 
 def endpoint_count(session: Session, tenant_id: str) -> int:
@@ -60,25 +67,42 @@ def any_due(session: Session, now: float) -> bool:
     return session.scalar(query.limit(1)) is not None
 
 
-def claim_due(session: Session, now: float, lease_until: float, limit: int) -> Sequence[Row]:
-    """Claim up to `limit` pending deliveries due at `now`: their attempt is counted and they are not due
-    again before `lease_until` (sooner, if the attempt's outcome is recorded). One statement, so two API
-    processes never claim the same delivery: PostgreSQL skips rows another claim holds (`SKIP LOCKED`), and
-    SQLite runs one writer at a time. Returns each claimed delivery's id, attempt, body, url and secret."""
-    due = (
+def claim_due(
+    session: Session, now: float, lease_until: float, limit: int, busy_tenants: Collection[str] = ()
+) -> Sequence[Row]:
+    """Claim up to `limit` pending deliveries due at `now`, the most overdue of each tenant not in
+    `busy_tenants` (so that one tenant's backlog, or its endpoints that hang, never fills a sender's slots):
+    their attempt is counted and they are not due again before `lease_until` (sooner, if the attempt's outcome
+    is recorded). Two API processes never claim the same delivery: the claiming UPDATE re-checks that each is
+    still due, on rows PostgreSQL locks with `SKIP LOCKED` (another claim holds the rest), and SQLite runs one
+    writer at a time. Returns each claimed delivery's id, attempt, body, url, secret and tenant_id."""
+    tenant_id = WebhookEndpoint.tenant_id
+    due = (WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
+    ranked = (
+        select(
+            WebhookDelivery.id,
+            WebhookDelivery.next_attempt_at,
+            func.row_number()
+            .over(partition_by=tenant_id, order_by=(WebhookDelivery.next_attempt_at, WebhookDelivery.seq))
+            .label("rank"),
+        )
+        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+        .where(*due, tenant_id.not_in(busy_tenants))
+        .subquery()
+    )
+    picked = session.scalars(
+        select(ranked.c.id).where(ranked.c.rank == 1).order_by(ranked.c.next_attempt_at).limit(limit)
+    ).all()
+    if not picked:
+        return []
+    lockable = (
         select(WebhookDelivery.id)
-        .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
-        .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)
+        .where(WebhookDelivery.id.in_(picked), *due)
         .with_for_update(skip_locked=True)
     )
     claimed = session.execute(
         update(WebhookDelivery)
-        .where(
-            WebhookDelivery.id.in_(due),
-            WebhookDelivery.status == PENDING,
-            WebhookDelivery.next_attempt_at <= now,
-        )
+        .where(WebhookDelivery.id.in_(lockable), *due)
         .values(attempts=WebhookDelivery.attempts + 1, next_attempt_at=lease_until)
         .returning(WebhookDelivery.id)
         .execution_options(synchronize_session=False)
@@ -93,6 +117,7 @@ def claim_due(session: Session, now: float, lease_until: float, limit: int) -> S
             WebhookDelivery.body,
             WebhookEndpoint.url,
             WebhookEndpoint.secret,
+            tenant_id,
         )
         .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
         .where(WebhookDelivery.id.in_(ids))
@@ -114,6 +139,16 @@ def record_attempt(session: Session, delivery_id: str, attempt: int, values: Map
         .execution_options(synchronize_session=False)
     )
     return session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
+
+
+def forget_settled(session: Session, before: int) -> int:
+    """Delete the deliveries delivered or given up on that were created before `before`: how many."""
+    statement = (
+        delete(WebhookDelivery)
+        .where(WebhookDelivery.status.in_(SETTLED), WebhookDelivery.created_at < before)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).rowcount  # type: ignore[attr-defined]
 
 
 def pending_count(session: Session) -> int:

@@ -35,7 +35,7 @@ def announce(session: Session, job: Job) -> None:
     event_type = EVENT_OF_STATUS.get(job.status)
     if event_type is None:
         return
-    endpoints = [e for e in webhooks.endpoints_of(session, job.tenant_id) if event_type in e.events]
+    endpoints = [e for e in webhooks.endpoints_to_announce(session, job.tenant_id) if event_type in e.events]
     if not endpoints:
         return
     body = json.dumps(

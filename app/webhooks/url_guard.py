@@ -18,6 +18,9 @@ SCHEMES = ("http", "https")
 # What a host may be made of once IDNA-encoded: names and IPv4 spellings, and IPv6 literals (no zone ids).
 HOST_CHARS = re.compile(r"[A-Za-z0-9.\-:]+")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# NAT64's well-known prefix (RFC 6052): a gateway reaches the IPv4 address in its last 32 bits, a private one
+# too, while newer Pythons count the whole prefix as global (ipaddress follows IANA's registry).
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 class UrlRefused(ValueError):
@@ -46,11 +49,14 @@ def parse(url: str) -> httpx.URL:
 
 def is_public(address: IPAddress) -> bool:
     """Whether an address is globally routable unicast; an IPv6 address that carries an IPv4 one (mapped,
-    6to4, Teredo) counts only if that one is public too."""
+    6to4, Teredo, NAT64) counts only if that one is public too."""
     if address.is_multicast or address.is_reserved or address.is_unspecified or not address.is_global:
         return False
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+        if address.is_site_local:  # fec0::/10, deprecated but still routed inside some networks
+            return False
+        nat64 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if address in NAT64 else None
+        embedded = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ()), nat64]
         return all(is_public(inner) for inner in embedded if inner is not None)
     return True
 
@@ -68,13 +74,14 @@ def resolve(url: httpx.URL) -> list[IPAddress]:
 
 
 def public_addresses(url: httpx.URL) -> list[IPAddress]:
-    """The URL's addresses, all public; UrlRefused naming the first that is not."""
+    """The URL's addresses, all public; UrlRefused if one is not."""
     addresses = resolve(url)
     for address in addresses:
         if not is_public(address):
+            # Not which address: a tenant would learn what the API's network names resolve to.
             raise UrlRefused(
-                f"the host '{url.host}' resolves to {address}, a loopback, private, link-local or otherwise "
-                "non-public address"
+                f"the host '{url.host}' resolves to a loopback, private, link-local or otherwise non-public "
+                "address"
             )
     return addresses
 

@@ -4,17 +4,29 @@ written in the transaction of the job's transition."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import ipaddress
 import json
+import socket
+import ssl
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import Row, delete, update
 
 from app.config import Settings
 from app.db import session_scope
@@ -23,9 +35,9 @@ from app.jobs import states
 from app.jobs.leases import MAX_ATTEMPTS, reap_expired_leases
 from app.limits import MAX_WEBHOOK_URL_CHARS, MAX_WEBHOOKS_PER_TENANT
 from app.main import create_app
-from app.models import Job
-from app.repositories import jobs
-from app.webhooks import signing
+from app.models import Job, WebhookDelivery, WebhookEndpoint
+from app.repositories import jobs, webhooks
+from app.webhooks import signing, url_guard
 from app.webhooks.schemas import (
     CreatedWebhook,
     WebhookDeleted,
@@ -33,7 +45,7 @@ from app.webhooks.schemas import (
     WebhookList,
     WebhookObject,
 )
-from app.webhooks.sender import WebhookSender, pinned
+from app.webhooks.sender import KEEP_SETTLED_SECONDS, PER_TENANT, Outcome, WebhookSender, pinned
 from tests.api.test_internal import claim, succeeded_job
 from tests.api.test_openapi import assert_documented
 from tests.utils import CHAT_LINES, upload_file
@@ -195,6 +207,20 @@ def test_succeeded_and_paused_jobs_are_sent_only_to_endpoints_subscribed(hooks, 
     assert [json.loads(r.body)["data"]["status"] for r in paused.received] == ["paused"]
 
 
+def test_each_landing_is_announced_once_and_resuming_is_not(hooks, auth, receiver):
+    """queued → paused → queued → paused → cancelled: paused twice and cancelled, the last from paused."""
+    hook = register(hooks, auth, receiver.url)
+    job_id = queued_job(hooks, auth)
+    for action in ("pause", "resume", "pause", "cancel", "cancel"):
+        hooks.post(f"/v1/fine_tuning/jobs/{job_id}/{action}", headers=auth)
+    assert [d["type"] for d in settled(hooks, auth, hook["id"])] == [CANCELLED, PAUSED, PAUSED]
+    assert [json.loads(r.body)["data"]["status"] for r in receiver.received] == [
+        "paused",
+        "paused",
+        "cancelled",
+    ]
+
+
 def test_a_job_the_housekeeping_loop_fails_is_announced(hooks, auth, database_url, receiver):
     """The lost-lease path commits in the API's background loop, not in a request: the same hook."""
     hook = register(hooks, auth, receiver.url, [FAILED])
@@ -222,6 +248,27 @@ def test_a_rolled_back_transition_writes_no_delivery(hooks, auth, database_url):
     assert deliveries(hooks, auth, hook["id"]) == []
     hooks.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth)
     assert [d["fine_tuning_job_id"] for d in deliveries(hooks, auth, hook["id"])] == [job_id]
+
+
+def test_an_endpoint_deleted_during_a_transition_waits_for_its_commit(hooks, auth, database_url):
+    """On PostgreSQL a delete committed between the transition's read of the endpoints and its commit would
+    break the deliveries' foreign key, and the transition with it (on SQLite the one writer waits anyway)."""
+    hook = register(hooks, auth, "http://127.0.0.1:9/", [CANCELLED])
+    job_id = queued_job(hooks, auth)
+
+    def delete_endpoint() -> None:
+        with session_scope(database_url) as session:
+            session.execute(delete(WebhookEndpoint).where(WebhookEndpoint.id == hook["id"]))
+
+    with ThreadPoolExecutor(1) as pool:
+        with session_scope(database_url) as session:
+            job = jobs.get(session, job_id)
+            assert job is not None and states.transition(session, job, states.Transition.CANCEL_QUEUED)
+            deleting = pool.submit(delete_endpoint)
+            time.sleep(0.5)  # long enough for the delete to commit, were it not held
+        deleting.result()
+    assert hooks.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()["status"] == "cancelled"
+    assert hooks.get(f"/v1/webhooks/{hook['id']}", headers=auth).status_code == 404
 
 
 def test_an_address_that_turned_private_is_refused_at_send_time(settings, auth, receiver):
@@ -263,6 +310,8 @@ REFUSED_URLS = [
     "http://[::ffff:127.0.0.1]/",
     "http://[::ffff:169.254.169.254]/",
     "http://[2002:7f00:1::]/",  # 6to4 around 127.0.0.1
+    "http://[64:ff9b::a00:1]/",  # NAT64 around 10.0.0.1
+    "http://[fec0::1]/",  # site-local
     "http://0x7f000001/",
     "http://2130706433/",
     "http://017700000001/",
@@ -291,6 +340,16 @@ def test_urls_of_private_or_non_http_targets_are_refused(client, auth, url):
     assert response.json()["error"]["param"] == "url"
     assert response.json()["error"]["code"] == "invalid_url"
     assert client.get("/v1/webhooks", headers=auth).json()["data"] == []
+
+
+def test_a_refused_name_does_not_tell_what_it_resolves_to(client, auth):
+    """The API's resolver sees its own network: a tenant must not learn its addresses through the refusal."""
+    response = client.post(
+        "/v1/webhooks", json={"url": "http://localhost:8000/", "events": [CANCELLED]}, headers=auth
+    )
+    message = response.json()["error"]["message"]
+    assert response.status_code == 400 and "'localhost' resolves to a loopback" in message
+    assert "127.0.0.1" not in message and "::1" not in message
 
 
 def test_public_addresses_are_accepted(client, auth):
@@ -448,6 +507,52 @@ def test_a_checked_address_is_what_the_sender_connects_to_with_the_name_as_host(
     )
 
 
+def test_an_attempt_connects_to_the_address_it_checked_not_to_a_new_resolution(
+    settings, receiver, monkeypatch
+):
+    """The name is resolved once per attempt, by the check: were the connection to resolve it again, a name
+    rebound in between (DNS rebinding) would be reached unchecked. Here the check's resolution is the only
+    one that knows the name."""
+    port = httpx.URL(receiver.url).port
+    monkeypatch.setattr(url_guard, "resolve", lambda url: [ipaddress.ip_address("127.0.0.1")])
+    monkeypatch.setattr(url_guard, "is_public", lambda address: True)
+    sender = WebhookSender(webhook_settings(settings, webhook_allow_private_urls=False))
+    row = SimpleNamespace(
+        id="msg-1", url=f"http://hooks.phitune.invalid:{port}/hook", secret=signing.new_secret(), body="{}"
+    )
+    assert sender.post(row) == Outcome(200, None)
+    (request,) = receiver.received
+    assert request.headers["host"] == f"hooks.phitune.invalid:{port}"
+
+
+def test_the_outcome_of_an_attempt_whose_claim_lapsed_is_not_recorded(settings, auth, database_url):
+    """A slow attempt whose claim lapsed was claimed again: only the newer attempt's outcome counts."""
+    with TestClient(create_app(webhook_settings(settings, webhook_poll_seconds=3600))) as client:
+        hook = register(client, auth, "http://127.0.0.1:9/", [CANCELLED])
+        client.post(f"/v1/fine_tuning/jobs/{queued_job(client, auth)}/cancel", headers=auth)
+        (pending,) = deliveries(client, auth, hook["id"])
+        delivered = {"status": WebhookDelivery.DELIVERED, "last_status_code": 200}
+
+        def claim(lease_seconds: float) -> Row:  # the other tests' deliveries still pending may come too
+            with session_scope(database_url) as session:
+                claimed = webhooks.claim_due(session, time.time(), time.time() + lease_seconds, 8)
+            return next(row for row in claimed if row.id == pending["id"])
+
+        first, second = claim(0), claim(60)  # the first claim lapses at once
+        assert (first.attempts, second.attempts) == (1, 2)
+        with session_scope(database_url) as session:
+            assert not webhooks.record_attempt(session, first.id, first.attempts, delivered)
+            assert webhooks.record_attempt(
+                session, second.id, second.attempts, {"last_error": "answered 500"}
+            )
+        (delivery,) = deliveries(client, auth, hook["id"])
+    assert (delivery["status"], delivery["attempts"], delivery["last_error"]) == (
+        "pending",
+        2,
+        "answered 500",
+    )
+
+
 def test_two_senders_claim_each_delivery_once(settings, auth, receiver):
     """As two API processes would: both poll the same rows at once, and each delivery is sent once."""
     quiet = webhook_settings(settings, webhook_poll_seconds=3600)  # the app's own sender stays out of it
@@ -457,7 +562,146 @@ def test_two_senders_claim_each_delivery_once(settings, auth, receiver):
         client.post(f"/v1/fine_tuning/jobs/{queued_job(client, auth)}/cancel", headers=auth)
         senders = [WebhookSender(quiet), WebhookSender(quiet)]
         with ThreadPoolExecutor(2) as pool:
-            while sum(pool.map(lambda sender: sender.run_once(), senders)):
+            while sum(pool.map(lambda sender: len(wait(sender.dispatch()).done), senders)):
                 pass
     ids = [request.headers["webhook-id"] for request in receiver.received]
     assert len(ids) == MAX_WEBHOOKS_PER_TENANT and len(set(ids)) == len(ids)
+
+
+def test_a_tenant_whose_endpoints_hang_holds_its_slots_only(hooks, auth, other_auth):
+    """16 endpoints that take longer than a round would have all of a process's slots; a tenant gets
+    PER_TENANT of them, and another tenant's delivery is sent at once, not after the hanging ones."""
+    with receiving(200, delay=4) as hanging, receiving(200) as quick:
+        for number in range(MAX_WEBHOOKS_PER_TENANT):
+            register(hooks, auth, f"{hanging.url}/{number}", [CANCELLED])
+        hooks.post(f"/v1/fine_tuning/jobs/{queued_job(hooks, auth)}/cancel", headers=auth)
+        wait_until(lambda: len(hanging.received) >= PER_TENANT, "the hanging endpoints' first attempts")
+        started = time.monotonic()
+        register(hooks, other_auth, quick.url, [CANCELLED])
+        hooks.post(f"/v1/fine_tuning/jobs/{queued_job(hooks, other_auth)}/cancel", headers=other_auth)
+        wait_until(lambda: quick.received, "the other tenant's delivery")
+        waited, hanging_in_flight = time.monotonic() - started, len(hanging.received)
+    assert waited < 3 and hanging_in_flight == PER_TENANT
+
+
+@contextmanager
+def trickling() -> Iterator[str]:
+    """An endpoint that starts its answer, then sends one more byte of its headers every 0.2 s for 10 s:
+    every read gets something well within any timeout."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        connection, _ = server.accept()
+        with connection, contextlib.suppress(OSError):
+            connection.sendall(b"HTTP/1.1 200 OK\r\nx-slow: ")
+            for _ in range(50):
+                if stop.wait(0.2):
+                    return
+                connection.sendall(b"x")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+    finally:
+        stop.set()
+        server.close()
+
+
+def test_an_endpoint_that_trickles_its_answer_is_cut_off_at_the_timeout(settings):
+    sender = WebhookSender(webhook_settings(settings, webhook_timeout_seconds=1.0))
+    with trickling() as url:
+        row = SimpleNamespace(id="msg-1", url=url, secret=signing.new_secret(), body="{}", tenant_id="t")
+        started = time.monotonic()
+        outcome = sender.post(row)
+    assert time.monotonic() - started < 3
+    assert outcome == Outcome(None, "timed out after 1 s")
+
+
+def certificate_authority(*names: str) -> tuple[str, ssl.SSLContext]:
+    """A CA's certificate (PEM) and a server context with a certificate it signed for `names`."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject: str, key, issuer: x509.Name, signer, extension: x509.ExtensionType):
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(extension, critical=isinstance(extension, x509.BasicConstraints))
+            .sign(signer, hashes.SHA256())
+        )
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "phitune test CA")])
+    ca = certificate(
+        "phitune test CA", ca_key, ca_name, ca_key, x509.BasicConstraints(ca=True, path_length=0)
+    )
+    names_extension = x509.SubjectAlternativeName([x509.DNSName(name) for name in names])
+    leaf = certificate(names[0], key, ca_name, ca_key, names_extension)
+    with tempfile.TemporaryDirectory() as directory:
+        chain, key_file = Path(directory, "chain.pem"), Path(directory, "key.pem")
+        chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(chain, key_file)
+    return ca.public_bytes(serialization.Encoding.PEM).decode(), server
+
+
+def test_a_pinned_https_attempt_verifies_the_certificate_for_the_name(settings):
+    """Connecting to the checked address must not skip TLS verification: the certificate is checked against
+    the URL's name (sent as SNI), so one for another name is refused."""
+    ca, server_context = certificate_authority("hooks.example")
+    sender = WebhookSender(settings)
+    trusting_the_ca = ssl.create_default_context(cadata=ca)
+    sender.__dict__["client"] = httpx.Client(verify=trusting_the_ca, follow_redirects=False, trust_env=False)
+    row = SimpleNamespace(id="msg-1", secret=signing.new_secret(), body="{}")
+    loopback = ipaddress.ip_address("127.0.0.1")
+    with receiving(200, tls=server_context) as receiver:
+        port = httpx.URL(receiver.url).port
+        assert sender.send(row, *pinned(httpx.URL(f"https://hooks.example:{port}/x"), loopback)) == 200
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            sender.send(row, *pinned(httpx.URL(f"https://other.example:{port}/x"), loopback))
+    (request,) = receiver.received
+    assert request.headers["host"] == f"hooks.example:{port}" and signature_is_valid(row.secret, request)
+
+
+def test_settled_deliveries_are_forgotten_after_the_retention_and_pending_ones_kept(
+    hooks, settings, auth, database_url, receiver
+):
+    hook = register(hooks, auth, receiver.url, [CANCELLED])
+    for _ in range(2):
+        hooks.post(f"/v1/fine_tuning/jobs/{queued_job(hooks, auth)}/cancel", headers=auth)
+    delivered, still_pending = [d["id"] for d in settled(hooks, auth, hook["id"])]
+    with session_scope(database_url) as session:
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_([delivered, still_pending]))
+            .values(created_at=int(time.time() - KEEP_SETTLED_SECONDS - 60))
+        )
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == still_pending)
+            .values(status=WebhookDelivery.PENDING, next_attempt_at=time.time() + 3600)
+        )
+    hooks.post(f"/v1/fine_tuning/jobs/{queued_job(hooks, auth)}/cancel", headers=auth)
+    (fresh,) = wait_until(
+        lambda: [
+            d["id"]
+            for d in deliveries(hooks, auth, hook["id"])
+            if d["status"] == "delivered" and d["id"] != delivered
+        ],
+        "a new delivery",
+    )
+    WebhookSender(settings).prune()
+    assert [d["id"] for d in deliveries(hooks, auth, hook["id"])] == [fresh, still_pending]
