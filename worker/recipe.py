@@ -204,12 +204,13 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
     reset_peak(plan.device)
-    with trackers.reporting(inputs.tracking, trainer, resumed_step=resumed_step):
+    with trackers.reporting(inputs.tracking, trainer, reporter, resumed_step=resumed_step) as runs:
         trainer.train(
             resume_from_checkpoint=str(inputs.resume_from / resume_state.TRAINER_DIR)
             if inputs.resume_from
             else None
         )
+        runs.ended(interrupted=states.handed_back is not None or progress.cancelled)
 
     text, figures = measured_peak(plan.device)
     reporter.message(text, data=figures)

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -104,12 +105,22 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> ClaimReply:
         suffix=job.suffix,
         training_file=job.training_file,
         validation_file=job.validation_file,
-        training_config=job.training_config,
+        training_config=_for_workers(job.training_config),
         peft_config=job.peft_config,
         heartbeat_seconds=settings.heartbeat_seconds,
         lease_seconds=settings.lease_seconds,
         resume_states=resume_states.listed(session, job.id),
     )
+
+
+def _for_workers(training_config: dict[str, Any]) -> dict[str, Any]:
+    """The job's training_config as every worker version takes it: each refuses a key it does not know, so
+    report_to, which workers older than the trackers lack, is left out when it names none. A rolling deploy
+    then keeps those workers training every job that names no tracker; one that names some fails there
+    before it trains (TrainingConfig refuses the key), rather than train without its trackers."""
+    if training_config.get("report_to"):
+        return training_config
+    return {key: value for key, value in training_config.items() if key != "report_to"}
 
 
 def current_attempt(session: Session, settings: Settings, job_id: str, authorization: str | None) -> Attempt:

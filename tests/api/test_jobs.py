@@ -192,6 +192,32 @@ def test_the_sdk_does_not_retry_a_state_conflict(client, auth, training_file):
     assert (refused.value.code, len(sent)) == ("job_not_paused", 1)
 
 
+def test_a_concurrent_write_409_stays_retryable_for_the_sdk(settings, auth):
+    """The 409 of a write that lost a race (an IntegrityError: two creates with one Idempotency-Key, say) is
+    worth retrying, and the retry finds what the winner wrote: it does not say `x-should-retry: false`, as a
+    state conflict does, so the SDK retries it."""
+    from sqlalchemy.exc import IntegrityError
+
+    app = create_app(settings)
+    calls: list[int] = []
+
+    def race() -> None:
+        calls.append(1)
+        raise IntegrityError("INSERT INTO jobs ...", {}, Exception("UNIQUE constraint failed"))
+
+    app.add_api_route("/v1/race", race, methods=["POST"])
+    with TestClient(app) as client:
+        response = client.post("/v1/race", headers=auth)
+        assert_error(response, 409, code="conflict")
+        assert "x-should-retry" not in response.headers
+        sdk = openai.OpenAI(
+            base_url="http://testserver/v1", api_key=auth["Authorization"].split()[1], http_client=client
+        )
+        with pytest.raises(openai.ConflictError):
+            sdk.with_options(max_retries=1).post("/race", cast_to=dict)
+    assert len(calls) == 1 + 2  # the plain request, then the SDK's first try and its one retry
+
+
 def test_events_newest_first_by_default_oldest_first_on_request_and_stream_ends_with_the_job(
     client, auth, training_file
 ):

@@ -9,8 +9,10 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 from app.config import Settings
 from app.internal.contracts import ClaimReply
@@ -29,7 +32,7 @@ from app.specs import PeftConfig, TrainingConfig
 from phitune.launch import free_port
 from tests.api.test_internal import claim
 from tests.utils import CHAT_LINES, upload_file
-from tests.worker.conftest import Recorder, persona_inputs
+from tests.worker.conftest import PERSONA_FILE, Recorder, persona_inputs
 from worker import tasks, trackers
 from worker.recipe import train
 
@@ -267,3 +270,265 @@ def test_a_tracker_this_worker_cannot_use_fails_the_job_before_training(
 def _create(client: TestClient, auth: dict[str, str], training_file: str, training_config: dict, **body):
     body = {"model": "tiny-phi3", "training_file": training_file, "training_config": training_config, **body}
     return client.post("/v1/fine_tuning/jobs", json=body, headers=auth)
+
+
+# What each test below trains: the 40 persona examples in 5 steps, metrics every step.
+SHORT = {"num_train_epochs": 1, "per_device_train_batch_size": 8, "warmup_ratio": 0, "logging_steps": 1}
+
+
+class Listener:
+    """A TCP port that counts the connections made to it: where a tracker left on would send its data."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.socket.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.connections = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._done.is_set():
+            try:
+                connection, _ = self.socket.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            connection.close()
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+        self.socket.close()
+
+
+def _claim(report_to: list[str] | None = None, job_id: str = "ftjob-quiet", suffix: str | None = None):
+    config = {**SHORT, **({"report_to": report_to} if report_to is not None else {})}
+    return ClaimReply(
+        job_id=job_id, attempt=1, token="t", model="tiny-phi3", suffix=suffix, training_file="file-1",
+        validation_file=None, training_config=config, peft_config={"r": 8, "lora_alpha": 16},
+        heartbeat_seconds=10,
+    )  # fmt: skip
+
+
+def test_a_job_without_report_to_starts_no_tracker_even_with_every_tracker_installed_and_configured(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mlflow and tensorboard are installed here (phitune[trackers]), the deployment offers MLflow and the
+    worker's environment points MLflow and W&B somewhere: a job that names no tracker still logs nowhere
+    but its own events. No run directory appears (mlruns/, runs/, wandb/ in the working directory, the
+    TensorBoard directory) and nothing connects to the tracking server."""
+    assert importlib.util.find_spec("mlflow") and importlib.util.find_spec("tensorboard")
+    listener = Listener()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", listener.url)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        base_models={"tiny-phi3": str(tiny_model_dir)},
+        mlflow_tracking_uri=listener.url,
+        tensorboard_dir=tmp_path / "tensorboard",
+    )
+    try:
+        for report_to in (None, [], "none"):
+            claim = _claim(report_to)  # type: ignore[arg-type]
+            training = PERSONA_FILE
+            inputs = tasks.recipe_inputs(claim, settings, training, None, tmp_path / "scratch")
+            assert inputs.tracking is None
+            recorder = Recorder()
+            run = train(inputs, recorder)
+            assert [event["step"] for event in recorder.events] == [1, 2, 3, 4, 5]
+            integrations = tuple(INTEGRATION_TO_CALLBACK.values())
+            assert not [
+                each for each in run.trainer.callback_handler.callbacks if isinstance(each, integrations)
+            ]
+            assert not [text for _, text, _ in recorder.messages if "tracker" in text]
+    finally:
+        listener.close()
+    assert listener.connections == 0
+    assert {path.name for path in tmp_path.iterdir()} <= {"data", "scratch"}
+    assert not (tmp_path / "data" / "tensorboard").exists()
+
+
+def test_a_tracker_that_fails_mid_training_is_a_warning_and_the_job_trains_on(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TensorBoard's writer raises at the second step (a full disk) and again when closed: one warning event,
+    every step trained and reported, the job's adapter saved; the trainer's control untouched."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    calls = {"scalars": 0}
+    real_add_scalar = SummaryWriter.add_scalar
+
+    def add_scalar(self, tag, value, global_step=None, *args, **kwargs):
+        if global_step is not None and global_step >= 2:
+            calls["scalars"] += 1
+            raise OSError(28, "No space left on device")
+        return real_add_scalar(self, tag, value, global_step, *args, **kwargs)
+
+    def close(self) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", add_scalar)
+    monkeypatch.setattr(SummaryWriter, "close", close)
+    settings = Settings(data_dir=tmp_path / "data", tensorboard_dir=tmp_path / "tensorboard")
+    config = TrainingConfig(**SHORT, report_to="tensorboard")
+    inputs = persona_inputs(
+        tiny_model_dir,
+        training_config=config,
+        peft_config=PeftConfig(r=8, lora_alpha=16),
+        output_dir=tmp_path / "out",
+        tracking=trackers.for_job("ftjob-full-disk", None, config, settings),
+    )
+    recorder = Recorder()
+    result = train(inputs, recorder).result
+    assert [event["step"] for event in recorder.events] == [1, 2, 3, 4, 5]
+    assert result.adapter_dir is not None and not result.cancelled
+    assert calls["scalars"] == 1  # called no more once it failed
+    [warning] = [(text, data) for level, text, data in recorder.messages if "tracker" in text]
+    assert warning[1] == {"tracker": "tensorboard"} and ("warn", *warning) in recorder.messages
+    assert "tensorboard tracker failed in on_log (OSError" in warning[0]
+
+
+def test_an_unreachable_mlflow_server_is_a_warning_and_the_job_trains_without_it(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deployment's MLflow server is down when the attempt starts: the job trains and succeeds, says so in
+    a warning event, and leaves no MLflow run active in the worker's process for its next job. With the
+    worker's environment silent on MLflow's HTTP retries, the wait is bounded (MLflow's own defaults would
+    retry for about 4 minutes), and the environment is left as it was."""
+    import mlflow
+
+    for name in trackers.MLFLOW_HTTP_BOUNDS:
+        monkeypatch.delenv(name, raising=False)
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    settings = Settings(data_dir=tmp_path / "data", mlflow_tracking_uri=f"http://127.0.0.1:{port}")
+    config = TrainingConfig(**SHORT, report_to="mlflow")
+    inputs = persona_inputs(
+        tiny_model_dir,
+        training_config=config,
+        peft_config=PeftConfig(r=8, lora_alpha=16),
+        output_dir=tmp_path / "out",
+        tracking=trackers.for_job("ftjob-mlflow-down", None, config, settings),
+    )
+    recorder = Recorder()
+    started = time.monotonic()
+    result = train(inputs, recorder).result
+    assert time.monotonic() - started < 90
+    assert not set(trackers.MLFLOW_HTTP_BOUNDS) & set(os.environ)
+    assert [event["step"] for event in recorder.events] == [1, 2, 3, 4, 5] and result.adapter_dir
+    [warning] = [text for _, text, _ in recorder.messages if "tracker" in text]
+    assert warning.startswith("The mlflow tracker failed to start its run")
+    assert ("warn", warning, {"tracker": "mlflow"}) in recorder.messages
+    assert mlflow.active_run() is None
+
+
+@pytest.mark.parametrize(
+    ("recorder", "status"),
+    [(Recorder(stop_after=2), "KILLED"), (Recorder(hand_back_at=2), "KILLED"), (None, "FAILED")],
+    ids=["cancelled", "paused", "failed"],
+)
+def test_an_attempt_that_stops_early_or_fails_ends_its_mlflow_run_so(
+    recorder: Recorder | None, status: str, mlflow_server: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Cancelled or handed back (paused, preempted at SIGTERM): KILLED, and a later attempt opens it again;
+    failed: FAILED. Either way the run is ended, and no run stays active in the worker for its next job."""
+    import mlflow
+
+    class Failing(Recorder):
+        def on_metrics(self, metrics: dict) -> None:
+            if metrics["step"] == 2:
+                raise RuntimeError("the worker broke")
+            super().on_metrics(metrics)
+
+    job_id = f"ftjob-ends-{status.lower()}-{tmp_path.name[-8:].strip('_')}"
+    settings = Settings(
+        data_dir=tmp_path / "data", mlflow_tracking_uri=mlflow_server, mlflow_experiment_name=EXPERIMENT
+    )
+    config = TrainingConfig(**SHORT, report_to="mlflow")
+    inputs = persona_inputs(
+        tiny_model_dir,
+        training_config=config,
+        peft_config=PeftConfig(r=8, lora_alpha=16),
+        output_dir=tmp_path / "out",
+        tracking=trackers.for_job(job_id, None, config, settings),
+    )
+    if recorder is None:
+        with pytest.raises(RuntimeError, match="the worker broke"):
+            train(inputs, Failing())
+    else:
+        train(inputs, recorder)
+    assert mlflow.active_run() is None
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    [run] = client.search_runs([experiment.experiment_id], f"tags.`{trackers.JOB_TAG}` = '{job_id}'")
+    assert run.info.status == status
+
+
+@pytest.mark.parametrize(
+    ("job_id", "suffix"),
+    [("../../etc", None), ("ftjob-1", "a/../../b"), ("ftjob-1' OR '1'='1", None), ("ftjob-1", "bot\n")],
+)
+def test_a_job_id_or_suffix_that_could_leave_the_trackers_dir_or_filter_is_refused(
+    job_id: str, suffix: str | None, tmp_path: Path
+) -> None:
+    """The API makes both of [A-Za-z0-9_-] only; the worker checks again before naming a directory or a
+    search filter after them."""
+    settings = Settings(data_dir=tmp_path)
+    with pytest.raises(trackers.TrackerUnavailable, match="cannot name a tracker run"):
+        trackers.for_job(job_id, suffix, TrainingConfig(report_to="tensorboard"), settings)
+
+
+def test_the_claim_leaves_report_to_out_for_workers_that_predate_it(
+    settings: Settings, auth: dict[str, str]
+) -> None:
+    """A worker of the previous version refuses a training_config key it does not know (TrainingConfig is
+    closed): during a rolling deploy it must still train the jobs that name no tracker. The claim carries
+    report_to only when it names some; the worker reads the absent key as none."""
+    with TestClient(create_app(settings)) as client:
+        training_file = upload_file(client, auth, CHAT_LINES)
+        for report_to in [None, "none", []]:
+            config = {} if report_to is None else {"report_to": report_to}
+            job = _create(client, auth, training_file, config).json()
+            assert job["training_config"]["report_to"] == []
+            reply, _ = claim(client, job["id"])
+            assert "report_to" not in reply["training_config"]
+            assert TrainingConfig(**reply["training_config"]) == TrainingConfig(**job["training_config"])
+        job = _create(client, auth, training_file, {"report_to": "tensorboard"}).json()
+        reply, _ = claim(client, job["id"])
+    assert reply["training_config"]["report_to"] == ["tensorboard"]
+
+
+def test_an_mlflow_server_lost_before_the_run_ends_costs_the_job_nothing(
+    mlflow_server: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ending the run is a call to the server (set_terminated): one that fails once training is over is a
+    warning, the job still succeeds with its adapter, and the worker's next job can open a run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    def lost(*_: object, **__: object) -> None:
+        raise MlflowException("API request to /api/2.0/mlflow/runs/update failed: connection refused")
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", lost)
+    settings = Settings(
+        data_dir=tmp_path / "data", mlflow_tracking_uri=mlflow_server, mlflow_experiment_name=EXPERIMENT
+    )
+    config = TrainingConfig(**SHORT, report_to="mlflow")
+    inputs = persona_inputs(
+        tiny_model_dir,
+        training_config=config,
+        peft_config=PeftConfig(r=8, lora_alpha=16),
+        output_dir=tmp_path / "out",
+        tracking=trackers.for_job("ftjob-mlflow-lost", None, config, settings),
+    )
+    recorder = Recorder()
+    result = train(inputs, recorder).result
+    assert [event["step"] for event in recorder.events] == [1, 2, 3, 4, 5] and result.adapter_dir
+    [warning] = [text for _, text, _ in recorder.messages if "tracker" in text]
+    assert warning.startswith("The mlflow tracker failed to end its run (MlflowException")
+    assert mlflow.active_run() is None
