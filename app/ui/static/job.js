@@ -165,26 +165,28 @@ export function jobView(root, id, signal) {
   }
 
   // The job and its checkpoints, polled until the job is final (then once more, for the last checkpoints).
-  every(
-    POLL_MS,
-    async () => {
-      try {
-        const before = actionsTaken;
-        const fresh = await get(base, { signal });
-        if (before === actionsTaken) show(fresh);
-        error.clear();
-        if (job.progress.step !== lastStep || isFinal(job.status)) {
-          lastStep = job.progress.step;
-          await refreshCheckpoints();
-        }
-      } catch (e) {
-        if (e.name !== "AbortError") error.show(e);
+  async function poll() {
+    try {
+      const before = actionsTaken;
+      const fresh = await get(base, { signal });
+      if (before === actionsTaken) show(fresh);
+      error.clear();
+      if (job.progress.step !== lastStep || isFinal(job.status)) {
+        lastStep = job.progress.step;
+        await refreshCheckpoints();
       }
-      return !job || !isFinal(job.status);
-    },
-    signal,
-  );
+    } catch (e) {
+      if (e.name !== "AbortError") error.show(e);
+    }
+    return !job || !isFinal(job.status);
+  }
+  // Also read at once when an event comes, so status and progress keep up with the curve; one read at a
+  // time, however many events arrive together.
+  let reading = null;
+  const refresh = () => (reading ??= poll().finally(() => (reading = null)));
+  every(POLL_MS, refresh, signal);
   followEvents(base, signal, (event) => {
+    refresh();
     if (event.type === "metrics" && event.data) chart.add(event.data);
     events.prepend(eventItem(event));
     events.children[MAX_EVENTS_SHOWN]?.remove();
