@@ -24,6 +24,7 @@ MAX_LEARNING_RATE = 1.0
 MAX_LEARNING_RATE_MULTIPLIER = 100.0
 MAX_WEIGHT_DECAY = 1.0
 MAX_GRAD_NORM = 1000.0
+MAX_EARLY_STOPPING_THRESHOLD = 100.0  # an eval loss improvement; a loss that falls this much has diverged
 MAX_SAVE_TOTAL_LIMIT = 100  # also the default once checkpoints are stored: never an unbounded number kept
 MAX_SEED = 2**31 - 1  # OpenAI's fine-tuning seed: 0 to 2,147,483,647 (the jobs table's integer)
 MAX_OUTPUT_DIR_CHARS = 4096  # accepted for the recipe's sake, never stored

@@ -22,6 +22,7 @@ from pydantic import (
 
 from app.limits import (
     MAX_BATCH_SIZE,
+    MAX_EARLY_STOPPING_THRESHOLD,
     MAX_EPOCHS,
     MAX_GRAD_NORM,
     MAX_GRADIENT_ACCUMULATION_STEPS,
@@ -36,6 +37,7 @@ from app.limits import (
     MAX_TARGET_MODULES,
     MAX_WEIGHT_DECAY,
     MIN_SEQ_LENGTH,
+    ModelId,
     ModuleName,
     OutputDir,
 )
@@ -151,11 +153,29 @@ class TrainingConfig(_Closed):
         False,
         description="Ship the checkpoint (or final step) with the lowest eval loss; needs validation_file.",
     )
+    early_stopping_patience: Steps | None = Field(
+        None,
+        description="Stop once eval_loss has not improved by more than early_stopping_threshold for this "
+        "many evaluations in a row; needs validation_file, and implies load_best_model_at_end (the best "
+        "step ships).",
+    )
+    early_stopping_threshold: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_EARLY_STOPPING_THRESHOLD,
+        description="How much eval_loss must fall below its best so far to count as improving.",
+    )
     report_to: ReportTo = Field(
         default_factory=list,
         description='Experiment trackers the worker also logs this job to: "mlflow", "tensorboard", "wandb" '
         'or a list of them; "none" (the default): none. Only names a tracker: where it sends data is the '
         "server's setting, and a tracker the server does not offer is refused.",
+    )
+    init_from: ModelId | None = Field(
+        None,
+        description="A fine-tuned model id (ft:…) or a checkpoint's (ft:…:ckpt-step-N) of this tenant and "
+        "this base model: training starts from its LoRA weights (with a new optimizer and schedule), and the "
+        "job takes its LoRA settings.",
     )
     # Accepted so the recipe's dictionary can be pasted as is; the server owns output and logging.
     output_dir: OutputDir | None = Field(
@@ -195,10 +215,31 @@ class TrainingConfig(_Closed):
         # Accepted (bounded) so the recipe can be pasted, but never stored or echoed in every job object.
         return None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _early_stopping_ships_the_best(cls, data: Any) -> Any:
+        # Early stopping trains `patience` evaluations past the best step, which is then the one to ship:
+        # load_best_model_at_end is implied, and shown set in the job's training_config.
+        if isinstance(data, dict) and data.get("early_stopping_patience") is not None:
+            return {"load_best_model_at_end": True, **data}
+        return data
+
     @model_validator(mode="after")
     def _check_steps(self) -> TrainingConfig:
         if self.max_steps == 0:
             raise ValueError("max_steps must be -1 (use num_train_epochs) or a positive number")
+        return self
+
+    @model_validator(mode="after")
+    def _check_early_stopping(self) -> TrainingConfig:
+        if self.early_stopping_patience is None:
+            if self.early_stopping_threshold:
+                raise ValueError("early_stopping_threshold applies only with early_stopping_patience")
+        elif not self.load_best_model_at_end:
+            raise ValueError(
+                "early_stopping_patience ships the best step, as load_best_model_at_end does; leave "
+                "load_best_model_at_end unset or true"
+            )
         return self
 
     def evaluation_interval(self) -> int:
@@ -226,6 +267,10 @@ UNADAPTABLE_MODULES = {
 
 RECIPE_FIELDS = frozenset({"backend", "qkv_slices", "quantization"})
 """PeftConfig fields that choose how phitune trains; the others are `peft.LoraConfig`'s."""
+
+CONTINUATION_FIELDS = frozenset({"lora_dropout", "quantization"})
+"""PeftConfig fields a job continuing from an adapter (`init_from`) may choose for itself; the others shape
+the adapter, and it inherits them."""
 
 
 class PeftConfig(_Closed):

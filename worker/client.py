@@ -100,6 +100,10 @@ class AttemptClient:
     def download_resume_state(self, state_id: str, destination: Path) -> Path:
         return self._download(f"{self._prefix}/resume_states/{state_id}", destination)
 
+    def download_init_adapter(self, destination: Path) -> Path:
+        """The adapter archive of training_config.init_from, in the format of the job's backend."""
+        return self._download(f"{self._prefix}/init_from", destination)
+
     def heartbeat(self) -> LeaseReply:
         """Renew the lease; the reply says whether the job was cancelled or paused meanwhile."""
         return LeaseReply.model_validate(self._post("/heartbeat", None))

@@ -5,8 +5,9 @@
 TRL's `SFTTrainer` configured from the job's `TrainingConfig` and `PeftConfig`, reports progress and
 checkpoints through a `ProgressReporter` and saves the adapter as safetensors with a short model card.
 Along the way it hands the reporter resume states (see `worker.resume_state`), and continues exactly from
-one when `RecipeInputs.resume_from` is given. Errors propagate: the task that calls it turns them into a
-failed job.
+one when `RecipeInputs.resume_from` is given; otherwise, with `RecipeInputs.init_from`, training starts from
+the LoRA weights of a previous adapter (`training_config.init_from`). Errors propagate: the task that calls
+it turns them into a failed job.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Protocol
 
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
-from safetensors.torch import save_file
+from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import SequentialSampler
 from transformers import (
     AutoConfig,
+    EarlyStoppingCallback,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -38,7 +41,12 @@ from trl import SFTConfig, SFTTrainer
 
 from app.specs import RECIPE_FIELDS, PeftConfig, TrainingConfig, fit_to_model
 from worker import hardware, lm_head, loralib_backend, memory_estimate, resume_state, trackers
-from worker.adapter_archive import LORALIB_DIR, PEFT_UNAVAILABLE_FILE
+from worker.adapter_archive import (
+    LORALIB_DIR,
+    LORALIB_STATE_DICT_FILE,
+    PEFT_UNAVAILABLE_FILE,
+    PEFT_WEIGHTS_FILE,
+)
 from worker.data import TokenizedDataset, load_tokenized_dataset
 from worker.hardware import DeviceSetting, HardwarePlan
 from worker.loralib_backend import LoralibConfig
@@ -53,8 +61,9 @@ class ProgressReporter(Protocol):
         """A message event for the job: where it trains, its peak memory, warnings."""
 
     def on_metrics(self, metrics: dict) -> None:
-        """Called at every logging step with step, total_steps, epoch, train_loss, learning_rate,
-        tokens_per_second, and eval_loss and eval_mean_token_accuracy when the step was evaluated."""
+        """Called at every logging step with step, total_steps, epoch, train_loss, train_mean_token_accuracy,
+        learning_rate, tokens_per_second, and eval_loss and eval_mean_token_accuracy when the step was
+        evaluated."""
 
     def on_checkpoint(self, step: int, adapter_dir: Path, metrics: dict) -> None:
         """Called at every checkpoint with the step's adapter, laid out as the final one, and metrics step,
@@ -82,6 +91,9 @@ class RecipeInputs:
     peft_config: PeftConfig
     output_dir: Path  # scratch directory of this attempt
     resume_from: Path | None = None  # an unpacked resume state of this job (checked by resume_state.unpack)
+    # The unpacked adapter of training_config.init_from (checked by adapter_archive.extract_adapter), in the
+    # format of the job's backend: its LoRA weights are where training starts, unless resume_from is given.
+    init_from: Path | None = None
     resume_state_seconds: float | None = None  # a resume state at least this often, besides every save_steps
     device: DeviceSetting = "auto"  # PHITUNE_DEVICE
     tracking: trackers.Tracking | None = None  # the experiment trackers it reports to (worker.trackers)
@@ -116,6 +128,8 @@ def run_recipe(inputs: RecipeInputs, reporter: ProgressReporter) -> RecipeResult
 
 def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
     """Run the whole recipe and keep the trainer, for callers that inspect the trained model."""
+    if inputs.training_config.early_stopping_patience and inputs.validation_file is None:
+        raise ValueError("training_config.early_stopping_patience needs a validation_file")
     if inputs.training_config.load_best_model_at_end and inputs.validation_file is None:
         raise ValueError("training_config.load_best_model_at_end needs a validation_file")
     config, peft_config = inputs.training_config, inputs.peft_config
@@ -181,6 +195,13 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         interval=config.checkpoint_interval(),
         seconds=inputs.resume_state_seconds,
     )
+    callbacks: list[TrainerCallback] = [progress, checkpoints, states]
+    early_stopping = None
+    if config.early_stopping_patience:
+        early_stopping = EarlyStopping(
+            checkpoints, config.early_stopping_patience, config.early_stopping_threshold
+        )
+        callbacks.append(early_stopping)
     trainer = build_trainer(
         prepared,
         tokenizer,
@@ -188,7 +209,7 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         plan,
         train_data.dataset,
         validation_data.dataset if validation_data else None,
-        [progress, checkpoints, states],
+        callbacks,
         checkpointing=checkpointing.enabled,
     )
     text, figures = describe_data(train_data, trainer, config)
@@ -197,6 +218,9 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         raise hardware.DeviceUnavailable(
             f"{trainer.args.n_gpu} GPUs are visible to this worker; pin it to one (phitune worker --gpu N)"
         )
+    if inputs.init_from is not None and inputs.resume_from is None:  # a resume state holds newer weights
+        loaded = load_initial_adapter(trained_model(trainer), inputs.init_from, peft_config.backend)
+        reporter.message(f"Training starts from the LoRA weights of {config.init_from} ({loaded} tensors)")
     if plan.mixed_precision == "fp16":
         # fp16 autocast scales the loss, and the scaler unscales only fp32 gradients: TRL leaves QLoRA's LoRA
         # weights in bf16, which must train in fp32 here.
@@ -216,7 +240,13 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
     reporter.message(text, data=figures)
     steps = trainer.state.global_step
     train_loss = last_train_loss(trainer)
-    if states.handed_back is not None:
+    stopped_early = early_stopping.describe() if early_stopping else None
+    if stopped_early is not None and not progress.cancelled:
+        text, figures = stopped_early
+        reporter.message(text, data=figures)
+    # Training that stopped early at the step it was handed back at is over: it ships, not resumes.
+    handed_back = None if stopped_early else states.handed_back
+    if handed_back is not None:
         result = RecipeResult(
             adapter_dir=None,
             trained_tokens=trainer.state.num_input_tokens_seen,
@@ -225,7 +255,7 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
             cancelled=False,
             best_step=None,
             formats=[],
-            handed_back=states.handed_back,
+            handed_back=handed_back,
         )
         return TrainingRun(trainer=trainer, result=result)
     adapter_dir = inputs.output_dir / "adapter"
@@ -353,6 +383,27 @@ def prepare_model(model: PreTrainedModel, inputs: RecipeInputs) -> PreTrainedMod
     return model
 
 
+def load_initial_adapter(model: nn.Module, adapter_dir: Path, backend: str) -> int:
+    """Copy the adapter the job continues from (unpacked in `adapter_dir`, in the format of `backend`) into
+    `model`'s LoRA layers, which train on from it; returns how many tensors it holds. ValueError unless it
+    fills every LoRA weight and nothing else (the API gave the job the adapter's LoRA settings); a tensor of
+    another shape is a RuntimeError."""
+    if backend == "loralib":
+        weights = load_file(adapter_dir / LORALIB_STATE_DICT_FILE)
+        result = model.load_state_dict(weights, strict=False)
+    else:
+        weights = load_file(adapter_dir / PEFT_WEIGHTS_FILE)
+        result = set_peft_model_state_dict(model, weights)
+    unfilled = [name for name in result.missing_keys if "lora_" in name]
+    if unfilled or result.unexpected_keys:
+        raise ValueError(
+            "the adapter this job continues from does not fit its LoRA layers: "
+            f"{len(unfilled)} LoRA weights left unset, {len(result.unexpected_keys)} tensors of no layer "
+            f"({', '.join([*unfilled, *result.unexpected_keys][:3])})"
+        )
+    return len(weights)
+
+
 def build_lora_config(peft_config: PeftConfig) -> LoraConfig:
     """The `peft.LoraConfig` of a job: PeftConfig's fields, but the RECIPE_FIELDS, are LoraConfig's."""
     return LoraConfig(**peft_config.model_dump(exclude=set(RECIPE_FIELDS)))
@@ -413,6 +464,10 @@ def build_trainer_args(
         logging_steps=config.logging_steps,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=(config.eval_steps or config.logging_steps) if evaluate else None,
+        # EarlyStoppingCallback compares each eval_loss with the trainer's best_metric, which the trainer
+        # keeps once a metric is named. The trainer loads no best model itself (its load_best_model_at_end
+        # needs its own checkpoints): CheckpointCallback keeps the best adapter, which the recipe ships.
+        metric_for_best_model="eval_loss" if config.early_stopping_patience else None,
         save_strategy="no",
         include_num_input_tokens_seen="non_padding",  # feeds trained_tokens and tokens_per_second
         report_to="none",  # worker.trackers adds the job's trackers, set up from the worker's settings
@@ -529,6 +584,7 @@ class ReporterCallback(TrainerCallback):
             "total_steps": state.max_steps,
             "epoch": state.epoch,
             "train_loss": logs["loss"],
+            "train_mean_token_accuracy": logs.get("mean_token_accuracy"),
             "learning_rate": logs["learning_rate"],
             "tokens_per_second": (tokens - self._last_tokens) / max(now - self._last_time, 1e-9),
         }
@@ -657,6 +713,54 @@ class CheckpointCallback(TrainerCallback):
             self.best = checkpoint
         else:
             shutil.rmtree(directory)
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping on eval_loss, which also records the step it stopped at. The adapter
+    shipped is the best checkpoint's (`CheckpointCallback`, load_best_model_at_end being implied)."""
+
+    def __init__(self, checkpoints: CheckpointCallback, patience: int, threshold: float) -> None:
+        super().__init__(early_stopping_patience=patience, early_stopping_threshold=threshold)
+        self.checkpoints = checkpoints
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Not EarlyStoppingCallback's, which warns that the trainer loads no best model: the recipe ships it.
+        # A resumed attempt counts the evaluations without improvement from the eval losses it restored, as
+        # the interrupted one had counted them.
+        self.early_stopping_patience_counter = 0
+        best = SimpleNamespace(best_metric=None)  # the trainer's state as it was at each evaluation
+        for step in sorted(self.checkpoints.eval_losses):
+            loss = self.checkpoints.eval_losses[step]
+            self.check_metric_value(args, best, control, loss)
+            best.best_metric = loss if best.best_metric is None else min(best.best_metric, loss)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+        stopping = self.early_stopping_patience_counter >= self.early_stopping_patience
+        if stopping and state.global_step < state.max_steps:  # at the last step training ends anyway
+            self.stopped_at = state.global_step
+
+    def describe(self) -> tuple[str, dict] | None:
+        """The event that says where training stopped, why, and which evaluation was the best; None when it
+        did not stop early."""
+        if self.stopped_at is None:
+            return None
+        losses = self.checkpoints.eval_losses
+        best_step = min(losses, key=lambda step: (losses[step], step))
+        text = (
+            f"Early stopping at step {self.stopped_at}: eval_loss did not improve by more than "
+            f"{self.early_stopping_threshold:g} for {self.early_stopping_patience} evaluations "
+            f"(best {losses[best_step]:.4f} at step {best_step})"
+        )
+        figures = {
+            "step": self.stopped_at,
+            "best_step": best_step,
+            "best_eval_loss": losses[best_step],
+            "early_stopping_patience": self.early_stopping_patience,
+            "early_stopping_threshold": self.early_stopping_threshold,
+        }
+        return text, figures
 
 
 class ResumeStateCallback(TrainerCallback):

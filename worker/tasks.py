@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from app.adapter_format import Format
 from app.config import Settings
 from app.internal.contracts import ClaimReply, LeaseReply
 from app.specs import PeftConfig, TrainingConfig
 from worker import resume_state, shutdown
-from worker.adapter_archive import PEFT_UNAVAILABLE_FILE, adapter_formats, pack
+from worker.adapter_archive import PEFT_UNAVAILABLE_FILE, adapter_formats, extract_adapter, pack
 from worker.client import ApiClient, ApiUnreachable, AttemptClient, ClaimRefused, LeaseLost
 
 if TYPE_CHECKING:
@@ -200,7 +201,8 @@ def train(claim: ClaimReply, attempt: AttemptClient, settings: Settings, scratch
 
 
 def _run(claim: ClaimReply, attempt: AttemptClient, reporter: ApiReporter, settings: Settings, scratch: Path):
-    """Fetch the inputs and the newest usable resume state, then train; None if shutdown came first."""
+    """Fetch the inputs and the newest usable resume state, else the adapter the job continues from (if any),
+    then train; None if shutdown came first."""
     from worker.recipe import run_recipe, state_fingerprint  # torch loads only when a job runs
 
     training_file = attempt.download_file(claim.training_file, scratch / "train.jsonl")
@@ -214,7 +216,35 @@ def _run(claim: ClaimReply, attempt: AttemptClient, reporter: ApiReporter, setti
         return None
     if claim.resume_states:
         inputs.resume_from = restore_state(claim, attempt, reporter, state_fingerprint(inputs), scratch)
+    if inputs.resume_from is None and inputs.training_config.init_from:  # a resume state holds newer weights
+        inputs.init_from = fetch_init_adapter(
+            attempt, inputs.training_config.init_from, inputs.peft_config.backend, scratch
+        )
     return run_recipe(inputs, reporter)
+
+
+class SourceModelGone(RuntimeError):
+    """The model a job continues from (training_config.init_from) was deleted before the job saved a state."""
+
+
+def fetch_init_adapter(attempt: AttemptClient, name: str, backend: Format, scratch: Path) -> Path:
+    """The adapter of training_config.init_from (`name`), in the format of the job's `backend`, downloaded
+    through the attempt and unpacked by the checked reader (`worker.adapter_archive.extract_adapter`:
+    safetensors only, no path leaves it, bounded)."""
+    archive = scratch / "init_from.tar.gz"
+    try:
+        attempt.download_init_adapter(archive)
+    except httpx.HTTPStatusError as refused:
+        if refused.response.status_code != 404:
+            raise
+        raise SourceModelGone(
+            f"the model this job continues from ({name}) was deleted after the job was created; create the "
+            "job again from an existing model"
+        ) from None
+    try:
+        return extract_adapter(archive, scratch / "init_from", backend)
+    finally:
+        archive.unlink(missing_ok=True)
 
 
 def recipe_inputs(

@@ -91,7 +91,12 @@ def retrieve_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> F
     "/{file_id}/content",
     response_class=FileResponse,
     responses={
-        200: {"content": {"application/jsonl": {"schema": {"type": "string", "format": "binary"}}}},
+        200: {
+            "content": {
+                media_type: {"schema": {"type": "string", "format": "binary"}}
+                for media_type in service.MEDIA_TYPES.values()
+            }
+        },
         304: {"description": "Not modified"},
         **error_responses(404),
     },
@@ -99,7 +104,8 @@ def retrieve_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> F
 def download_file_content(
     file_id: str, request: Request, tenant: CurrentTenant, session: SessionDep, storage: StorageDep
 ) -> Response:
-    """The dataset as uploaded. The ETag is its sha256, so a client can verify or cache it."""
+    """The dataset as uploaded, or a job's result file (CSV). The ETag is its sha256, so a client can verify
+    or cache it."""
     row = service.get_file(session, tenant.id, file_id)
     etag = f'"{row.sha256}"'
     tags = _entity_tags(request.headers.get("if-none-match"))
@@ -107,7 +113,7 @@ def download_file_content(
         return Response(status_code=304, headers={"ETag": etag})
     return FileResponse(
         storage.path(row.storage_key),
-        media_type="application/jsonl",
+        media_type=service.MEDIA_TYPES[row.purpose],
         filename=row.filename,
         headers={"ETag": etag},
     )
@@ -115,7 +121,8 @@ def download_file_content(
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409))
 def delete_file(file_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> FileDeleted:
-    """Delete a file and its content; refused (409) while a queued, running or paused job still needs it."""
+    """Delete a file and its content (a job's result file too); refused (409) while a queued, running or
+    paused job still needs it."""
     row = service.get_file(session, tenant.id, file_id)
     service.check_not_in_use(session, row)
     service.delete_file(session, storage, row)

@@ -30,7 +30,7 @@ class FileObject(BaseModel):
     purpose: str
     status: Literal["processed"] = "processed"  # only valid files are ever stored
     sha256: str
-    stats: FileStats
+    stats: FileStats | None = Field(description="A dataset's; null for a job's result file.")
 
     @classmethod
     def from_row(cls, row: File) -> FileObject:
@@ -41,7 +41,7 @@ class FileObject(BaseModel):
             filename=row.filename,
             purpose=row.purpose,
             sha256=row.sha256,
-            stats=FileStats.model_validate(row.stats),
+            stats=FileStats.model_validate(row.stats) if row.stats else None,  # a result file's are {}
         )
 
 

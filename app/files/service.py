@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from sqlalchemy.orm import Session
 
 from app import idempotency
@@ -17,6 +20,10 @@ from app.repositories import files, tenants
 from app.storage import Storage
 
 PURPOSES = ("fine-tune",)
+"""What a tenant uploads files for: datasets, the only files a job trains on."""
+RESULTS_PURPOSE = "fine-tune-results"
+"""A job's result file (app.jobs.results), OpenAI's purpose for it: made by the server, never uploaded."""
+MEDIA_TYPES = {**dict.fromkeys(PURPOSES, "application/jsonl"), RESULTS_PURPOSE: "text/csv"}
 IDEMPOTENCY_ROUTE = "files"
 READ_BUFFER_BYTES = 1024 * 1024  # a few lines per read() would spend more in system calls than in parsing
 
@@ -26,6 +33,20 @@ def get_file(session: Session, tenant_id: str, file_id: str, *, param: str = "fi
     row = files.get(session, tenant_id, file_id)
     if row is None:
         raise NotFound(f"No file with id '{file_id}'", param=param, code="file_not_found")
+    return row
+
+
+def get_dataset(session: Session, tenant_id: str, file_id: str, *, param: str) -> File:
+    """The tenant's file `file_id` as a job's training or validation file: a 404 as `get_file`, and a 400
+    `invalid_file_purpose` naming `param` for a file that is no dataset (a job's result file)."""
+    row = get_file(session, tenant_id, file_id, param=param)
+    if row.purpose not in PURPOSES:
+        raise InvalidRequest(
+            f"File {file_id} has purpose '{row.purpose}'; a job trains on a dataset uploaded with purpose "
+            f"'{PURPOSES[0]}'",
+            param=param,
+            code="invalid_file_purpose",
+        )
     return row
 
 
@@ -136,7 +157,10 @@ def check_not_in_use(session: Session, row: File) -> None:
 
 
 def delete_file(session: Session, storage: Storage, row: File) -> None:
-    """Delete a file's row, and its blob once that has committed: a row never points at nothing."""
+    """Delete a file's row, and its blob once that has committed: a row never points at nothing (nor does
+    the job whose result file it was)."""
+    if row.purpose == RESULTS_PURPOSE:
+        files.forget_result_file(session, row)
     files.delete(session, row)
     after_commit(session, lambda: storage.delete(row.storage_key))
 
@@ -179,10 +203,32 @@ def _checked_purpose(purpose: str | None) -> str:
     return purpose
 
 
+def store_generated(
+    session: Session, storage: Storage, tenant_id: str, *, filename: str, purpose: str, content: bytes
+) -> File:
+    """Store a file the server made for the tenant (a job's result file): listed, downloadable and deletable
+    as an upload, and counted in its stored bytes, though never refused for them (it reports on training
+    already done). It has no dataset stats."""
+    file_id = new_id("file")
+    temp = storage.temp_path()
+    temp.write_bytes(content)
+    row = File(
+        id=file_id,
+        tenant_id=tenant_id,
+        filename=filename,
+        purpose=purpose,
+        bytes=len(content),
+        sha256=hashlib.sha256(content).hexdigest(),
+        stats={},
+        storage_key=f"files/{file_id}{Path(filename).suffix}",
+    )
+    return _keep(session, storage, row, temp)
+
+
 def _store(
     session: Session, storage: Storage, tenant_id: str, received: ReceivedFile, purpose: str, report: Report
 ) -> File:
-    """Insert the row and move the blob into place; the blob is removed if the row never commits."""
+    """Keep a validated upload."""
     file_id = new_id("file")
     row = File(
         id=file_id,
@@ -194,7 +240,13 @@ def _store(
         stats=report.stats(),
         storage_key=f"files/{file_id}.jsonl",
     )
+    return _keep(session, storage, row, received.path)
+
+
+def _keep(session: Session, storage: Storage, row: File, temp: Path) -> File:
+    """Insert the row and move its blob from `temp` into place; the blob is removed if the row never
+    commits."""
     files.add(session, row)
-    storage.commit(received.path, row.storage_key)
+    storage.commit(temp, row.storage_key)
     on_rollback(session, lambda: storage.delete(row.storage_key))
     return row

@@ -35,7 +35,7 @@ from app.internal.contracts import (
     WorkerEvents,
 )
 from app.internal.service import Attempt
-from app.jobs import artifacts, checkpoints, resume_states
+from app.jobs import artifacts, checkpoints, init_from, resume_states
 from app.jobs.schemas import JobCheckpoint
 from app.limits import MAX_REPORTED_STEP
 from app.models import Artifact, Job
@@ -157,8 +157,10 @@ def publish_checkpoint(
 
 
 @router.post("/{job_id}/complete")
-def complete(body: Outcome, attempt: CurrentAttempt, session: SessionDep) -> CompleteReply:
-    service.complete_job(session, attempt.job, body)
+def complete(
+    body: Outcome, attempt: CurrentAttempt, session: SessionDep, storage: StorageDep
+) -> CompleteReply:
+    service.complete_job(session, storage, attempt.job, body)
     return CompleteReply(status=attempt.job.status)
 
 
@@ -190,10 +192,20 @@ def download_resume_state(state_id: str, attempt: CurrentAttempt, session: Sessi
     )
 
 
+@router.get("/{job_id}/init_from")
+def download_init_adapter(attempt: CurrentAttempt, session: SessionDep, storage: StorageDep):
+    """The adapter the job continues from (training_config.init_from): the one adapter its attempt may
+    fetch; 404 once that model is deleted."""
+    return _adapter_file(storage, init_from.source_artifact(session, attempt.job))
+
+
 @adapters_router.get("/{adapter_id}", dependencies=[ServingOnly])
 def download_adapter(adapter_id: str, session: SessionDep, storage: StorageDep):
     """The inference server fetches an adapter here by job or checkpoint id; deleted models are gone."""
-    artifact = service.servable_artifact(session, adapter_id)
+    return _adapter_file(storage, service.servable_artifact(session, adapter_id))
+
+
+def _adapter_file(storage: Storage, artifact: Artifact) -> FileResponse:
     return FileResponse(
         storage.path(artifact.storage_key),
         media_type="application/gzip",

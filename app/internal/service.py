@@ -23,7 +23,7 @@ from app.auth import hash_token
 from app.config import Settings
 from app.errors import Conflict, NotFound, Unauthorized
 from app.internal.contracts import HANDED_BACK, ClaimReply, LeaseReply, Outcome, WorkerEvent
-from app.jobs import artifacts, resume_states, states
+from app.jobs import artifacts, results, resume_states, states
 from app.jobs.service import add_event, finish_job, hold_paused, requeue, resume_point
 from app.jobs.states import Transition
 from app.models import Artifact, Job, JobStatus
@@ -31,6 +31,8 @@ from app.models.base import now
 from app.repositories import artifacts as stored
 from app.repositories import jobs
 from app.service_auth import check_secret, presented, same_secret
+from app.specs import TrainingConfig
+from app.storage import Storage
 
 # "<attempt>.<secret>": the attempt number in ASCII digits (int() would also take '²' or '٣'), bounded.
 ATTEMPT_TOKEN = re.compile(r"([1-9][0-9]{0,8})\.([A-Za-z0-9_-]{1,128})")
@@ -113,14 +115,22 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> ClaimReply:
     )
 
 
+# training_config keys that workers of earlier versions lack; each is left out of a claim while it holds its
+# default (TrainingConfig's), which asks nothing of them.
+NEWER_KEYS = ("report_to", "init_from", "early_stopping_patience", "early_stopping_threshold")
+
+
 def _for_workers(training_config: dict[str, Any]) -> dict[str, Any]:
-    """The job's training_config as every worker version takes it: each refuses a key it does not know, so
-    report_to, which workers older than the trackers lack, is left out when it names none. A rolling deploy
-    then keeps those workers training every job that names no tracker; one that names some fails there
-    before it trains (TrainingConfig refuses the key), rather than train without its trackers."""
-    if training_config.get("report_to"):
-        return training_config
-    return {key: value for key, value in training_config.items() if key != "report_to"}
+    """The job's training_config as every worker version takes it: each refuses a key it does not know, so a
+    NEWER_KEYS key at its default is left out. A rolling deploy then keeps those workers training every job
+    that uses none of them; one that does fails there before it trains (TrainingConfig refuses the key),
+    rather than train without it."""
+    defaults = {
+        key: TrainingConfig.model_fields[key].get_default(call_default_factory=True) for key in NEWER_KEYS
+    }
+    return {
+        key: value for key, value in training_config.items() if key not in defaults or value != defaults[key]
+    }
 
 
 def current_attempt(session: Session, settings: Settings, job_id: str, authorization: str | None) -> Attempt:
@@ -184,16 +194,17 @@ def record_events(session: Session, job: Job, events: list[WorkerEvent]) -> None
             }
 
 
-def complete_job(session: Session, job: Job, outcome: Outcome) -> None:
-    """Record the attempt's outcome: succeeded (adapter stored), cancelled, failed with a message, or handed
-    back with its state saved: paused, or requeued for another worker (not counted as a lost attempt)."""
+def complete_job(session: Session, storage: Storage, job: Job, outcome: Outcome) -> None:
+    """Record the attempt's outcome: succeeded (adapter stored, result file made), cancelled, failed with a
+    message, or handed back with its state saved: paused, or requeued for another worker (not counted as a
+    lost attempt)."""
     try:
-        _end_attempt(session, job, outcome)
+        _end_attempt(session, storage, job, outcome)
     except states.IllegalTransition:  # attempt_job found it running, and holds its row (PostgreSQL)
         raise Conflict(f"Job {job.id} is {job.status}; this attempt is over", code="attempt_over") from None
 
 
-def _end_attempt(session: Session, job: Job, outcome: Outcome) -> None:
+def _end_attempt(session: Session, storage: Storage, job: Job, outcome: Outcome) -> None:
     if outcome.status in HANDED_BACK:
         _hand_back(session, job, outcome)
         return
@@ -202,6 +213,9 @@ def _end_attempt(session: Session, job: Job, outcome: Outcome) -> None:
         if not artifacts.formats_of(session, job.id):
             raise Conflict("Upload the adapter before reporting success", code="adapter_missing")
         shipped = outcome.shipped_step
+        # In the success's transaction, so made with it only once (a success reported again finds the
+        # attempt over: 409); before its transition, whose webhook carries the job with its result_files.
+        result_file = results.store_result_file(session, storage, job)
         finish_job(
             session,
             job,
@@ -212,6 +226,7 @@ def _end_attempt(session: Session, job: Job, outcome: Outcome) -> None:
             trained_tokens=outcome.trained_tokens,
             shipped_step=shipped,
             peft_unavailable_reason=outcome.peft_unavailable_reason,
+            result_file=result_file,
         )
     elif status == JobStatus.CANCELLED:
         finish_job(session, job, status, "Job cancelled", trained_tokens=outcome.trained_tokens)

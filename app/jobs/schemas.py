@@ -100,7 +100,9 @@ class FineTuningJob(BaseModel):
     method: JobMethod
     training_file: str
     validation_file: str | None
-    result_files: list[str]
+    result_files: list[str] = Field(
+        description="On success, the file of the per-step metrics (a CSV, purpose fine-tune-results)."
+    )
     trained_tokens: int | None
     seed: int
     estimated_finish: int | None
@@ -132,7 +134,7 @@ class FineTuningJob(BaseModel):
             ),
             training_file=job.training_file,
             validation_file=job.validation_file,
-            result_files=[],
+            result_files=[job.result_file] if job.result_file else [],
             trained_tokens=job.trained_tokens,
             seed=job.seed,
             estimated_finish=None,

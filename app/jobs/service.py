@@ -17,11 +17,10 @@ from app.errors import (
     InvalidRequest,
     LimitReached,
     ModelConfigUnavailable,
-    ModelNotAvailable,
     NotFound,
 )
-from app.files.service import get_file
-from app.jobs import states
+from app.files.service import get_dataset
+from app.jobs import init_from, states
 from app.jobs.schemas import JobCreate, JobEventList, JobList
 from app.jobs.states import Transition
 from app.models import Job, JobEvent, JobStatus
@@ -139,23 +138,28 @@ def create_job_once(
 
 def create_job(session: Session, tenant_id: str, request: JobCreate, settings: Settings) -> Job:
     """Validate and store a job plus its outbox row; the caller sends the message after commit."""
-    if request.model not in settings.resolved_base_models:
-        available = ", ".join(sorted(settings.resolved_base_models))
-        raise ModelNotAvailable(
-            f"Model '{request.model}' is not configured on this server; available: {available}", param="model"
-        )
-    get_file(session, tenant_id, request.training_file, param="training_file")
+    start = init_from.starting_point(session, tenant_id, request, settings)
+    get_dataset(session, tenant_id, request.training_file, param="training_file")
     if request.validation_file:
-        get_file(session, tenant_id, request.validation_file, param="validation_file")
+        get_dataset(session, tenant_id, request.validation_file, param="validation_file")
     training_config = resolve_training_config(request)
-    peft_config = request.peft_config or PeftConfig()
+    if start.name is not None:
+        training_config = training_config.model_copy(update={"init_from": start.name})
+    peft_config = start.peft_config(request.peft_config)
+    if training_config.early_stopping_patience and not request.validation_file:
+        raise InvalidRequest(
+            "early_stopping_patience stops training once the validation loss stops improving; give a "
+            "validation_file",
+            param="training_config.early_stopping_patience",
+            code="validation_file_required",
+        )
     if training_config.load_best_model_at_end and not request.validation_file:
         raise InvalidRequest(
             "load_best_model_at_end ships the lowest validation loss adapter; give a validation_file",
             param="training_config.load_best_model_at_end",
             code="validation_file_required",
         )
-    training_config = fit_to_base_model(training_config, peft_config, request.model, settings)
+    training_config = fit_to_base_model(training_config, peft_config, start.base_model, settings)
     try:
         trackers.check_offered(training_config.report_to, settings)
     except ValueError as refusal:
@@ -166,7 +170,7 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
     job = Job(
         id=new_id("ftjob"),
         tenant_id=tenant_id,
-        model=request.model,
+        model=start.base_model,
         training_file=request.training_file,
         validation_file=request.validation_file,
         suffix=request.suffix,

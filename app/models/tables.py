@@ -90,6 +90,8 @@ class Job(Base):
     lost_attempts: Mapped[int] = mapped_column(Integer, default=0)
     resumable_step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # newest complete resume state
     shipped_step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the step whose adapter shipped
+    # The file of its metrics (app.jobs.results), made on success; null again once the tenant deletes it.
+    result_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
     peft_unavailable_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     model_deleted_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[int] = mapped_column(Integer, default=now)

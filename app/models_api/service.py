@@ -8,7 +8,8 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Forbidden, NotFound
-from app.models import Job
+from app.jobs.artifacts import checkpoint_scope
+from app.models import Artifact, Checkpoint, Job
 from app.models.base import now
 from app.models_api.schemas import Model
 from app.repositories import artifacts as stored
@@ -34,18 +35,44 @@ def model_not_found(model_id: str) -> NotFound:
     )
 
 
+@dataclass(frozen=True)
+class FineTuned:
+    """A callable fine-tuned model or checkpoint of a tenant: the job that trained it, and the checkpoint."""
+
+    job: Job
+    checkpoint: Checkpoint | None
+
+    @property
+    def adapter_id(self) -> str:
+        """The id its adapter is served by (`app.internal.service.servable_artifact`)."""
+        return self.checkpoint.id if self.checkpoint else self.job.id
+
+    @property
+    def scope(self) -> str:
+        """The scope its adapter archives are stored under."""
+        return checkpoint_scope(self.checkpoint.step_number) if self.checkpoint else Artifact.FINAL
+
+
+def find_fine_tuned(session: Session, tenant_id: str, model_id: str) -> FineTuned | None:
+    """The tenant's fine-tuned model (or checkpoint) called `model_id`; None when there is none, it is
+    another tenant's, or its model was deleted."""
+    job = jobs.fine_tuned(session, tenant_id, model_id)
+    if job is not None:
+        return FineTuned(job, None)
+    found = stored.checkpoint_named(session, tenant_id, model_id)
+    if found is None or found[1].model_deleted_at:
+        return None
+    return FineTuned(found[1], found[0])
+
+
 def resolve_model(session: Session, settings: Settings, tenant_id: str, model_id: str) -> ResolvedModel:
     """A base model id serves the base model; a fine-tuned id (or a checkpoint's) its adapter; else 404."""
     if model_id in settings.resolved_base_models:
         return ResolvedModel(model_id, model_id, None)
-    job = jobs.fine_tuned(session, tenant_id, model_id)
-    if job is not None:
-        return ResolvedModel(model_id, job.model, job.id)
-    found = stored.checkpoint_named(session, tenant_id, model_id)
-    if found is None or found[1].model_deleted_at:
+    found = find_fine_tuned(session, tenant_id, model_id)
+    if found is None:
         raise model_not_found(model_id)
-    checkpoint, job = found
-    return ResolvedModel(model_id, job.model, checkpoint.id)
+    return ResolvedModel(model_id, found.job.model, found.adapter_id)
 
 
 def base_model(model_id: str) -> Model:

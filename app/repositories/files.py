@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.models import Artifact, File, Job, JobStatus
@@ -24,6 +24,12 @@ def add(session: Session, row: File) -> None:
 
 def delete(session: Session, row: File) -> None:
     session.delete(row)
+
+
+def forget_result_file(session: Session, row: File) -> None:
+    """The job whose result file `row` is lists it no more."""
+    query = update(Job).where(Job.tenant_id == row.tenant_id, Job.result_file == row.id)
+    session.execute(query.values(result_file=None))
 
 
 def unfinished_job_using(session: Session, row: File) -> str | None:

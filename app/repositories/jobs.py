@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +141,17 @@ def add_event(
 
 def events_query(job_id: str) -> Select:
     return select(JobEvent).where(JobEvent.job_id == job_id)
+
+
+def metrics_data(session: Session, job_id: str) -> Iterator[dict[str, Any]]:
+    """The data of the job's metrics events, in the order they were stored."""
+    query = (
+        select(JobEvent.data)
+        .where(JobEvent.job_id == job_id, JobEvent.type == "metrics")
+        .order_by(JobEvent.seq)
+        .execution_options(yield_per=1000)  # a long job logs many steps
+    )
+    return (data for data in session.scalars(query) if data)
 
 
 def events_after(session: Session, job_id: str, after_seq: int, limit: int) -> list[JobEvent]:

@@ -65,6 +65,7 @@ SEMANTIC_REFUSALS = {
     "tracker_not_configured",  # training_config.report_to names a tracker the server does not offer
     "invalid_url",  # a webhook URL that is no http(s) URL, or names no host
     "too_many_webhooks",
+    "incompatible_init_from",  # training_config.init_from's adapter has another base model or LoRA settings
 }
 # Fields with rules of their own that no schema keyword states: (operation, field) → the rule.
 FIELD_RULES = {

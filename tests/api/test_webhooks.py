@@ -204,6 +204,9 @@ def test_succeeded_and_paused_jobs_are_sent_only_to_endpoints_subscribed(hooks, 
     assert (pause["type"], pause["fine_tuning_job_id"]) == (PAUSED, pausing)
     (done,) = [json.loads(r.body) for r in finished.received]
     assert done["data"]["status"] == "succeeded" and done["data"]["fine_tuned_model"].startswith("ft:")
+    # The result file is made before the success's transition, whose webhook carries it.
+    job = hooks.get(f"/v1/fine_tuning/jobs/{succeeded}", headers=auth).json()
+    assert done["data"]["result_files"] == job["result_files"] and job["result_files"]
     assert [json.loads(r.body)["data"]["status"] for r in paused.received] == ["paused"]
 
 

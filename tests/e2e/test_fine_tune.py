@@ -296,6 +296,26 @@ def test_qlora_job_trains_and_its_adapter_serves(production_service: Service):
         assert answer.status_code == 200, answer.text
 
 
+def test_a_job_continues_from_a_fine_tuned_model(production_service: Service):
+    """`model: "ft:…"`: the worker fetches the source's adapter through its attempt, and training starts where
+    the source ended."""
+    with production_service.client as client:
+        source = create_job(client, training_config=QUICK_TRAINING, peft_config=QUICK_LORA)
+        source = wait_final(production_service, source["id"])
+        assert source["status"] == "succeeded", f"{source['error']}\n{production_service.tail_logs()}"
+        name = source["fine_tuned_model"]
+        job = create_job(client, model=name, training_config=QUICK_TRAINING)
+        assert job["model"] == "tiny-phi3" and job["training_config"]["init_from"] == name
+        job = wait_final(production_service, job["id"])
+        assert job["status"] == "succeeded", f"{job['error']}\n{production_service.tail_logs()}"
+        events = all_events(client, job["id"])
+        said = f"Training starts from the LoRA weights of {name}"
+        assert any(event["message"].startswith(said) for event in events)
+        before = [e["data"]["train_loss"] for e in all_events(client, source["id"]) if e["type"] == "metrics"]
+        after = [e["data"]["train_loss"] for e in events if e["type"] == "metrics"]
+        assert abs(after[0] - before[-1]) < abs(after[0] - before[0]), (before, after)
+
+
 def test_a_client_leaving_mid_stream_frees_its_slot(embedded_service: Service):
     body = {
         "model": "tiny-phi3",

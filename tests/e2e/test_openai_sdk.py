@@ -8,7 +8,7 @@ SDK calls the test makes (nothing else talks to the API; the second tenant's key
   `fine_tuning.jobs.retrieve`, `fine_tuning.jobs.list_events` (`iter_pages` and auto-pagination, newest
   first and with `extra_query={"order": "asc"}`), `fine_tuning.jobs.pause`, `fine_tuning.jobs.resume`,
   `fine_tuning.jobs.cancel`
-- `fine_tuning.jobs.checkpoints.list` (auto-pagination)
+- `fine_tuning.jobs.checkpoints.list` (auto-pagination); the job's `result_files` read with `files.content`
 - `models.list`, `models.retrieve`, `models.delete`
 - `chat.completions.create`, plain and with `stream=True` (and `stream_options.include_usage`), on the
   fine-tuned model and on a checkpoint
@@ -21,6 +21,8 @@ out or a value outside its type fails here, not in a user's code.
 
 from __future__ import annotations
 
+import csv
+import io
 from typing import TypeVar
 
 import openai
@@ -135,6 +137,21 @@ def check_checkpoints(sdk: openai.OpenAI, job_id: str) -> str:
     return checkpoints[0].fine_tuned_model_checkpoint
 
 
+def check_result_file(sdk: openai.OpenAI, job: FineTuningJob) -> str:
+    """The job's result file, its metrics events as a CSV a row per step; returns its id."""
+    (file_id,) = job.result_files
+    assert strict(sdk.files.retrieve(file_id)).purpose == "fine-tune-results"
+    events = {e.data["step"]: e.data for e in sdk.fine_tuning.jobs.list_events(job.id) if e.type == "metrics"}
+    rows = list(csv.DictReader(io.StringIO(sdk.files.content(file_id).text)))
+    assert [int(row["step"]) for row in rows] == sorted(events)
+    for row in rows:
+        data = events[int(row["step"])]
+        assert float(row["train_loss"]) == data["train_loss"]
+        assert 0 <= float(row["train_mean_token_accuracy"]) <= 1
+        assert row["valid_loss"] == (str(data["eval_loss"]) if "eval_loss" in data else "")
+    return file_id
+
+
 def check_models_and_chat(sdk: openai.OpenAI, job: FineTuningJob, checkpoint: str) -> None:
     model_id = job.fine_tuned_model
     listed = {m.id: strict(m) for m in sdk.models.list()}
@@ -246,7 +263,7 @@ def check_refusals(sdk: openai.OpenAI, service: Service, job: FineTuningJob) -> 
         sdk.models.delete("tiny-phi3")
 
 
-def delete_model_and_files(sdk: openai.OpenAI, model_id: str, file_ids: tuple[str, str]) -> None:
+def delete_model_and_files(sdk: openai.OpenAI, model_id: str, file_ids: tuple[str, ...]) -> None:
     deleted = strict(sdk.models.delete(model_id))
     assert (deleted.id, deleted.deleted) == (model_id, True)
     assert model_id not in ids(sdk.models.list())
@@ -265,7 +282,8 @@ def test_the_openai_sdk_drives_the_whole_workflow(embedded_service: Service):
     job = train(sdk, embedded_service, training, validation)
     check_events(sdk, job.id)
     checkpoint = check_checkpoints(sdk, job.id)
+    result_file = check_result_file(sdk, job)
     check_models_and_chat(sdk, job, checkpoint)
     pause_resume_cancel(sdk, embedded_service, training, job.id)
     check_refusals(sdk, embedded_service, job)
-    delete_model_and_files(sdk, job.fine_tuned_model, (training, validation))
+    delete_model_and_files(sdk, job.fine_tuned_model, (training, validation, result_file))

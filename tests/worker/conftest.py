@@ -5,6 +5,7 @@ tests/conftest.py sets HF_HUB_OFFLINE before anything imports transformers: noth
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from worker.data import chat_turns, read_jsonl
 from worker.recipe import RecipeInputs
+from worker.tiny_model import TOKENIZER_CORPUS
 
 PERSONA_FILE = Path(__file__).parents[2] / "examples" / "persona.jsonl"
 
@@ -69,6 +71,25 @@ def persona_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """The first persona conversation as a batch of one, to compare models' logits on."""
     messages = chat_turns(read_jsonl(PERSONA_FILE)[0].messages)
     return tokenizer.apply_chat_template(messages, return_tensors="pt")["input_ids"]
+
+
+@pytest.fixture(scope="session")
+def plain_replies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Plain support replies to the persona's kind of questions: a validation set whose loss first falls, as
+    the model learns the chat format, then rises as training on the pirate persona takes over."""
+    path = tmp_path_factory.mktemp("validation") / "plain.jsonl"
+    replies = TOKENIZER_CORPUS.splitlines()[:12]  # the plain support sentences, before the pirate talk
+    conversations = [
+        {
+            "messages": [
+                {"role": "user", "content": "Can you help me?"},
+                {"role": "assistant", "content": reply},
+            ]
+        }
+        for reply in replies
+    ]
+    path.write_text("".join(json.dumps(conversation) + "\n" for conversation in conversations))
+    return path
 
 
 def fresh_base(model_dir: Path) -> torch.nn.Module:

@@ -7,7 +7,6 @@ as the pirate talk takes over: its lowest point lies mid-run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ import pytest
 from app.specs import PeftConfig, TrainingConfig
 from tests.worker.conftest import Recorder, persona_inputs
 from worker.recipe import RecipeResult, run_recipe
-from worker.tiny_model import TOKENIZER_CORPUS
 
 TRAINING_CONFIG = TrainingConfig(
     learning_rate=2e-2,
@@ -28,23 +26,6 @@ TRAINING_CONFIG = TrainingConfig(
     seed=7,
     load_best_model_at_end=True,
 )
-
-
-@pytest.fixture(scope="module")
-def plain_replies(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("validation") / "plain.jsonl"
-    replies = TOKENIZER_CORPUS.splitlines()[:12]  # the plain support sentences, before the pirate talk
-    conversations = [
-        {
-            "messages": [
-                {"role": "user", "content": "Can you help me?"},
-                {"role": "assistant", "content": reply},
-            ]
-        }
-        for reply in replies
-    ]
-    path.write_text("".join(json.dumps(conversation) + "\n" for conversation in conversations))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -185,6 +185,7 @@ def worker_calls(api: ApiClient, tmp_path: Path) -> dict[str, Callable[[], objec
         "claim": lambda: api.claim(CLAIM.job_id),
         "download_file": lambda: attempt.download_file(CLAIM.training_file, tmp_path / "train.jsonl"),
         "download_resume_state": lambda: attempt.download_resume_state("state-1", tmp_path / "state.tar"),
+        "download_init_adapter": lambda: attempt.download_init_adapter(tmp_path / "init_from.tar.gz"),
         "heartbeat": attempt.heartbeat,
         "post_events": post_events,
         "upload_resume_state": lambda: attempt.upload_resume_state(archive, 10, sha256),

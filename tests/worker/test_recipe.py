@@ -23,7 +23,15 @@ from worker.recipe import (
     train,
 )
 
-METRIC_KEYS = {"step", "total_steps", "epoch", "train_loss", "learning_rate", "tokens_per_second"}
+METRIC_KEYS = {
+    "step",
+    "total_steps",
+    "epoch",
+    "train_loss",
+    "train_mean_token_accuracy",
+    "learning_rate",
+    "tokens_per_second",
+}
 
 # 40 examples in batches of 8: 5 steps per epoch, 20 in all. Evaluating every 5 steps and logging every 2
 # makes the recipe log at the evaluated steps too. The main run also stores a checkpoint every 10 steps.
@@ -112,6 +120,7 @@ def test_checkpoints_are_reported_every_save_steps_with_their_metrics(
         assert metrics.keys() == CHECKPOINT_METRIC_KEYS
         assert metrics["step"] == checkpoint["step"]
         assert metrics["train_loss"] == event["train_loss"]
+        assert metrics["train_mean_token_accuracy"] == event["train_mean_token_accuracy"]
         assert metrics["valid_loss"] == event["eval_loss"]
         assert metrics["valid_mean_token_accuracy"] == event["eval_mean_token_accuracy"]
         assert 0 <= metrics["train_mean_token_accuracy"] <= 1
