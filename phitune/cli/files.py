@@ -9,11 +9,14 @@ from typing import Annotated, Any
 import typer
 
 from phitune.cli import options
-from phitune.cli.options import After, ApiKey, BaseUrl, Json, Limit, connected
+from phitune.cli.options import After, ApiKey, BaseUrl, Force, Json, Limit, Output, connected
 from phitune.cli.output import answer, console, iso, print_page, print_table
 from phitune.client import DEFAULT_BASE_URL
 
-app = typer.Typer(help="Datasets: upload a JSONL file, list, show or delete them.", no_args_is_help=True)
+app = typer.Typer(
+    help="Files: upload a JSONL dataset; list, show, download or delete datasets and result files.",
+    no_args_is_help=True,
+)
 COLUMNS = ("ID", "FILENAME", "EXAMPLES", "FORMAT", "BYTES", "CREATED")
 FileId = Annotated[str, typer.Argument(help="file-…")]
 
@@ -76,6 +79,23 @@ def get(
 def show(file: dict[str, Any]) -> None:
     print_table(COLUMNS, [row(file)])
     console.print(f"sha256 {file['sha256']}")
+
+
+@app.command()
+def download(
+    file_id: FileId,
+    output: Output = Path("."),
+    force: Force = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Download a file's content: a dataset as it was uploaded, or a job's metrics CSV (its result file).
+    An existing file is never replaced without --force; Ctrl-C or a failure leaves nothing behind."""
+    with connected(base_url, api_key) as client:
+        path, size = client.download(
+            f"/v1/files/{file_id}/content", output, default_name=file_id, overwrite=force
+        )
+    console.print(f"Saved {path} ({size:,} bytes)")
 
 
 @app.command()

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from app.adapter_format import Format
 from phitune.cli import options, recipe, watch
-from phitune.cli.options import After, ApiKey, BaseUrl, Json, Limit, connected
+from phitune.cli.options import After, ApiKey, BaseUrl, Force, Json, Limit, Output, connected
 from phitune.cli.output import answer, console, iso, notes, print_json, print_page, print_table, printable
 from phitune.client import DEFAULT_BASE_URL, Client, json_object
 
@@ -36,6 +36,8 @@ def show(job: dict[str, Any]) -> None:
     if job.get("error"):
         error = printable(f"error: {job['error']['message']} ({job['error']['code']})")
         console.print(Text(error, style="red"))
+    for file_id in job.get("result_files") or []:
+        console.print(f"metrics by step (CSV): phitune files download {printable(file_id)}")
 
 
 def dataset_id(client: Client, value: str) -> str:
@@ -240,15 +242,12 @@ def checkpoint_row(checkpoint: dict[str, Any]) -> tuple[Any, ...]:
 @app.command()
 def download(
     job_id: JobId,
-    output: Annotated[
-        Path,
-        typer.Option("--output", "-o", help="A file, or a directory to save it in under the server's name."),
-    ] = Path("."),
+    output: Output = Path("."),
     format: Annotated[Format | None, typer.Option(help="The archive's format (default peft).")] = None,
     checkpoint: Annotated[
         str | None, typer.Option(help="An intermediate checkpoint's id (ftckpt-…).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
+    force: Force = False,
     base_url: BaseUrl = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
 ) -> None:

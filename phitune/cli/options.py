@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -27,6 +28,10 @@ ApiKey = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Print the server's JSON, for scripts.")]
 Limit = Annotated[int, typer.Option(min=1, max=100, help="Objects per page.")]
 After = Annotated[str | None, typer.Option(help="The id after which the page starts (the last one seen).")]
+Output = Annotated[
+    Path, typer.Option("--output", "-o", help="A file, or a directory to save it in under the server's name.")
+]
+Force = Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")]
 
 
 @contextmanager

@@ -6,6 +6,7 @@ One service and one trained job are shared by the module: the job is created fro
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import tarfile
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from app.jobs.results import COLUMNS
 from phitune.launch import phitune_command
 from tests.e2e.conftest import REPO, Service, ask, serving
 
@@ -184,6 +186,26 @@ def test_jobs_download_streams_the_adapter_under_the_servers_name(
     refused = cli(service, "jobs", "download", trained["id"], "-o", str(named), "--format", "loralib")
     assert refused.returncode == 1 and "format_unavailable" in refused.stderr
     assert named.read_bytes() == archive.read_bytes()  # a refused download leaves the file alone
+
+
+def test_the_jobs_metrics_csv_is_named_by_jobs_get_and_saved_by_files_download(
+    service: Service, trained: dict, tmp_path: Path
+) -> None:
+    (result_file,) = trained["result_files"]
+    assert f"phitune files download {result_file}" in ok(service, "jobs", "get", trained["id"])
+    said = ok(service, "files", "download", result_file, "-o", str(tmp_path))
+    (saved,) = tmp_path.iterdir()
+    assert saved.name == f"{trained['id']}-step_metrics.csv" and saved.name in said
+    with saved.open(newline="") as lines:
+        rows = list(csv.DictReader(lines))
+    assert list(rows[0]) == list(COLUMNS)
+    losses = [float(row["train_loss"]) for row in rows]
+    assert len(losses) > 2 and losses[-1] < losses[0]
+    assert any(row["valid_loss"] for row in rows)  # the job has a validation file
+    with service.client as client:
+        assert saved.read_bytes() == client.get(f"/v1/files/{result_file}/content").content
+    refused = cli(service, "files", "download", result_file, "-o", str(saved))
+    assert refused.returncode == 1 and "--force" in refused.stderr
 
 
 def test_chat_streams_the_answer_the_api_gives(service: Service, trained: dict) -> None:

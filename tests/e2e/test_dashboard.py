@@ -296,7 +296,7 @@ def follow_job(page: Page, api: httpx.Client, service: Service, job_id: str, scr
 
 
 def download_adapters(page: Page, api: httpx.Client, job_id: str, tmp_path: Path) -> None:
-    """The buttons fetch the archives with the key: the same bytes as the API's download."""
+    """The buttons fetch the archives and the metrics CSV with the key: the same bytes as the API's."""
     with page.expect_download() as final:
         page.click('#job-downloads button[data-format="peft"]')
     saved = tmp_path / "downloads" / final.value.suggested_filename
@@ -305,6 +305,14 @@ def download_adapters(page: Page, api: httpx.Client, job_id: str, tmp_path: Path
     assert saved.read_bytes() == api.get(f"/v1/fine_tuning/jobs/{job_id}/adapter").content
     with tarfile.open(saved) as archive:
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(archive.getnames())
+
+    (result_file,) = api.get(f"/v1/fine_tuning/jobs/{job_id}").json()["result_files"]
+    with page.expect_download() as metrics:
+        page.click(f'#job-downloads button[data-result-file="{result_file}"]')
+    assert metrics.value.suggested_filename == f"{job_id}-step_metrics.csv"
+    csv_path = tmp_path / "downloads" / metrics.value.suggested_filename
+    metrics.value.save_as(csv_path)
+    assert csv_path.read_bytes() == api.get(f"/v1/files/{result_file}/content").content
 
     checkpoint_row = page.locator("#checkpoints tbody tr[data-checkpoint]").first
     checkpoint_id = checkpoint_row.get_attribute("data-checkpoint")

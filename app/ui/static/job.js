@@ -105,6 +105,18 @@ export function jobView(root, id, signal) {
                 `Download ${f} adapter`,
               ),
             ),
+            ...job.result_files.map((id) =>
+              h(
+                "button",
+                {
+                  type: "button",
+                  class: "download",
+                  "data-result-file": id,
+                  onclick: save(`/v1/files/${encodeURIComponent(id)}/content`),
+                },
+                "Metrics CSV",
+              ),
+            ),
             h(
               "a",
               { class: "button", href: `#/chat/${encodeURIComponent(job.fine_tuned_model)}` },
