@@ -240,6 +240,12 @@ class TrainingConfig(_Closed):
                 "early_stopping_patience ships the best step, as load_best_model_at_end does; leave "
                 "load_best_model_at_end unset or true"
             )
+        elif self.save_steps is not None and self.save_steps != self.evaluation_interval():
+            # The best step ships only if it was kept: checkpoints at every evaluation, no other.
+            raise ValueError(
+                "with early_stopping_patience a checkpoint is kept at every evaluation, so that the best one "
+                "ships: leave save_steps unset or equal to eval_steps (default logging_steps)"
+            )
         return self
 
     def evaluation_interval(self) -> int:

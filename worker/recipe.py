@@ -128,8 +128,6 @@ def run_recipe(inputs: RecipeInputs, reporter: ProgressReporter) -> RecipeResult
 
 def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
     """Run the whole recipe and keep the trainer, for callers that inspect the trained model."""
-    if inputs.training_config.early_stopping_patience and inputs.validation_file is None:
-        raise ValueError("training_config.early_stopping_patience needs a validation_file")
     if inputs.training_config.load_best_model_at_end and inputs.validation_file is None:
         raise ValueError("training_config.load_best_model_at_end needs a validation_file")
     config, peft_config = inputs.training_config, inputs.peft_config

@@ -41,7 +41,15 @@ class Start:
         set to another value than the source's is a 400 naming it."""
         if self.source is None:
             return given or PeftConfig()
-        inherited = PeftConfig.model_validate(self.source.job.peft_config)
+        try:
+            inherited = PeftConfig.model_validate(self.source.job.peft_config)
+        except ValidationError:  # trained under rules this server has since tightened
+            raise InvalidRequest(
+                f"'{self.name}' was trained with LoRA settings this server no longer accepts; it cannot be "
+                "continued",
+                param=FIELD,
+                code=CODE,
+            ) from None
         changes: dict[str, Any] = {}
         for field, value in sorted((given.model_dump(exclude_unset=True) if given else {}).items()):
             if field in CONTINUATION_FIELDS:

@@ -20,5 +20,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The code before this revision reads every file as a dataset: the result files go with their column.
+    op.execute("DELETE FROM files WHERE purpose = 'fine-tune-results'")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_column("result_file")

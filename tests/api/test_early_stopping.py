@@ -47,6 +47,8 @@ def test_a_job_without_early_stopping_claims_as_older_workers_take_it(client, au
         ({"early_stopping_threshold": 0.1}, "early_stopping_patience"),
         ({"early_stopping_patience": 0}, "early_stopping_patience"),
         ({"early_stopping_patience": 2, "early_stopping_threshold": -0.1}, "early_stopping_threshold"),
+        # A checkpoint at every evaluation, or the best one may not have been kept to ship.
+        ({"early_stopping_patience": 2, "logging_steps": 10, "save_steps": 100}, "save_steps"),
     ],
 )
 def test_contradictory_or_out_of_range_early_stopping_is_400(client, auth, dataset, config, words):

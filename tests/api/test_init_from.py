@@ -11,8 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.adapter_format import FORMAT_HEADER
+from app.db import session_scope
 from app.internal.contracts import ClaimReply
 from app.main import create_app
+from app.models import Job
 from tests.api.test_checkpoints import store_checkpoint
 from tests.api.test_internal import SERVING, WORKER, claim, tiny_archive
 from tests.api.test_jobs import assert_error
@@ -129,6 +131,16 @@ def test_lora_settings_other_than_the_adapters_are_400(client, auth, source, pef
     response = create(client, auth, training_config={"init_from": source}, peft_config=peft_config)
     error = assert_error(response, 400, param=param, code="incompatible_init_from")
     assert source in error["message"]
+
+
+def test_a_source_trained_under_rules_since_tightened_is_400(client, auth, source, database_url):
+    # A model trained before a LoRA setting was refused keeps that setting in its stored peft_config.
+    with session_scope(database_url) as session:
+        job = session.query(Job).filter_by(fine_tuned_model=source).one()
+        job.peft_config = {**job.peft_config, "r": -1}
+    response = create(client, auth, training_config={"init_from": source})
+    error = assert_error(response, 400, param="training_config.init_from", code="incompatible_init_from")
+    assert "no longer accepts" in error["message"]
 
 
 def test_qlora_trains_on_over_a_plain_adapter(client, auth, source):

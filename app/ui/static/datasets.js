@@ -23,7 +23,7 @@ export function datasetsView(root, signal) {
   const files = h("tbody");
 
   const refresh = async () => {
-    const page = await get("/v1/files?limit=100", { signal });
+    const page = await get("/v1/files?limit=100&purpose=fine-tune", { signal });
     files.replaceChildren(...page.data.map(fileRow));
     if (!page.data.length)
       files.append(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No datasets yet.")));

@@ -105,14 +105,14 @@ export function jobView(root, id, signal) {
                 `Download ${f} adapter`,
               ),
             ),
-            ...job.result_files.map((id) =>
+            ...job.result_files.map((fileId) =>
               h(
                 "button",
                 {
                   type: "button",
                   class: "download",
-                  "data-result-file": id,
-                  onclick: save(`/v1/files/${encodeURIComponent(id)}/content`),
+                  "data-result-file": fileId,
+                  onclick: save(`/v1/files/${encodeURIComponent(fileId)}/content`),
                 },
                 "Metrics CSV",
               ),
