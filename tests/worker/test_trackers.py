@@ -34,7 +34,7 @@ from tests.api.test_internal import claim
 from tests.utils import CHAT_LINES, upload_file
 from tests.worker.conftest import PERSONA_FILE, Recorder, persona_inputs
 from worker import tasks, trackers
-from worker.recipe import train
+from worker.recipe import RecipeInputs, train
 
 JOB_ID = "ftjob-trackers"
 EXPERIMENT = "phitune-tests"
@@ -303,6 +303,20 @@ class Listener:
         self.socket.close()
 
 
+def short_tracked_job(
+    tiny_model_dir: Path, tmp_path: Path, tracker: str, job_id: str, settings: Settings
+) -> RecipeInputs:
+    """A SHORT job of the persona set that reports to `tracker` as `settings` configure it."""
+    config = TrainingConfig(**SHORT, report_to=tracker)
+    return persona_inputs(
+        tiny_model_dir,
+        training_config=config,
+        peft_config=PeftConfig(r=8, lora_alpha=16),
+        output_dir=tmp_path / "out",
+        tracking=trackers.for_job(job_id, None, config, settings),
+    )
+
+
 def _claim(report_to: list[str] | None = None, job_id: str = "ftjob-quiet", suffix: str | None = None):
     config = {**SHORT, **({"report_to": report_to} if report_to is not None else {})}
     return ClaimReply(
@@ -373,14 +387,7 @@ def test_a_tracker_that_fails_mid_training_is_a_warning_and_the_job_trains_on(
     monkeypatch.setattr(SummaryWriter, "add_scalar", add_scalar)
     monkeypatch.setattr(SummaryWriter, "close", close)
     settings = Settings(data_dir=tmp_path / "data", tensorboard_dir=tmp_path / "tensorboard")
-    config = TrainingConfig(**SHORT, report_to="tensorboard")
-    inputs = persona_inputs(
-        tiny_model_dir,
-        training_config=config,
-        peft_config=PeftConfig(r=8, lora_alpha=16),
-        output_dir=tmp_path / "out",
-        tracking=trackers.for_job("ftjob-full-disk", None, config, settings),
-    )
+    inputs = short_tracked_job(tiny_model_dir, tmp_path, "tensorboard", "ftjob-full-disk", settings)
     recorder = Recorder()
     result = train(inputs, recorder).result
     assert [event["step"] for event in recorder.events] == [1, 2, 3, 4, 5]
@@ -406,14 +413,7 @@ def test_an_unreachable_mlflow_server_is_a_warning_and_the_job_trains_without_it
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there
     settings = Settings(data_dir=tmp_path / "data", mlflow_tracking_uri=f"http://127.0.0.1:{port}")
-    config = TrainingConfig(**SHORT, report_to="mlflow")
-    inputs = persona_inputs(
-        tiny_model_dir,
-        training_config=config,
-        peft_config=PeftConfig(r=8, lora_alpha=16),
-        output_dir=tmp_path / "out",
-        tracking=trackers.for_job("ftjob-mlflow-down", None, config, settings),
-    )
+    inputs = short_tracked_job(tiny_model_dir, tmp_path, "mlflow", "ftjob-mlflow-down", settings)
     recorder = Recorder()
     started = time.monotonic()
     result = train(inputs, recorder).result
@@ -448,14 +448,7 @@ def test_an_attempt_that_stops_early_or_fails_ends_its_mlflow_run_so(
     settings = Settings(
         data_dir=tmp_path / "data", mlflow_tracking_uri=mlflow_server, mlflow_experiment_name=EXPERIMENT
     )
-    config = TrainingConfig(**SHORT, report_to="mlflow")
-    inputs = persona_inputs(
-        tiny_model_dir,
-        training_config=config,
-        peft_config=PeftConfig(r=8, lora_alpha=16),
-        output_dir=tmp_path / "out",
-        tracking=trackers.for_job(job_id, None, config, settings),
-    )
+    inputs = short_tracked_job(tiny_model_dir, tmp_path, "mlflow", job_id, settings)
     if recorder is None:
         with pytest.raises(RuntimeError, match="the worker broke"):
             train(inputs, Failing())
@@ -518,14 +511,7 @@ def test_an_mlflow_server_lost_before_the_run_ends_costs_the_job_nothing(
     settings = Settings(
         data_dir=tmp_path / "data", mlflow_tracking_uri=mlflow_server, mlflow_experiment_name=EXPERIMENT
     )
-    config = TrainingConfig(**SHORT, report_to="mlflow")
-    inputs = persona_inputs(
-        tiny_model_dir,
-        training_config=config,
-        peft_config=PeftConfig(r=8, lora_alpha=16),
-        output_dir=tmp_path / "out",
-        tracking=trackers.for_job("ftjob-mlflow-lost", None, config, settings),
-    )
+    inputs = short_tracked_job(tiny_model_dir, tmp_path, "mlflow", "ftjob-mlflow-lost", settings)
     recorder = Recorder()
     result = train(inputs, recorder).result
     assert [event["step"] for event in recorder.events] == [1, 2, 3, 4, 5] and result.adapter_dir
