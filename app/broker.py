@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from app.config import Settings
+from app.log_setup import TASK_REQUEST_ID, request_id
 
 TRAINING_QUEUE = "training"
 TRAIN_TASK = "phitune.train_job"
@@ -60,5 +61,9 @@ def visibility_timeout(settings: Settings) -> int:
 
 
 def enqueue_training(celery: Celery, job_id: str) -> None:
-    """Send the one message a job needs: its id. Everything else the worker fetches through the API."""
-    celery.send_task(TRAIN_TASK, args=[job_id], queue=TRAINING_QUEUE)
+    """Send the one message a job needs: its id. Everything else the worker fetches through the API. The id
+    of the request that queued the job rides in a header (none when the housekeeping loop resends it), which
+    workers of earlier versions ignore."""
+    celery.send_task(
+        TRAIN_TASK, args=[job_id], queue=TRAINING_QUEUE, headers={TASK_REQUEST_ID: request_id.get()}
+    )

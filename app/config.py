@@ -30,6 +30,18 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path(".phitune"), description="Where the embedded database, broker and storage live."
     )
+    storage_url: str | None = Field(
+        None,
+        pattern=r"^s3://[^/?#]+(/[^?#]*)?$",
+        description="Where datasets, checkpoints, resume states and adapters are stored: s3://bucket/prefix "
+        "(needs phitune[s3]); default: the storage/ directory in data_dir.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="The S3 endpoint (MinIO, Ceph, R2); default: AWS, or AWS_ENDPOINT_URL."
+    )
+    s3_region: str | None = Field(
+        None, description="The S3 region; default: AWS_REGION or AWS_DEFAULT_REGION."
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
     broker_url: str | None = Field(
         None, description="Celery broker; default: filesystem transport in data_dir."
@@ -148,6 +160,17 @@ class Settings(BaseSettings):
     max_job_seconds: float = Field(
         7 * 24 * 3600.0, gt=0, description="An attempt that trains longer than this fails (job time limit)."
     )
+    export_max_shard_size: str = Field(
+        "5GB",
+        pattern=r"^[0-9]+(B|KB|MB|GB|KiB|MiB|GiB)?$",
+        description="The largest safetensors shard of a merged-model export (transformers' max_shard_size).",
+    )
+    estimate_tokens_per_second: float | None = Field(
+        None,
+        gt=0,
+        description="A dry run's training throughput (tokens/s) until a job on the base model has succeeded "
+        "and measured its own (see app.jobs.estimate).",
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto",
         description="Where the worker trains and the inference server serves: cuda fails when CUDA cannot be "
@@ -178,6 +201,25 @@ class Settings(BaseSettings):
         gt=0,
         description="How long `phitune serve` lets its worker stop (and save its training state) after "
         "SIGTERM before killing it; the API and the inference server get at most 15 s.",
+    )
+    shutdown_grace_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="After SIGTERM the API stops accepting, ends live event streams with a final event and "
+        "lets requests in flight finish for up to this long before closing them.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object a line (for log collectors); `text`: for a terminal."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="The lowest level of the lines logged."
+    )
+    worker_metrics_port: int | None = Field(
+        None,
+        gt=0,
+        lt=65536,
+        description="Where a training worker serves Prometheus /metrics (one port per worker process); "
+        "unset: no metrics server.",
     )
     webhook_timeout_seconds: float = Field(
         10.0, gt=0, le=60, description="Longest wait for a webhook endpoint to answer one delivery attempt."

@@ -6,11 +6,15 @@ a field added here is accepted by both at once. It lives on the API side because
 without the worker.
 
 One JSON object per line (UTF-8; a byte order mark is accepted at the start of the file, as Windows editors
-write one), blank lines ignored, in one of three formats, recognised by their keys:
+write one), blank lines ignored, in one of four formats, recognised by their keys:
 
     chat                {"messages": [{"role": "system"|"user"|"assistant", "content": "...", ...}, ...]}
     prompt_completion   {"prompt": "...", "completion": "..."}
     text                {"text": "..."}
+    preference          {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}],
+                         "non_preferred_output": [{"role": "assistant", ...}]}
+
+The first three train supervised jobs, the last preference (DPO) jobs (OpenAI's and Together's format).
 
 Decisions beyond the API contract:
 - Unknown keys are errors, at the top level and in messages, because the trainer would silently drop them
@@ -20,6 +24,9 @@ Decisions beyond the API contract:
 - `weight` (0 or 1) is allowed only on assistant messages; a chat example needs at least one assistant
   message with weight 1 (the default), otherwise it has nothing to train on.
 - `completion` and `text` must not be empty, for the same reason; other strings may be empty.
+- A preference record's outputs are one assistant message each, without `weight` (the whole answer is
+  compared) and with non-empty content; its input is a chat of at least one message and no weights (the
+  input is never trained on).
 - The text must be Unicode the tokenizer can read: invalid UTF-8, and lone surrogates spelled as JSON escapes
   (`"\\ud800"`), are refused (`invalid_utf8`, `invalid_unicode`), and so are numbers no float holds (`1e400`,
   `NaN`, an integer of thousands of digits: `invalid_number`), rather than failing the job later.
@@ -47,6 +54,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 import orjson
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -57,7 +65,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_core.core_schema import ErrorType
 
-CHAT, PROMPT_COMPLETION, TEXT = "chat", "prompt_completion", "text"
+CHAT, PROMPT_COMPLETION, TEXT, PREFERENCE = "chat", "prompt_completion", "text", "preference"
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = get_args(Role)
 
@@ -172,14 +180,93 @@ class TextRecord(_Record):
         return len(self.text)
 
 
-Record = ChatRecord | PromptCompletionRecord | TextRecord
-# In the order a record's format is detected: the first whose required keys the record has any of.
+class PreferenceInput(_Record):
+    """A preference record's `input`: the conversation both outputs answer."""
+
+    messages: Annotated[
+        list[Annotated[Message, Invalid("invalid_message", "must be an object, got {type}")]],
+        Field(min_length=1),
+        Invalid("invalid_messages", "must be a non-empty list of message objects"),
+    ]
+
+    @model_validator(mode="after")
+    def _no_weights(self) -> PreferenceInput:
+        if any("weight" in message.model_fields_set for message in self.messages):
+            raise PydanticCustomError(
+                "invalid_weight", "has a message with a weight: a preference input is never trained on"
+            )
+        return self
+
+
+def _one_answer(value: Any) -> Any:
+    """An output is one assistant message: its role, weight and content are checked before the message's
+    own rules, so that the problem named is the one that matters here."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        answer = value[0]
+        if answer.get("role") != "assistant":
+            raise PydanticCustomError("invalid_output", "must be one assistant message")
+        if "weight" in answer:
+            raise PydanticCustomError(
+                "invalid_output", "must not carry a weight: the whole answer is compared"
+            )
+        if answer.get("content") == "":
+            raise PydanticCustomError("invalid_output", "must not be an empty answer")
+    return value
+
+
+Output = Annotated[
+    list[Annotated[Message, Invalid("invalid_output", "must be a message object, got {type}")]],
+    Field(min_length=1, max_length=1),
+    BeforeValidator(_one_answer),
+    Invalid("invalid_output", "must be a list of one assistant message; {found}"),
+]
+
+
+class PreferenceRecord(_Record):
+    """`{"input", "preferred_output", "non_preferred_output"}`: two answers to one conversation, the first
+    preferred; a DPO job learns to prefer it."""
+
+    format: ClassVar[str] = PREFERENCE
+    # Recognised by its outputs: "input" alone is a common key of other datasets' formats (Alpaca's).
+    detected_by: ClassVar[frozenset[str]] = frozenset({"preferred_output", "non_preferred_output"})
+    input: Annotated[
+        PreferenceInput, Invalid("invalid_input", 'must be an object {{"messages": [...]}}; {found}')
+    ]
+    preferred_output: Output
+    non_preferred_output: Output
+
+    @property
+    def preferred(self) -> Message:
+        return self.preferred_output[0]
+
+    @property
+    def non_preferred(self) -> Message:
+        return self.non_preferred_output[0]
+
+    @property
+    def characters(self) -> int:
+        return (
+            sum(len(message.content) for message in self.input.messages)
+            + len(self.preferred.content)
+            + len(self.non_preferred.content)
+        )
+
+
+Record = ChatRecord | PromptCompletionRecord | TextRecord | PreferenceRecord
+# In the order a record's format is detected: the first whose required keys (or `detected_by` keys) the
+# record has any of.
 FORMATS: dict[str, type[Record]] = {
     CHAT: ChatRecord,
     PROMPT_COMPLETION: PromptCompletionRecord,
     TEXT: TextRecord,
+    PREFERENCE: PreferenceRecord,
 }
-UNKNOWN_FORMAT = 'Expected "messages" (chat), "prompt" and "completion", or "text"'
+SUPERVISED_FORMATS = frozenset({CHAT, PROMPT_COMPLETION, TEXT})
+"""The formats a supervised job trains on; a DPO job trains on PREFERENCE files only."""
+UNKNOWN_FORMAT = (
+    'Expected "messages" (chat), "prompt" and "completion", "text", or "input", "preferred_output" and '
+    '"non_preferred_output" (preference)'
+)
 
 
 def load_line(line: bytes, *, first: bool = False) -> dict[str, Any] | None:
@@ -362,14 +449,49 @@ def _text_stats(obj: dict[str, Any]) -> RecordStats | None:
     return 0, 0, len(text)
 
 
+def _preference_stats(obj: dict[str, Any]) -> RecordStats | None:
+    source = obj.get("input")
+    if len(obj) != 3 or type(source) is not dict or len(source) != 1:
+        return None
+    messages = source.get("messages")
+    if type(messages) is not list or not messages:
+        return None
+    characters = 0
+    for message in messages:
+        if type(message) is not dict or not _plain_message(message) or message["role"] not in _ROLE_SET:
+            return None
+        characters += len(message["content"])
+    for key in ("preferred_output", "non_preferred_output"):
+        output = obj.get(key)
+        if type(output) is not list or len(output) != 1 or type(output[0]) is not dict:
+            return None
+        answer = output[0]
+        if not _plain_message(answer) or answer["role"] != "assistant" or not answer["content"]:
+            return None
+        characters += len(answer["content"])
+    return 0, 0, characters
+
+
+def _plain_message(message: dict[str, Any]) -> bool:
+    """`role` and `content` strings, and perhaps a `name` string, nothing else (no weight)."""
+    if type(message.get("role")) is not str or type(message.get("content")) is not str:
+        return False
+    return len(message) == 2 or (len(message) == 3 and type(message.get("name")) is str)
+
+
 _FAST_CHECKS: dict[str, Callable[[dict[str, Any]], RecordStats | None]] = {
     CHAT: _chat_stats,
     PROMPT_COMPLETION: _prompt_completion_stats,
     TEXT: _text_stats,
+    PREFERENCE: _preference_stats,
 }
 
 
 def _format_keys(model: type[BaseModel]) -> set[str]:
+    """The keys a record of `model`'s format is recognised by: its required ones, unless it names others."""
+    detected_by = getattr(model, "detected_by", None)
+    if detected_by is not None:
+        return set(detected_by)
     return {name for name, field in model.model_fields.items() if field.is_required()}
 
 

@@ -48,7 +48,6 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 
 async def get_current_tenant(
     request: Request,
-    settings: SettingsDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     _: Annotated[HTTPAuthorizationCredentials | None, Security(API_KEY)] = None,  # the document's security
 ) -> Tenant:
@@ -56,6 +55,7 @@ async def get_current_tenant(
     database, in a unit of work of its own (in the threadpool). Not the request's: a route that reads
     outside a unit of work (app.db.read) then opens none at all. Then the key's rate (app.rate_limit): every
     tenant route is counted here, on the event loop, after the key was found valid (a bad key is a 401)."""
+    settings: Settings = request.app.state.settings  # not SettingsDep: each dependency costs every request
     cache: KeyCache = request.app.state.api_keys
     tenant = await cache.tenant(
         authorization,
@@ -77,7 +77,7 @@ async def check_credentials(request: Request) -> None:
     if path.startswith("/v1/admin/") or path == "/v1/admin":
         check_admin_key(settings, authorization)
     elif path.startswith("/v1/"):
-        await get_current_tenant(request, settings, authorization)
+        await get_current_tenant(request, authorization)
 
 
 def _owner_of_key(database_url: str, authorization: str | None) -> KeyOwner:

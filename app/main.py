@@ -17,9 +17,11 @@ from app.body_limit import BodyLimit
 from app.chat.routes import router as chat_router
 from app.chat.schemas import ChatCompletionChunk
 from app.config import Settings, get_settings
-from app.db import check_database
+from app.db import check_database, close_reads
 from app.deps import check_credentials
 from app.errors import install_error_handlers
+from app.exports.internal import router as internal_exports_router
+from app.exports.routes import router as exports_router
 from app.files.routes import router as files_router
 from app.internal.listener import ListenerSplit
 from app.internal.routes import adapters_router as internal_adapters_router
@@ -31,8 +33,9 @@ from app.jobs.routes import router as jobs_router
 from app.metrics import install_metrics
 from app.models_api.routes import router as models_router
 from app.rate_limit import RateLimiter
+from app.request_id import RequestId
 from app.service_auth import bearer
-from app.storage import Storage
+from app.storage import open_storage
 from app.ui.routes import router as ui_router
 from app.webhooks.routes import router as webhooks_router
 from app.webhooks.sender import WebhookSender
@@ -76,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await events.aclose()
             await app.state.inference.aclose()
+            await close_reads()
             housekeeping.stop()
             webhook_sender.stop()
 
@@ -89,22 +93,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.api_keys = KeyCache(settings.api_key_cache_seconds)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     app.state.stream_slots = StreamSlots(settings.max_event_streams_per_tenant)
-    app.state.storage = Storage(settings.storage_dir)
+    app.state.storage = storage = open_storage(settings)
     app.state.messages = messages
     app.state.events = events
+    app.state.drain = events.drain  # SIGTERM (phitune.asgi_server): live streams end before the grace does
     install_error_handlers(app, check_credentials)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_body_bytes)
     install_metrics(app, settings)
     if settings.internal_port is not None:
         app.add_middleware(ListenerSplit, internal_port=settings.internal_port)
+    app.add_middleware(RequestId)  # outermost: every answer, a 404 or 413 of the middlewares too, has its id
     app.include_router(files_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
+    app.include_router(exports_router, prefix="/v1")
     app.include_router(models_router, prefix="/v1")
     app.include_router(chat_router, prefix="/v1")
     app.include_router(admin_router, prefix="/v1")
     app.include_router(webhooks_router, prefix="/v1")
     app.include_router(internal_router, prefix="/internal/v1", include_in_schema=False)
     app.include_router(internal_adapters_router, prefix="/internal/v1", include_in_schema=False)
+    app.include_router(internal_exports_router, prefix="/internal/v1", include_in_schema=False)
     app.include_router(ui_router)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
@@ -123,7 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         checks = {
             "database": lambda: check_database(settings.resolved_database_url),
             "broker": messages.check_broker,
-            "storage": lambda: _check_storage(settings),
+            "storage": storage.check,
         }
         failures = {}
         for name, check in checks.items():
@@ -163,9 +171,3 @@ def _drop_fastapi_validation_errors(schema: dict[str, Any]) -> None:
                 del operation["responses"]["422"]
     for name in ("HTTPValidationError", "ValidationError"):
         schema["components"]["schemas"].pop(name, None)
-
-
-def _check_storage(settings: Settings) -> None:
-    probe = Storage(settings.storage_dir).temp_path()
-    probe.write_bytes(b"ok")
-    probe.unlink()

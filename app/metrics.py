@@ -3,17 +3,22 @@ pending webhook deliveries."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from app.broker import make_celery
 from app.config import Settings
 from app.db import session_scope
+from app.jobs.outbox import queued_messages
 from app.models import JobStatus
 from app.repositories import jobs as job_rows
 from app.repositories import webhooks
+
+log = logging.getLogger(__name__)
 
 
 class StateCollector:
@@ -38,6 +43,24 @@ class StateCollector:
             "phitune_webhook_deliveries_pending",
             "Webhook deliveries not yet delivered nor given up on",
             value=pending_webhooks,
+        )
+
+
+class QueueCollector:
+    """The training queue's length in the broker at scrape time: jobs sent that no worker has taken yet. An
+    unreachable broker leaves the gauge out of that scrape (/readyz says why) rather than fail /metrics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.celery = make_celery(settings)
+
+    def collect(self):
+        try:
+            depth = queued_messages(self.celery)
+        except Exception as exc:
+            log.warning("could not read the training queue's length: %s", exc)
+            return
+        yield GaugeMetricFamily(
+            "phitune_training_queue_depth", "Training messages waiting in the broker", value=depth
         )
 
 
@@ -112,6 +135,7 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
     not a method outside METHODS, not its tenant (there are no per-tenant labels)."""
     registry = CollectorRegistry()
     registry.register(StateCollector(settings))
+    registry.register(QueueCollector(settings))
     requests = Counter(
         "phitune_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
     )

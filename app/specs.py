@@ -455,6 +455,63 @@ class Hyperparameters(BaseModel):
         return mapped
 
 
+DEFAULT_DPO_BETA = 0.1
+MAX_DPO_BETA = 10.0  # the reward scale; beyond it the loss saturates after a step
+MAX_LABEL_SMOOTHING = 0.5  # the share of pairs assumed mislabelled: at 0.5 the robust loss divides by 0
+
+Beta = Annotated[float, Field(gt=0, le=MAX_DPO_BETA)]
+DpoLossType = Literal["sigmoid", "robust", "ipo", "hinge"]
+LabelSmoothing = Annotated[float, Field(ge=0, lt=MAX_LABEL_SMOOTHING)]
+
+
+class DpoConfig(_Closed):
+    """The preference (DPO) settings of a job, under `trl.DPOConfig`'s names: the API stores them resolved as
+    the job's method and the worker trains with them. A job without them is supervised."""
+
+    beta: Beta = Field(
+        DEFAULT_DPO_BETA,
+        description="How far the tuned model may move from the base (the reference): the rewards are beta "
+        "times its log-probability ratios to the base.",
+    )
+    loss_type: DpoLossType = Field(
+        "sigmoid", description="sigmoid: DPO's loss; robust: with label_smoothing; ipo, hinge: variants."
+    )
+    label_smoothing: LabelSmoothing = Field(
+        0.0, description="robust only: the share of pairs whose preference is assumed to be wrong."
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_needs_robust(self) -> DpoConfig:
+        if self.label_smoothing and self.loss_type != "robust":
+            raise ValueError(
+                f"label_smoothing applies to loss_type 'robust' only; loss_type is '{self.loss_type}'"
+            )
+        return self
+
+    def as_method(self) -> dict[str, Any]:
+        """The job's stored method (`jobs.method`)."""
+        return {"type": "dpo", "dpo": {"hyperparameters": self.model_dump(mode="json")}}
+
+    @classmethod
+    def of_method(cls, method: dict[str, Any] | None) -> DpoConfig | None:
+        """The DPO settings of a stored method; None for a supervised job (null)."""
+        return None if method is None else cls.model_validate(method["dpo"]["hyperparameters"])
+
+
+class DpoHyperparameters(Hyperparameters):
+    """`method.dpo.hyperparameters`: OpenAI's shorthand and beta ("auto": 0.1), with phitune's loss_type and
+    label_smoothing."""
+
+    beta: Literal["auto"] | Beta = "auto"
+    loss_type: DpoLossType = "sigmoid"
+    label_smoothing: LabelSmoothing = 0.0
+
+    def as_dpo_config(self) -> DpoConfig:
+        """The job's DpoConfig; ValueError when its fields contradict each other."""
+        beta = DEFAULT_DPO_BETA if self.beta == "auto" else self.beta
+        return DpoConfig(beta=beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+
+
 HYPERPARAMETER_FIELDS = {
     "num_train_epochs": "n_epochs",
     "per_device_train_batch_size": "batch_size",

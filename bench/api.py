@@ -11,9 +11,11 @@ Each is driven by CONNECTIONS keep-alive clients for SECONDS seconds with `wrk` 
 threads) when it is on the PATH, else by an asyncio httpx load generator in a separate process (which
 saturates itself first, at a few hundred requests/s on 2 cores: install `wrk` for real figures). Rounds
 alternate api and bare, so a load from other processes on the machine hits both sides; the JSON line gives
-requests/s, p50 and p99 (ms) of each side as the median over the rounds, `ratio` (api ÷ bare requests/s)
-as the median of the rounds' ratios, and its range. SQLite always; PostgreSQL too when
-PHITUNE_TEST_DATABASE_URL names a server (a throwaway database is created on it and dropped).
+requests/s, p50 and p99 (ms) and `cpu_us`, the server process's CPU time per request (µs, user and system,
+from /proc: a figure that a load from other processes changes far less than requests/s) of each side as
+the median over the rounds, `ratio` (api ÷ bare requests/s) as the median of the rounds' ratios, and its
+range. SQLite always; PostgreSQL too when PHITUNE_TEST_DATABASE_URL names a server (a throwaway database is
+created on it and dropped).
 BENCH_API_QUICK=1 runs one round of 2 s per side (a smoke test). Targets: p99 < 50 ms, ratio >= 0.5.
 """
 
@@ -66,7 +68,7 @@ def bare_app():
 
 
 @contextlib.contextmanager
-def serving_bare(job: dict[str, Any], scratch: Path) -> Iterator[str]:
+def serving_bare(job: dict[str, Any], scratch: Path) -> Iterator[tuple[str, int]]:
     path = scratch / "bare-job.json"
     path.write_text(json.dumps(job))
     port = free_port()
@@ -84,18 +86,29 @@ def serving_bare(job: dict[str, Any], scratch: Path) -> Iterator[str]:
     )
     try:
         wait_healthy(url, processes=[process])
-        yield url
+        yield url, process.pid
     finally:
         stop(process)
 
 
-def load(url: str, headers: dict[str, str]) -> dict[str, float]:
-    """requests/s, p50 and p99 (ms) of CONNECTIONS keep-alive clients on `url` for SECONDS seconds."""
+def load(url: str, headers: dict[str, str], server_pid: int) -> dict[str, float]:
+    """requests/s, p50 and p99 (ms) of CONNECTIONS keep-alive clients on `url` for SECONDS seconds, and the
+    CPU time the server (process `server_pid`) spent per request (µs)."""
+    cpu_before = cpu_seconds(server_pid)
     if shutil.which("wrk"):
-        return _wrk(url, headers)
-    args = [sys.executable, "-m", "bench.api", "load", url, json.dumps(headers)]
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
+        figures = _wrk(url, headers)
+    else:
+        args = [sys.executable, "-m", "bench.api", "load", url, json.dumps(headers)]
+        done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=True)
+        figures = json.loads(done.stdout)
+    cpu_us = (cpu_seconds(server_pid) - cpu_before) / figures.pop("requests") * 1e6
+    return figures | {"cpu_us": cpu_us}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid` so far (Linux's /proc/PID/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wrk(url: str, headers: dict[str, str]) -> dict[str, float]:
@@ -105,10 +118,11 @@ def _wrk(url: str, headers: dict[str, str]) -> dict[str, float]:
     if match := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         raise RuntimeError(f"{match[1]} failed requests on {url}:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    requests = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     percentiles = {int(p): _ms(value) for p, value in re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M)}
     if len(percentiles) != 2:
         raise RuntimeError(f"no latency distribution in wrk's output:\n{out}")
-    return {"rps": rps, "p50_ms": percentiles[50], "p99_ms": percentiles[99]}
+    return {"rps": rps, "p50_ms": percentiles[50], "p99_ms": percentiles[99], "requests": requests}
 
 
 def _ms(value: str) -> float:
@@ -137,6 +151,7 @@ async def _httpx_load(url: str, headers: dict[str, str]) -> dict[str, float]:
         "rps": len(latencies) / elapsed,
         "p50_ms": latencies[len(latencies) // 2] * 1000,
         "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+        "requests": len(latencies),
     }
 
 
@@ -177,22 +192,22 @@ def measure(database_url: str | None, scratch: Path) -> dict[str, Any]:
     key = run_phitune("keys", "create", "--tenant", "bench", env=env).strip().splitlines()[-1]
     headers = {"Authorization": f"Bearer {key}"}
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    with running(["api", "--port", str(port)], api_url, env=env, **quiet):
+    with running(["api", "--port", str(port)], api_url, env=env, **quiet) as api_process:
         job = create_job(api_url, key)
-        with serving_bare(job, scratch) as bare_url:
+        with serving_bare(job, scratch) as (bare_url, bare_pid):
             path = f"/v1/fine_tuning/jobs/{job['id']}"
             for url in (api_url, bare_url):  # warm up both (imports, connections, caches)
                 httpx.get(url + path, headers=headers, timeout=30).raise_for_status()
             rounds = []
             for _ in range(ROUNDS):
-                api = load(api_url + path, headers)
-                bare = load(bare_url + path, headers)
+                api = load(api_url + path, headers, api_process.pid)
+                bare = load(bare_url + path, headers, bare_pid)
                 rounds.append({"api": api, "bare": bare, "ratio": api["rps"] / bare["rps"]})
     ratios = [r["ratio"] for r in rounds]
     return {
         side: {
             figure: round(statistics.median(r[side][figure] for r in rounds), 1)
-            for figure in ("rps", "p50_ms", "p99_ms")
+            for figure in ("rps", "p50_ms", "p99_ms", "cpu_us")
         }
         for side in ("api", "bare")
     } | {

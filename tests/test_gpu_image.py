@@ -67,7 +67,8 @@ def declared_torch_requirements(distribution: str, extras: set[str]) -> list[Req
 
 
 def test_the_image_installs_the_worker_and_the_server() -> None:
-    assert image_extras() == IMAGE_EXTRAS
+    # s3 (boto3, no torch) may come along, so that any phitune command in this image reaches a bucket.
+    assert IMAGE_EXTRAS <= image_extras() <= IMAGE_EXTRAS | {"s3"}
 
 
 def test_the_extras_agree_on_every_shared_requirement() -> None:

@@ -2,14 +2,57 @@
 
 from __future__ import annotations
 
-from celery.signals import worker_shutting_down
+import logging
+import os
 
+import celery.apps.worker
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_init, worker_shutting_down
+
+from app import log_setup
 from app.broker import TRAIN_TASK, make_celery
 from app.config import get_settings
-from worker import shutdown
+from app.exports.messages import EXPORT_TASK
+from worker import metrics, shutdown
+from worker.export import run_export
 from worker.tasks import run_training_job
 
 celery_app = make_celery(get_settings())
+
+
+@setup_logging.connect
+def _configure_logging(**_kwargs) -> None:
+    """Celery leaves the process's logging to this receiver: phitune's format (PHITUNE_LOG_FORMAT)."""
+    settings = get_settings()
+    log_setup.configure("worker", settings.log_format, settings.log_level)
+    if settings.log_format == "json":
+        # What libraries print (the trainer's PrinterCallback, a thread's traceback) becomes log lines, and
+        # Celery's signal handlers, which print rather than log ("worker: Warm shutdown"), print JSON lines.
+        celery_app.log.redirect_stdouts_to_logger(logging.getLogger("worker.output"), loglevel=logging.INFO)
+        celery.apps.worker.safe_say = _say_as_json
+
+
+def _say_as_json(message: str, _file: object = None) -> None:
+    os.write(2, (log_setup.json_line("worker", "celery.worker", logging.WARNING, message) + "\n").encode())
+
+
+@worker_init.connect
+def _serve_metrics(**_kwargs) -> None:
+    if (port := get_settings().worker_metrics_port) is not None:
+        metrics.serve(port)
+
+
+@task_prerun.connect
+def _enter_job(task, args, **_kwargs) -> None:
+    """Every line logged while a training task runs names its job and the request that queued it."""
+    log_setup.request_id.set(task.request.get(log_setup.TASK_REQUEST_ID))
+    if task.name == TRAIN_TASK and args:
+        log_setup.job_id.set(args[0])
+
+
+@task_postrun.connect
+def _leave_job(**_kwargs) -> None:
+    for variable in log_setup.CONTEXT.values():
+        variable.set(None)
 
 
 @worker_shutting_down.connect
@@ -23,3 +66,9 @@ def _request_hand_back(**_kwargs) -> None:
 def train_job(job_id: str) -> str:
     """One task per job, carrying only the job id."""
     return run_training_job(job_id, get_settings())
+
+
+@celery_app.task(name=EXPORT_TASK, ignore_result=True)
+def export_model(export_id: str) -> str:
+    """One task per merged-model export, carrying only the export id."""
+    return run_export(export_id, get_settings())

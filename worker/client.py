@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -13,9 +13,14 @@ import httpx
 import tenacity
 from pydantic import BaseModel
 
+from app.adapter_format import FORMAT_HEADER
 from app.internal.contracts import (
     CheckpointReport,
     ClaimReply,
+    ExportClaimReply,
+    ExportFailure,
+    ExportLease,
+    ExportReceipt,
     LeaseReply,
     Outcome,
     StateReceipt,
@@ -28,6 +33,7 @@ from app.service_auth import bearer
 RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
 RETRIED_STATUSES = {502, 503, 504}
 JSON_CONTENT = {"Content-Type": "application/json"}
+UPLOAD_CHUNK_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -49,6 +55,11 @@ class ClaimRefused(Exception):
     """The job is no longer queued (cancelled, finished, or claimed by another worker)."""
 
 
+def internal_http(api_url: str, timeout: float, transport: httpx.BaseTransport | None) -> httpx.Client:
+    """An HTTP client of the API's /internal/v1."""
+    return httpx.Client(base_url=api_url.rstrip("/") + "/internal/v1", timeout=timeout, transport=transport)
+
+
 class ApiClient:
     """HTTP client for one worker; `attempt(claim)` gives the client scoped to that job attempt."""
 
@@ -60,9 +71,7 @@ class ApiClient:
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._http = httpx.Client(
-            base_url=api_url.rstrip("/") + "/internal/v1", timeout=timeout, transport=transport
-        )
+        self._http = internal_http(api_url, timeout, transport)
         self._worker_token = worker_token
 
     def close(self) -> None:
@@ -169,6 +178,92 @@ class AttemptClient:
             response = _answered(self._http.request(method, path, headers=headers, **request))
             response.raise_for_status()
             return response.json()
+
+        return _retrying(once, self._lease_seconds, LeaseLost)
+
+
+class ExportClient:
+    """A worker's calls for one merged-model export (/internal/v1/exports/{id}): the claim, with the worker
+    token, then the attempt's calls, with the token the claim returned; retried as a job attempt's are."""
+
+    def __init__(
+        self,
+        api_url: str,
+        worker_token: str,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = internal_http(api_url, timeout, transport)
+        self._worker_token = worker_token
+        self._prefix = ""
+        self._headers: dict[str, str] = {}
+        self._lease_seconds = 0.0
+
+    def close(self) -> None:
+        self._http.close()
+
+    def claim(self, export_id: str) -> ExportClaimReply:
+        """Start an attempt, retried while the API restarts; ClaimRefused when the export is not queued (or
+        was deleted with its model). The other calls act for this attempt."""
+        response = _retrying(
+            lambda: _answered(
+                self._http.post(f"/exports/{export_id}/claim", headers=bearer(self._worker_token))
+            ),
+            CLAIM_RETRY_SECONDS,
+            ApiUnreachable,
+        )
+        if response.status_code in (404, 409):
+            raise ClaimRefused(response.json()["error"]["message"])
+        response.raise_for_status()
+        claim = ExportClaimReply.model_validate(response.json())
+        self._prefix, self._headers = f"/exports/{claim.export_id}", bearer(claim.token)
+        self._lease_seconds = claim.lease_seconds
+        return claim
+
+    def download_adapter(self, destination: Path) -> str:
+        """The job's adapter archive, streamed to `destination`; returns its format (the API's header)."""
+
+        def once() -> str:
+            with self._http.stream("GET", f"{self._prefix}/adapter", headers=self._headers) as response:
+                _answered(response).raise_for_status()
+                with destination.open("wb") as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+                return response.headers[FORMAT_HEADER]
+
+        return _retrying(once, self._lease_seconds, LeaseLost)
+
+    def heartbeat(self) -> ExportLease:
+        return ExportLease.model_validate(self._send("POST", "/heartbeat").json())
+
+    def upload(self, archive: Path, sha256: str) -> ExportReceipt:
+        """Store the merged model's tar, streamed from the file (every try reads it again); the API keeps it
+        only if what arrived has this sha256."""
+
+        def chunks() -> Iterator[bytes]:
+            with archive.open("rb") as source:
+                while chunk := source.read(UPLOAD_CHUNK_BYTES):
+                    yield chunk
+
+        size = {"Content-Length": str(archive.stat().st_size)}
+        reply = self._send("PUT", "/content", params={"sha256": sha256}, content=chunks, headers=size)
+        return ExportReceipt.model_validate(reply.json())
+
+    def fail(self, message: str) -> None:
+        body = ExportFailure(message=message[:4000]).model_dump_json()
+        self._send("POST", "/fail", content=body, headers=JSON_CONTENT)
+
+    def _send(self, method: str, path: str, **request: Any) -> httpx.Response:
+        """One call, retried until it has failed for longer than the lease (then LeaseLost). `content` may
+        be a function making the body's chunks afresh for each try."""
+        headers = {**self._headers, **request.pop("headers", {})}
+
+        def once() -> httpx.Response:
+            body = request.get("content")
+            sent = {**request, "content": body()} if callable(body) else request
+            response = _answered(self._http.request(method, self._prefix + path, headers=headers, **sent))
+            return response.raise_for_status()
 
         return _retrying(once, self._lease_seconds, LeaseLost)
 

@@ -3,33 +3,28 @@
 The API has already validated the file with the record models of `app.dataset_format`, which read it here
 too: chat (`{"messages": [...]}`, an assistant message may carry `"weight": 0|1`), prompt/completion
 (`{"prompt", "completion"}`, a user turn answered by an assistant turn) or plain text (`{"text"}`, trained on
-entirely).
+entirely), or, for a DPO job, preference (`{"input", "preferred_output", "non_preferred_output"}`).
 
-By default the loss covers the assistant turns only, each with the end-of-turn token that closes it, so the
-model learns to stop. The turns are located by rendering the chat template and mapping characters to tokens,
-never by matching Phi-3's strings, so any tokenizer with a chat template works.
+Each example becomes token ids and a loss mask as `app.chat_tokens` defines (by default the assistant turns
+only, each with its end-of-turn token), the definition the API's dataset report counts with too. A preference
+pair is tokenised the same way: each answer is the trained turn of its conversation, the tokens before it
+the prompt.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from app.dataset_format import (
-    ChatRecord,
-    Message,
-    PromptCompletionRecord,
-    Record,
-    RecordError,
-    load_line,
-    parse_record,
-)
+# chat_turns and tokenize_conversation are the worker's as much as tokenize_example: imported from here too.
+from app.chat_tokens import chat_turns as chat_turns
+from app.chat_tokens import tokenize_conversation as tokenize_conversation
+from app.chat_tokens import tokenize_example
+from app.dataset_format import Message, PreferenceRecord, Record, RecordError, load_line, parse_record
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +82,83 @@ def load_tokenized_dataset(
     )
 
 
+@dataclass(frozen=True)
+class TokenizedPreferences:
+    """A DPO job's training or validation set, with the counts a job reports."""
+
+    dataset: Dataset  # columns prompt_ids, chosen_ids, rejected_ids (TRL's DPOTrainer's tokenised columns)
+    num_tokens: int  # all tokens of the kept pairs, the prompt counted with each answer, after truncation
+    num_dropped: int  # pairs whose prompt alone fills max_seq_length
+    num_truncated_tokens: int = 0  # answer tokens past max_seq_length, of kept pairs
+
+
+def load_preference_dataset(
+    path: Path, tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int
+) -> TokenizedPreferences:
+    """Read and tokenise a preference file: each prompt with an answer is cut to `max_seq_length` tokens,
+    the answer's end going first (TRL's keep_start). A pair whose prompt alone fills it is dropped; a file
+    where none is left is an error."""
+    columns: dict[str, list[list[int]]] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    num_dropped = num_truncated = num_tokens = 0
+    for record in read_jsonl(path):
+        if not isinstance(record, PreferenceRecord):
+            raise ValueError(f"{path.name} is in {record.format} format; DPO trains on preference pairs")
+        prompt, chosen, rejected = tokenize_preference(record, tokenizer)
+        room = max_seq_length - len(prompt)
+        if room <= 0:
+            num_dropped += 1
+            continue
+        num_truncated += max(len(chosen) - room, 0) + max(len(rejected) - room, 0)
+        chosen, rejected = chosen[:room], rejected[:room]
+        num_tokens += 2 * len(prompt) + len(chosen) + len(rejected)
+        for name, ids in zip(columns, (prompt, chosen, rejected), strict=True):
+            columns[name].append(ids)
+    if num_dropped:
+        logger.warning(
+            "Dropped %d preference pairs of %s: their input fills max_seq_length=%d",
+            num_dropped,
+            path.name,
+            max_seq_length,
+        )
+    if not columns["prompt_ids"]:
+        raise ValueError(f"No preference pair of {path.name} leaves room for an answer within max_seq_length")
+    return TokenizedPreferences(
+        dataset=Dataset.from_dict(columns),
+        num_tokens=num_tokens,
+        num_dropped=num_dropped,
+        num_truncated_tokens=num_truncated,
+    )
+
+
+def tokenize_preference(
+    record: PreferenceRecord, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int], list[int]]:
+    """The prompt's token ids, and each answer's: its content and end-of-turn token, as a supervised job
+    trains an assistant turn. The prompt is the tokens both conversations share before their answers."""
+    # The input's own assistant turns are context, never trained on.
+    history = [
+        message.model_copy(update={"weight": 0}) if message.role == "assistant" else message
+        for message in record.input.messages
+    ]
+    chosen_prompt, chosen = _answer_tokens([*history, record.preferred], tokenizer)
+    rejected_prompt, rejected = _answer_tokens([*history, record.non_preferred], tokenizer)
+    shared = 0
+    while shared < min(len(chosen_prompt), len(rejected_prompt)):
+        if chosen_prompt[shared] != rejected_prompt[shared]:
+            break
+        shared += 1
+    return chosen_prompt[:shared], chosen_prompt[shared:] + chosen, rejected_prompt[shared:] + rejected
+
+
+def _answer_tokens(
+    messages: list[Message], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    """The tokens before a conversation's last turn, the trained one, and that turn's."""
+    ids, mask = tokenize_conversation(messages, tokenizer)
+    first, last = mask.index(1), len(mask) - mask[::-1].index(1)
+    return ids[:first], ids[first:last]
+
+
 def read_jsonl(path: Path) -> list[Record]:
     """The records of a JSONL file, skipping blank lines; ValueError naming the line of one that is not."""
     path = Path(path)
@@ -100,102 +172,3 @@ def read_jsonl(path: Path) -> list[Record]:
             except RecordError as error:
                 raise ValueError(f"{path.name}, line {number}: {error.message}") from None
     return records
-
-
-def tokenize_example(
-    example: Record | Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, *, train_on_inputs: bool = False
-) -> tuple[list[int], list[int]]:
-    """Token ids and loss mask (1: trained) of one example of any of the three formats (a JSON object is
-    read as a record first)."""
-    record = example if isinstance(example, Record) else parse_record(example)
-    if isinstance(record, PromptCompletionRecord):
-        record = record.as_chat()
-    if isinstance(record, ChatRecord):
-        return tokenize_conversation(record.messages, tokenizer, train_on_inputs=train_on_inputs)
-    return tokenize_text(record.text, tokenizer)
-
-
-def chat_turns(messages: Sequence[Message | Mapping[str, Any]]) -> list[dict[str, str]]:
-    """The messages as the chat template takes them: role and content, the fields it renders."""
-    return [{"role": message.role, "content": message.content} for message in map(_message, messages)]
-
-
-def tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    """Plain text is trained on entirely, ending with the eos token so the model learns where text ends."""
-    ids = tokenizer(text)["input_ids"]
-    if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
-        ids.append(tokenizer.eos_token_id)
-    return ids, [1] * len(ids)
-
-
-def tokenize_conversation(
-    messages: Sequence[Message | Mapping[str, Any]],
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    train_on_inputs: bool = False,
-) -> tuple[list[int], list[int]]:
-    """Render `messages` with the chat template; the mask covers the assistant turns with weight 1.
-
-    With `train_on_inputs` every token is trained except the assistant turns with weight 0.
-    """
-    parsed = [_message(message) for message in messages]
-    turns = chat_turns(parsed)
-    # Untokenized, the template gives text; transformers types every result apply_chat_template can give.
-    text = cast(str, tokenizer.apply_chat_template(turns, tokenize=False))
-    # Tokenised as apply_chat_template(tokenize=True) does: the template already holds any special tokens.
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-    mask = [int(train_on_inputs)] * len(ids)
-    for index, message in enumerate(parsed):
-        if message.role == "assistant":
-            for position in _assistant_turn_tokens(tokenizer, turns, index, text, ids, offsets):
-                mask[position] = message.weight
-    return ids, mask
-
-
-def _message(message: Message | Mapping[str, Any]) -> Message:
-    return message if isinstance(message, Message) else Message.model_validate(message)
-
-
-def _assistant_turn_tokens(
-    tokenizer: PreTrainedTokenizerBase,
-    turns: list[dict[str, str]],
-    index: int,
-    text: str,
-    ids: list[int],
-    offsets: list[tuple[int, int]],
-) -> list[int]:
-    """Positions of the tokens of assistant turn `index`: its content and the end-of-turn token after it."""
-    prompt = _reply_prefix(tokenizer, turns, index)
-    if not text.startswith(prompt):
-        raise ValueError("The chat template renders a conversation's beginning differently from the whole")
-    content = turns[index]["content"].strip()  # some templates trim the content
-    start = text.find(content, len(prompt))
-    if start < 0:
-        raise ValueError(f"The chat template does not render assistant turn {index} verbatim")
-    end = start + len(content)
-    positions = [position for position, (first, last) in enumerate(offsets) if first < end and last > start]
-    # The first token after the content closes the turn when it is special (<|end|> for Phi-3); training on
-    # it teaches the model to stop. Whitespace the template writes after it is never generated.
-    after = next((position for position, (first, _) in enumerate(offsets) if first >= end), None)
-    if after is not None and _is_special(tokenizer, ids[after]):
-        positions.append(after)
-    return positions
-
-
-def _reply_prefix(tokenizer: PreTrainedTokenizerBase, turns: list[dict[str, str]], index: int) -> str:
-    """The text before the reply of turn `index`: the conversation up to it, ending with the generation
-    prompt. A conversation that opens with an assistant turn (which the format allows) has nothing before
-    it, and templates refuse to render nothing: its header is cut from the turn rendered alone instead."""
-    if index:
-        prefix = tokenizer.apply_chat_template(turns[:index], tokenize=False, add_generation_prompt=True)
-        return cast(str, prefix)  # untokenized, as in tokenize_conversation
-    marker = "\x00reply\x00"
-    rendered = tokenizer.apply_chat_template([{"role": "assistant", "content": marker}], tokenize=False)
-    alone = cast(str, rendered)
-    return alone[: alone.find(marker)] if marker in alone else ""
-
-
-def _is_special(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
-    added = tokenizer.added_tokens_decoder.get(token_id)
-    return token_id in tokenizer.all_special_ids or (added is not None and added.special)

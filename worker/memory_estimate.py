@@ -1,12 +1,13 @@
 """A job's device memory: estimated before its first step, for the event that says where it trains, and
 measured after its last (`measured_peak`).
 
-An estimate, not a measurement: weights as loaded, plus gradients and AdamW's two moments of the trained
-(LoRA) weights, plus the activations of one micro-batch of full-length sequences. Activations follow
-Korthikanti et al. (2022), "Reducing Activation Recomputation in Large Transformer Models": 34·s·h bytes per
-layer and sequence in half precision with a fused attention kernel (no s² scores kept), doubled in fp32;
-with gradient checkpointing each layer keeps only its input (2·s·h bytes), plus one layer recomputed. The
-fp32 logits and their gradient (2 · s · vocab · 4 bytes) come on top.
+An estimate, not a measurement (its arithmetic is `app.training_plan.training_memory`, which the API's dry
+run uses too): weights as loaded, plus gradients and AdamW's two moments of the trained (LoRA) weights,
+plus the activations of one micro-batch of full-length sequences. Activations follow Korthikanti et al.
+(2022), "Reducing Activation Recomputation in Large Transformer Models": 34·s·h bytes per layer and sequence
+in half precision with a fused attention kernel (no s² scores kept), doubled in fp32; with gradient
+checkpointing each layer keeps only its input (2·s·h bytes), plus one layer recomputed. The fp32 logits and
+their gradient (2 · s · vocab · 4 bytes) come on top.
 
 The estimate also decides gradient checkpointing when the job leaves it unset (`decide_checkpointing`): off on
 the CPU, which is compute bound; on a GPU off when training without it is estimated to fit in the free memory
@@ -21,24 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    weights: int
-    trained_state: int  # fp32 gradients and AdamW's two fp32 moments of the trained weights
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.trained_state + self.activations
-
-    def describe(self) -> str:
-        return (
-            f"Estimated memory {self.total / GIB:.2f} GiB (weights {self.weights / GIB:.2f}, "
-            f"LoRA training state {self.trained_state / GIB:.2f}, activations {self.activations / GIB:.2f})"
-        )
+# The arithmetic is the API's too (its dry run estimates without torch): defined there.
+from app.training_plan import GIB, MemoryEstimate, training_memory
 
 
 def estimate_training_memory(
@@ -63,14 +48,17 @@ def estimate_training_memory(
     else:
         weights += trained_parameters * 4  # the fp32 LoRA weights themselves
         trained = trained_parameters
-    tokens = batch_size * sequence_length
-    scale = 1 if half_precision else 2  # the 34 bytes per element count 2-byte activations
-    if checkpointing:
-        per_model = (2 * layers + 34) * tokens * hidden_size * scale
-    else:
-        per_model = 34 * layers * tokens * hidden_size * scale
-    logits = 2 * tokens * vocab_size * 4
-    return MemoryEstimate(weights, trained * (4 + 8), per_model + logits)
+    return training_memory(
+        weight_bytes=weights,
+        trained_parameters=trained,
+        batch_size=batch_size,
+        sequence_length=sequence_length,
+        hidden_size=hidden_size,
+        layers=layers,
+        vocab_size=vocab_size,
+        half_precision=half_precision,
+        checkpointing=checkpointing,
+    )
 
 
 CHECKPOINTING_MARGIN = 0.8

@@ -8,6 +8,10 @@ Along the way it hands the reporter resume states (see `worker.resume_state`), a
 one when `RecipeInputs.resume_from` is given; otherwise, with `RecipeInputs.init_from`, training starts from
 the LoRA weights of a previous adapter (`training_config.init_from`). Errors propagate: the task that calls
 it turns them into a failed job.
+
+The training method is a `TrainingMethod`: supervised (`SUPERVISED`, SFTTrainer, here) or preference
+(`worker.dpo`, DPOTrainer); everything else (model loading, events, checkpoints, cancel, pause, resume, early
+stopping, the adapter saved) is this module's, for both.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Protocol
+from typing import Any, Protocol
 
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, set_peft_model_state_dict
@@ -39,7 +43,7 @@ from transformers import (
 )
 from trl import SFTConfig, SFTTrainer
 
-from app.specs import RECIPE_FIELDS, PeftConfig, TrainingConfig, fit_to_model
+from app.specs import RECIPE_FIELDS, DpoConfig, PeftConfig, TrainingConfig, fit_to_model
 from worker import hardware, lm_head, loralib_backend, memory_estimate, resume_state, trackers
 from worker.adapter_archive import (
     LORALIB_DIR,
@@ -97,6 +101,7 @@ class RecipeInputs:
     resume_state_seconds: float | None = None  # a resume state at least this often, besides every save_steps
     device: DeviceSetting = "auto"  # PHITUNE_DEVICE
     tracking: trackers.Tracking | None = None  # the experiment trackers it reports to (worker.trackers)
+    dpo: DpoConfig | None = None  # a preference job's DPO settings (worker.dpo trains it); None: supervised
 
 
 @dataclass
@@ -117,19 +122,108 @@ class RecipeResult:
 class TrainingRun:
     """A finished run with its trainer, whose model still holds the trained adapter."""
 
-    trainer: SFTTrainer
+    trainer: Trainer
     result: RecipeResult
 
 
+class TrainingMethod(Protocol):
+    """What differs between training methods: the data, the trainer and the extra metrics it logs."""
+
+    preference: bool  # trains preference (DPO) jobs, those with RecipeInputs.dpo
+    trainer_name: str  # the TRL trainer it trains with, as messages name it
+    metrics: Mapping[str, str]  # extra trainer log keys → metrics event names (prefixed train_ and eval_)
+
+    def ready(self, model: PreTrainedModel, config: TrainingConfig) -> None:
+        """Adjust the loaded base model for this method's batches."""
+
+    def load(self, path: Path, tokenizer: PreTrainedTokenizerBase, config: TrainingConfig) -> Any:
+        """The tokenised file: an object with `dataset` and the counts `describe` reports."""
+
+    def batch_shape(self, data: Any) -> tuple[int, int]:
+        """The longest row of `data` in tokens, and the rows a batch holds per example."""
+
+    def build_trainer(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        inputs: RecipeInputs,
+        plan: HardwarePlan,
+        train_dataset: Dataset,
+        eval_dataset: Dataset | None,
+        callbacks: list[TrainerCallback],
+        *,
+        checkpointing: bool | None,
+    ) -> Trainer:
+        """The trainer of `model`'s LoRA weights; with backend peft it wraps `model` in the job's adapter."""
+
+    def describe(self, data: Any, trainer: Trainer, config: TrainingConfig) -> tuple[str, dict]:
+        """The event that says what became of the training examples."""
+
+
+class Supervised:
+    """Supervised fine-tuning with TRL's SFTTrainer, on chat, prompt/completion and text files."""
+
+    preference = False
+    trainer_name = "SFTTrainer"
+    metrics: Mapping[str, str] = {}
+
+    def ready(self, model: PreTrainedModel, config: TrainingConfig) -> None:
+        if config.packing or config.padding_free:
+            use_packed_sdpa(model)  # the examples of a row attend each to itself, not through a mask
+
+    def load(
+        self, path: Path, tokenizer: PreTrainedTokenizerBase, config: TrainingConfig
+    ) -> TokenizedDataset:
+        return load_tokenized_dataset(
+            path, tokenizer, max_seq_length=config.max_seq_length, train_on_inputs=config.train_on_inputs
+        )
+
+    def batch_shape(self, data: TokenizedDataset) -> tuple[int, int]:
+        return longest_example(data), 1
+
+    def build_trainer(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        inputs: RecipeInputs,
+        plan: HardwarePlan,
+        train_dataset: Dataset,
+        eval_dataset: Dataset | None,
+        callbacks: list[TrainerCallback],
+        *,
+        checkpointing: bool | None,
+    ) -> Trainer:
+        return build_trainer(
+            model,
+            tokenizer,
+            inputs,
+            plan,
+            train_dataset,
+            eval_dataset,
+            callbacks,
+            checkpointing=checkpointing,
+        )
+
+    def describe(self, data: TokenizedDataset, trainer: Trainer, config: TrainingConfig) -> tuple[str, dict]:
+        return describe_data(data, trainer, config)
+
+
+SUPERVISED = Supervised()
+
+
 def run_recipe(inputs: RecipeInputs, reporter: ProgressReporter) -> RecipeResult:
-    """Train and save a LoRA adapter for one job attempt; what the Celery task calls."""
+    """Train and save a LoRA adapter for one supervised job attempt; what the Celery task calls."""
     return train(inputs, reporter).result
 
 
-def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
-    """Run the whole recipe and keep the trainer, for callers that inspect the trained model."""
+def train(
+    inputs: RecipeInputs, reporter: ProgressReporter, method: TrainingMethod = SUPERVISED
+) -> TrainingRun:
+    """Run the whole recipe with `method` and keep the trainer, for callers that inspect the trained model."""
     if inputs.training_config.load_best_model_at_end and inputs.validation_file is None:
         raise ValueError("training_config.load_best_model_at_end needs a validation_file")
+    if method.preference != (inputs.dpo is not None):
+        raise ValueError(f"{method.trainer_name} does not train this job's method")
     config, peft_config = inputs.training_config, inputs.peft_config
     # The API ran the same check on the same config.json at creation (and fitted max_seq_length then); the
     # worker's copy of the model may differ from the API's, so it runs again before any weight is read.
@@ -146,31 +240,23 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
     model, tokenizer = load_base_model(
         inputs.base_model, for_training=True, plan=plan, quantization=peft_config.quantization
     )
-    if config.packing or config.padding_free:
-        use_packed_sdpa(model)  # the examples of a row attend each to itself, not through a mask
-    train_data = load_tokenized_dataset(
-        inputs.training_file,
-        tokenizer,
-        max_seq_length=config.max_seq_length,
-        train_on_inputs=config.train_on_inputs,
-    )
+    method.ready(model, config)
+    train_data = method.load(inputs.training_file, tokenizer, config)
     validation_data = None
     if inputs.validation_file is not None:
-        validation_data = load_tokenized_dataset(
-            inputs.validation_file,
-            tokenizer,
-            max_seq_length=config.max_seq_length,
-            train_on_inputs=config.train_on_inputs,
-        )
+        validation_data = method.load(inputs.validation_file, tokenizer, config)
     prepared = prepare_model(model, inputs)
+    longest, rows_per_example = method.batch_shape(train_data)
     checkpointing = memory_estimate.decide_checkpointing(
         config.gradient_checkpointing,
         plan.device,
-        estimate_memory(prepared, inputs, plan, architecture, longest=longest_example(train_data)),
+        estimate_memory(
+            prepared, inputs, plan, architecture, longest=longest, rows_per_example=rows_per_example
+        ),
         memory_estimate.free_memory(plan.device),
     )
     reporter.message(checkpointing.describe(), data=checkpointing.figures())
-    progress = ReporterCallback(reporter)
+    progress = ReporterCallback(reporter, method.metrics)
     checkpoints = CheckpointCallback(
         reporter,
         save=lambda model, directory, metrics: save_adapter(
@@ -200,7 +286,7 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
             checkpoints, config.early_stopping_patience, config.early_stopping_threshold
         )
         callbacks.append(early_stopping)
-    trainer = build_trainer(
+    trainer = method.build_trainer(
         prepared,
         tokenizer,
         inputs,
@@ -210,7 +296,7 @@ def train(inputs: RecipeInputs, reporter: ProgressReporter) -> TrainingRun:
         callbacks,
         checkpointing=checkpointing.enabled,
     )
-    text, figures = describe_data(train_data, trainer, config)
+    text, figures = method.describe(train_data, trainer, config)
     reporter.message(text, data=figures)
     if trainer.args.n_gpu > 1:  # the trainer would wrap the model in nn.DataParallel across them
         raise hardware.DeviceUnavailable(
@@ -292,15 +378,16 @@ def estimate_memory(
     architecture: PretrainedConfig,
     *,
     longest: int,
+    rows_per_example: int = 1,
 ) -> memory_estimate.MemoryEstimate:
     """The job's estimated device memory (`worker.memory_estimate`) without gradient checkpointing, for
     `model` as `prepare_model` left it; micro-batches of packed rows of max_seq_length tokens, or of examples
-    as long as the `longest`."""
+    as long as the `longest`, `rows_per_example` rows each (a preference pair is two)."""
     config = inputs.training_config
     return memory_estimate.estimate_training_memory(
         model,
         trained_parameters=lora_parameter_count(model, inputs.peft_config),
-        batch_size=config.per_device_train_batch_size,
+        batch_size=config.per_device_train_batch_size * rows_per_example,
         sequence_length=config.max_seq_length if config.packing else min(longest, config.max_seq_length),
         hidden_size=architecture.hidden_size,
         layers=architecture.num_hidden_layers,
@@ -331,7 +418,7 @@ def longest_example(data: TokenizedDataset) -> int:
     return max(len(ids) for ids in data.dataset["input_ids"])
 
 
-def describe_data(data: TokenizedDataset, trainer: SFTTrainer, config: TrainingConfig) -> tuple[str, dict]:
+def describe_data(data: TokenizedDataset, trainer: Trainer, config: TrainingConfig) -> tuple[str, dict]:
     """What became of the training examples: packed into how many rows, and what max_seq_length cut."""
     examples = len(data.dataset)
     figures = {
@@ -383,16 +470,19 @@ def prepare_model(model: PreTrainedModel, inputs: RecipeInputs) -> PreTrainedMod
 
 def load_initial_adapter(model: nn.Module, adapter_dir: Path, backend: str) -> int:
     """Copy the adapter the job continues from (unpacked in `adapter_dir`, in the format of `backend`) into
-    `model`'s LoRA layers, which train on from it; returns how many tensors it holds. ValueError unless it
-    fills every LoRA weight and nothing else (the API gave the job the adapter's LoRA settings); a tensor of
-    another shape is a RuntimeError."""
+    `model`'s LoRA layers (PEFT's active adapter), which train on from it; returns how many tensors it holds.
+    ValueError unless it fills every LoRA weight and nothing else (the API gave the job the adapter's LoRA
+    settings); a tensor of another shape is a RuntimeError."""
+    trained = "lora_"
     if backend == "loralib":
         weights = load_file(adapter_dir / LORALIB_STATE_DICT_FILE)
         result = model.load_state_dict(weights, strict=False)
     else:
         weights = load_file(adapter_dir / PEFT_WEIGHTS_FILE)
         result = set_peft_model_state_dict(model, weights)
-    unfilled = [name for name in result.missing_keys if "lora_" in name]
+        # The weights of the adapter it fills: a DPO job's model also holds its reference adapter ("ref").
+        trained = f".{getattr(model, 'active_adapter', 'default')}."
+    unfilled = [name for name in result.missing_keys if "lora_" in name and trained in name]
     if unfilled or result.unexpected_keys:
         raise ValueError(
             "the adapter this job continues from does not fit its LoRA layers: "
@@ -415,26 +505,10 @@ def build_trainer_args(
     evaluate: bool,
     checkpointing: bool | None = None,
 ) -> SFTConfig:
-    """The trainer arguments of a job; precision follows the hardware unless set, gradient checkpointing
-    `checkpointing` (the recipe's decision, see `memory_estimate.decide_checkpointing`), else as set."""
+    """The SFTTrainer arguments of a job: `trainer_arguments` and how its examples are batched."""
     packing = config.packing
-    if checkpointing is None:
-        checkpointing = bool(config.gradient_checkpointing)
     return SFTConfig(
-        output_dir=str(output_dir),
-        # Seeds everything: SFTTrainer seeds before it initialises the LoRA weights, Trainer before training.
-        seed=config.seed,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        lr_scheduler_type=config.lr_scheduler_type,
-        # Transformers 5 dropped warmup_ratio: a warmup_steps below 1 is the fraction of steps.
-        warmup_steps=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
+        **trainer_arguments(config, output_dir, plan, evaluate=evaluate, checkpointing=checkpointing),
         # The data is truncated already: SFTConfig's 1024 would cut more. The packing length; TRL refuses one
         # for padding-free batches of examples, which it would not truncate.
         max_length=None if config.padding_free and not packing else config.max_seq_length,
@@ -451,7 +525,38 @@ def build_trainer_args(
         train_sampling_strategy="group_by_length" if config.group_by_length and not packing else "random",
         # The dataset is already tokenised; TRL applies its completion_mask column only when this is True.
         completion_only_loss=True,
-        # SFTConfig defaults both to on, which makes CPU training many times slower. Transformers 5 renamed
+    )
+
+
+def trainer_arguments(
+    config: TrainingConfig,
+    output_dir: Path,
+    plan: HardwarePlan,
+    *,
+    evaluate: bool,
+    checkpointing: bool | None = None,
+) -> dict[str, Any]:
+    """The `TrainingArguments` of a job, whatever its trainer; precision follows the hardware unless set,
+    gradient checkpointing `checkpointing` (the recipe's decision, see
+    `memory_estimate.decide_checkpointing`), else as set."""
+    if checkpointing is None:
+        checkpointing = bool(config.gradient_checkpointing)
+    return dict(
+        output_dir=str(output_dir),
+        # Seeds everything: SFTTrainer seeds before it initialises the LoRA weights, Trainer before training.
+        seed=config.seed,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        # Transformers 5 dropped warmup_ratio: a warmup_steps below 1 is the fraction of steps.
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        # TRL's configs default both to on, which makes CPU training many times slower. Transformers 5 renamed
         # gradient checkpointing to activation checkpointing; the new name wins over TRL's default.
         bf16=plan.mixed_precision == "bf16",
         fp16=plan.mixed_precision == "fp16",
@@ -552,8 +657,9 @@ class ReporterCallback(TrainerCallback):
     and eval_mean_token_accuracy.
     """
 
-    def __init__(self, reporter: ProgressReporter) -> None:
+    def __init__(self, reporter: ProgressReporter, metrics: Mapping[str, str] | None = None) -> None:
         self.reporter = reporter
+        self.metrics = metrics or {}  # the method's own log keys → event names (TrainingMethod.metrics)
         self.cancelled = False
         self._pending: dict | None = None
         self._last_time = 0.0
@@ -585,6 +691,7 @@ class ReporterCallback(TrainerCallback):
             "train_mean_token_accuracy": logs.get("mean_token_accuracy"),
             "learning_rate": logs["learning_rate"],
             "tokens_per_second": (tokens - self._last_tokens) / max(now - self._last_time, 1e-9),
+            **{f"train_{name}": logs.get(key) for key, name in self.metrics.items()},
         }
         self._last_time, self._last_tokens = now, tokens
         if control.should_evaluate:
@@ -598,6 +705,7 @@ class ReporterCallback(TrainerCallback):
         metrics = {
             "eval_loss": metrics["eval_loss"],
             "eval_mean_token_accuracy": metrics["eval_mean_token_accuracy"],
+            **{f"eval_{name}": metrics.get(f"eval_{key}") for key, name in self.metrics.items()},
         }
         self._report({**event, **metrics}, control)
 
@@ -616,7 +724,7 @@ def trained_model(trainer: Trainer) -> nn.Module:
     return trainer.model
 
 
-def last_train_loss(trainer: SFTTrainer) -> float | None:
+def last_train_loss(trainer: Trainer) -> float | None:
     """The train loss of the last logging step, None if no step was logged."""
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return losses[-1] if losses else None
@@ -837,8 +945,9 @@ def save_adapter(
         config = LoralibConfig.from_peft_config(inputs.peft_config)
         formats = loralib_backend.save_adapter(model, adapter_dir, config, inputs.base_model)
     else:
-        assert isinstance(model, PeftModel)  # SFTTrainer wraps the model of backend peft in one
-        model.save_pretrained(str(adapter_dir), safe_serialization=True)  # PEFT types the directory as str
+        assert isinstance(model, PeftModel)  # the trainer wraps the model of backend peft in one
+        # Only the trained adapter: a DPO job continuing from another holds it as its reference ("ref").
+        model.save_pretrained(str(adapter_dir), safe_serialization=True, selected_adapters=["default"])
         formats = ["peft"]
     (adapter_dir / "README.md").write_text(model_card(inputs, step, train_loss, formats), encoding="utf-8")
     return formats
@@ -847,7 +956,10 @@ def save_adapter(
 def model_card(inputs: RecipeInputs, step: int, train_loss: float | None, formats: list[str]) -> str:
     """A short README.md: what the adapter applies to, how it was trained and where its files are."""
     loss = "not logged" if train_loss is None else f"{train_loss:.4f}"
-    training = json.dumps(inputs.training_config.model_dump(exclude_none=True), indent=2)
+    settings = inputs.training_config.model_dump(exclude_none=True)
+    if inputs.dpo is not None:
+        settings["dpo"] = inputs.dpo.model_dump()
+    training = json.dumps(settings, indent=2)
     lora = json.dumps(inputs.peft_config.model_dump(exclude_none=True), indent=2)
     library = "library_name: peft\n" if "peft" in formats else ""
     files = []
@@ -860,7 +972,7 @@ def model_card(inputs: RecipeInputs, step: int, train_loss: float | None, format
     return (
         f"---\nbase_model: {inputs.base_model}\n{library}tags: [lora, phitune]\n---\n\n"
         f"# LoRA adapter for {inputs.base_model}\n\n"
-        "Fine-tuned by phitune with TRL's SFTTrainer.\n\n"
+        f"Fine-tuned by phitune with TRL's {'DPOTrainer' if inputs.dpo else 'SFTTrainer'}.\n\n"
         f"Step: {step}. Train loss at the last logged step: {loss}\n\n"
         "## Formats\n\n" + "".join(f"- {line}\n" for line in files) + "\n"
         f"## Training config\n\n```json\n{training}\n```\n\n"

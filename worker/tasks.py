@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import shutil
@@ -13,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from app import log_setup
 from app.adapter_format import Format
 from app.config import Settings
 from app.internal.contracts import ClaimReply, LeaseReply
-from app.specs import PeftConfig, TrainingConfig
+from app.specs import DpoConfig, PeftConfig, TrainingConfig
+from worker import metrics as worker_metrics
 from worker import resume_state, shutdown
 from worker.adapter_archive import PEFT_UNAVAILABLE_FILE, adapter_formats, extract_adapter, pack
 from worker.client import ApiClient, ApiUnreachable, AttemptClient, ClaimRefused, LeaseLost
@@ -43,9 +46,13 @@ class ApiReporter:
         self._pause = threading.Event()
         self._done = threading.Event()
         self._seq = itertools.count(1)  # numbers this attempt's events, so a retried post is stored once
-        self._thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        # The heartbeat's log lines name the job too: the thread runs in a copy of the task's context.
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._heartbeat_loop,), name="heartbeat", daemon=True
+        )
 
     def on_metrics(self, metrics: dict[str, Any]) -> None:
+        worker_metrics.observe_progress(metrics)
         self._post({"type": "metrics", "message": _describe(metrics), "data": metrics})
 
     def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
@@ -174,6 +181,8 @@ def train(claim: ClaimReply, attempt: AttemptClient, settings: Settings, scratch
     deadline = time.monotonic() + settings.max_job_seconds
     with ApiReporter(attempt, claim.heartbeat_seconds, deadline=deadline) as reporter:
         result = _run(claim, attempt, reporter, settings, scratch)
+    if result is not None:
+        worker_metrics.TRAINED_TOKENS.inc(result.trained_tokens)
     if reporter.lease_lost:
         raise LeaseLost("the API stayed silent for longer than the lease; the job goes to a new attempt")
     if result is None:  # told to stop before training began: nothing trained, nothing lost
@@ -216,10 +225,15 @@ def _run(claim: ClaimReply, attempt: AttemptClient, reporter: ApiReporter, setti
         return None
     if claim.resume_states:
         inputs.resume_from = restore_state(claim, attempt, reporter, state_fingerprint(inputs), scratch)
-    if inputs.resume_from is None and inputs.training_config.init_from:  # a resume state holds newer weights
+    # A resume state holds newer weights, but a DPO job's reference is the adapter it continued from.
+    if inputs.training_config.init_from and (inputs.resume_from is None or inputs.dpo is not None):
         inputs.init_from = fetch_init_adapter(
             attempt, inputs.training_config.init_from, inputs.peft_config.backend, scratch
         )
+    if inputs.dpo is not None:
+        from worker.dpo import run_dpo
+
+        return run_dpo(inputs, reporter)
     return run_recipe(inputs, reporter)
 
 
@@ -265,6 +279,7 @@ def recipe_inputs(
         resume_state_seconds=settings.resume_state_seconds,
         device=settings.device,
         tracking=trackers.for_job(claim.job_id, claim.suffix, training_config, settings),
+        dpo=DpoConfig.of_method(claim.method),
     )
 
 
@@ -277,6 +292,17 @@ def report_failure(attempt: AttemptClient, message: str) -> None:
 
 def run_training_job(job_id: str, settings: Settings) -> str:
     """The Celery task's body. Any exception becomes a failed job with a readable message."""
+    worker_metrics.JOBS_RUNNING.inc()
+    outcome = "failed"
+    try:
+        outcome = _run_training_job(job_id, settings)
+        return outcome
+    finally:
+        worker_metrics.JOBS_RUNNING.dec()
+        worker_metrics.ATTEMPTS.labels(outcome).inc()
+
+
+def _run_training_job(job_id: str, settings: Settings) -> str:
     client = ApiClient(settings.api_url, settings.resolved_worker_token)
     try:
         try:
@@ -287,6 +313,7 @@ def run_training_job(job_id: str, settings: Settings) -> str:
         except ApiUnreachable as down:  # the API sends the job's message again once it is back
             log.warning("could not claim %s: %s", job_id, down)
             return "unreachable"
+        log_setup.attempt.set(claim.attempt)
         attempt = client.attempt(claim)
         work_dir = settings.data_dir / "work"
         work_dir.mkdir(parents=True, exist_ok=True)

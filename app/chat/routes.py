@@ -25,6 +25,7 @@ from app.db import release_connection
 from app.deps import CurrentTenant, SessionDep, SettingsDep
 from app.errors import APIError, InvalidRequest, ServiceUnavailable, error_responses
 from app.inference_contract import DELTA, GenerateBody, GenerateFinish, GenerateResult
+from app.log_setup import REQUEST_ID_HEADER, request_id
 from app.models_api.service import resolve_model
 from app.openapi_parts import event_stream
 
@@ -93,7 +94,7 @@ def check_size(body: ChatCompletionRequest, settings: Settings) -> None:
 
 async def _call(inference: httpx.AsyncClient, generation: GenerateBody) -> GenerateResult:
     try:
-        response = await inference.post("/generate", json=generation.model_dump())
+        response = await inference.post("/generate", json=generation.model_dump(), headers=_traced())
     except httpx.HTTPError as exc:
         raise ServiceUnavailable(f"The inference server is unreachable: {exc}") from exc
     if response.status_code != 200:
@@ -105,7 +106,8 @@ async def _open_stream(inference: httpx.AsyncClient, generation: GenerateBody) -
     """Open the upstream stream before answering, so errors (e.g. context too long) keep their status."""
     try:
         upstream = await inference.send(
-            inference.build_request("POST", "/generate", json=generation.model_dump()), stream=True
+            inference.build_request("POST", "/generate", json=generation.model_dump(), headers=_traced()),
+            stream=True,
         )
     except httpx.HTTPError as exc:
         raise ServiceUnavailable(f"The inference server is unreachable: {exc}") from exc
@@ -114,6 +116,12 @@ async def _open_stream(inference: httpx.AsyncClient, generation: GenerateBody) -
         await upstream.aclose()
         raise _upstream_error(upstream.status_code, content)
     return upstream
+
+
+def _traced() -> dict[str, str]:
+    """The request's id, so that the inference server's log lines of this completion carry it too."""
+    current = request_id.get()
+    return {REQUEST_ID_HEADER: current} if current else {}
 
 
 def _upstream_error(status: int, content: bytes) -> APIError:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.db import release_connection
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from app.errors import error_responses
-from app.files import service
-from app.files.schemas import FileDeleted, FileList, FileObject
+from app.files import report, service
+from app.files.schemas import FileDeleted, FileList, FileObject, FileReport
 from app.files.upload import receive_form
+from app.limits import MAX_SEQ_LENGTH, MIN_SEQ_LENGTH
 from app.openapi_parts import After, IdempotencyKey, Limit, Order
+from app.storage import blob_response
 
 router = APIRouter(prefix="/files", tags=["files"], responses=error_responses(401, 429, 503))
 
@@ -87,6 +91,26 @@ def retrieve_file(file_id: str, tenant: CurrentTenant, session: SessionDep) -> F
     return FileObject.from_row(service.get_file(session, tenant.id, file_id))
 
 
+@router.get("/{file_id}/report", response_model=FileReport, responses=error_responses(400, 404))
+def file_report(
+    file_id: str,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    model: Annotated[str | None, Query(max_length=200, description="Default: the first base model")] = None,
+    max_seq_length: Annotated[int, Query(ge=MIN_SEQ_LENGTH, le=MAX_SEQ_LENGTH)] = 2048,
+    train_on_inputs: bool = False,
+) -> FileReport:
+    """The dataset's report for a base model: examples, tokens per example with its tokenizer, supervised
+    tokens, what max_seq_length would cut, duplicates and empty replies. Computed on the first request (a
+    plain route, run off the event loop), then read from storage."""
+    row = service.get_dataset(session, tenant.id, file_id, param="file_id")
+    key = report.report_key(settings, model, max_seq_length, train_on_inputs)
+    release_connection(session)  # a large file takes a while: hold no pooled connection meanwhile
+    return FileReport(file_id=row.id, **report.dataset_report(storage, row, key).report)
+
+
 @router.get(
     "/{file_id}/content",
     response_class=FileResponse,
@@ -107,15 +131,13 @@ def download_file_content(
     """The dataset as uploaded, or a job's result file (CSV). The ETag is its sha256, so a client can verify
     or cache it."""
     row = service.get_file(session, tenant.id, file_id)
-    etag = f'"{row.sha256}"'
-    tags = _entity_tags(request.headers.get("if-none-match"))
-    if etag in tags or "*" in tags:
-        return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(
-        storage.path(row.storage_key),
+    return blob_response(
+        request,
+        storage,
+        row.storage_key,
+        etag=f'"{row.sha256}"',
         media_type=service.MEDIA_TYPES[row.purpose],
         filename=row.filename,
-        headers={"ETag": etag},
     )
 
 
@@ -127,8 +149,3 @@ def delete_file(file_id: str, tenant: CurrentTenant, session: SessionDep, storag
     service.check_not_in_use(session, row)
     service.delete_file(session, storage, row)
     return FileDeleted(id=row.id)
-
-
-def _entity_tags(if_none_match: str | None) -> set[str]:
-    """The strong tags of an If-None-Match header (a weak `W/"x"` matches as `"x"`)."""
-    return {tag.strip().removeprefix("W/") for tag in (if_none_match or "").split(",")}

@@ -62,6 +62,19 @@ class ClaimReply(BaseModel):
     heartbeat_seconds: float
     lease_seconds: float = 120.0
     resume_states: list[ResumeStateInfo] = Field(default_factory=list)
+    # The job's method (app.specs.DpoConfig.as_method) for a preference job; left out of a supervised job's
+    # claim (null), which stays as workers of earlier versions take it.
+    method: dict[str, Any] | None = Field(None, exclude_if=lambda value: value is None)
+
+
+DPO_METRICS = {
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "rewards/margins": "rewards_margins",
+    "rewards/accuracies": "rewards_accuracies",
+}
+"""TRL's DPO metrics and the names a preference job's metrics events carry them under: `train_<name>` for the
+logged steps, `eval_<name>` for the evaluated ones (the job's result file reads them)."""
 
 
 class LeaseReply(BaseModel):
@@ -196,3 +209,41 @@ class StateReceipt(BaseModel):
     step: int
     sha256: str
     bytes: int
+
+
+# Merged-model exports (app.exports, worker.export)
+
+
+class ExportClaimReply(BaseModel):
+    """What a worker learns when it starts an attempt at an export: the job's base model, and the
+    attempt's credentials (its token authorises the export's other internal routes)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    export_id: str
+    job_id: str
+    attempt: int
+    token: str
+    model: str
+    heartbeat_seconds: float
+    lease_seconds: float
+
+
+class ExportFailure(BaseModel):
+    """Why an export attempt could not make the merged model."""
+
+    model_config = REQUEST
+    message: EventMessage
+
+
+class ExportReceipt(BaseModel):
+    """The API's answer once a merged archive is stored and complete."""
+
+    bytes: int
+    sha256: str
+
+
+class ExportLease(BaseModel):
+    """The answer to an export attempt's heartbeat."""
+
+    lease_expires_at: int

@@ -13,7 +13,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -39,7 +39,7 @@ from app.jobs import artifacts, checkpoints, init_from, resume_states
 from app.jobs.schemas import JobCheckpoint
 from app.limits import MAX_REPORTED_STEP
 from app.models import Artifact, Job
-from app.storage import Storage
+from app.storage import Storage, blob_response
 
 T = TypeVar("T")
 # A checkpoint's step in the path, bounded as CheckpointReport's (a route checks its own parameters).
@@ -54,12 +54,16 @@ def claim(job_id: str, session: SessionDep, settings: SettingsDep) -> ClaimReply
 
 
 @router.get("/{job_id}/files/{file_id}")
-def download_file(file_id: str, attempt: CurrentAttempt, session: SessionDep, storage: StorageDep):
+def download_file(
+    file_id: str, request: Request, attempt: CurrentAttempt, session: SessionDep, storage: StorageDep
+):
     job = attempt.job
     if file_id not in (job.training_file, job.validation_file):
         raise NotFound(f"File {file_id} is not an input of job {job.id}", code="file_not_found")
     file = get_file(session, job.tenant_id, file_id)
-    return FileResponse(storage.path(file.storage_key), media_type="application/jsonl")
+    return blob_response(
+        request, storage, file.storage_key, etag=f'"{file.sha256}"', media_type="application/jsonl"
+    )
 
 
 @router.post("/{job_id}/heartbeat")
@@ -185,29 +189,37 @@ async def upload_resume_state(
 
 
 @router.get("/{job_id}/resume_states/{state_id}")
-def download_resume_state(state_id: str, attempt: CurrentAttempt, session: SessionDep, storage: StorageDep):
+def download_resume_state(
+    state_id: str, request: Request, attempt: CurrentAttempt, session: SessionDep, storage: StorageDep
+):
     state = resume_states.get(session, attempt.job.id, state_id)
-    return FileResponse(
-        storage.path(state.storage_key), media_type="application/x-tar", headers={"ETag": f'"{state.sha256}"'}
+    return blob_response(
+        request, storage, state.storage_key, etag=f'"{state.sha256}"', media_type="application/x-tar"
     )
 
 
 @router.get("/{job_id}/init_from")
-def download_init_adapter(attempt: CurrentAttempt, session: SessionDep, storage: StorageDep):
+def download_init_adapter(
+    request: Request, attempt: CurrentAttempt, session: SessionDep, storage: StorageDep
+):
     """The adapter the job continues from (training_config.init_from): the one adapter its attempt may
     fetch; 404 once that model is deleted."""
-    return _adapter_file(storage, init_from.source_artifact(session, attempt.job))
+    return adapter_file(request, storage, init_from.source_artifact(session, attempt.job))
 
 
 @adapters_router.get("/{adapter_id}", dependencies=[ServingOnly])
-def download_adapter(adapter_id: str, session: SessionDep, storage: StorageDep):
+def download_adapter(adapter_id: str, request: Request, session: SessionDep, storage: StorageDep):
     """The inference server fetches an adapter here by job or checkpoint id; deleted models are gone."""
-    return _adapter_file(storage, service.servable_artifact(session, adapter_id))
+    return adapter_file(request, storage, service.servable_artifact(session, adapter_id))
 
 
-def _adapter_file(storage: Storage, artifact: Artifact) -> FileResponse:
-    return FileResponse(
-        storage.path(artifact.storage_key),
+def adapter_file(request: Request, storage: Storage, artifact: Artifact) -> Response:
+    """An adapter's archive for a worker or the inference server, its format in a header."""
+    return blob_response(
+        request,
+        storage,
+        artifact.storage_key,
+        etag=f'"{artifact.sha256}"',
         media_type="application/gzip",
-        headers={FORMAT_HEADER: artifact.format, "ETag": f'"{artifact.sha256}"'},
+        headers={FORMAT_HEADER: artifact.format},
     )

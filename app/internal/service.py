@@ -112,6 +112,7 @@ def claim_job(session: Session, settings: Settings, job_id: str) -> ClaimReply:
         heartbeat_seconds=settings.heartbeat_seconds,
         lease_seconds=settings.lease_seconds,
         resume_states=resume_states.listed(session, job.id),
+        method=job.method,
     )
 
 

@@ -41,6 +41,10 @@ QUEUE_BATCHES = 100  # at most one batch a poll: a follower this many behind cat
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"event: done\ndata: {}\n\n"
+# The server is shutting down (SIGTERM): the stream ends with this rather than being cut. No data, so that no
+# client takes it for `done`'s `{}`; EventSource reconnects after `retry` ms with Last-Event-ID (to another
+# replica).
+SHUTDOWN = b"retry: 1000\nevent: shutdown\n\n"
 
 Frames = list[tuple[int, bytes]]  # (event seq, SSE frame), in seq order
 T = TypeVar("T")
@@ -55,6 +59,9 @@ def _sse(event: FineTuningJobEvent) -> bytes:
 class _Batch:
     frames: Frames
     final: bool  # the job is final and these were its last events
+
+
+WAKE = _Batch([], final=False)  # wakes a waiting follower to see that the hub is draining
 
 
 @dataclass(eq=False)
@@ -99,6 +106,7 @@ class EventHub:
         self.keepalive_seconds = keepalive_seconds
         self.queue_batches = queue_batches
         self._feeds: dict[str, _Feed] = {}
+        self.draining = False
 
     async def follow(self, job_id: str, after_seq: int) -> AsyncIterator[bytes]:
         """SSE frames of the job's events after `after_seq`, then `event: done` once the job is final and
@@ -109,6 +117,9 @@ class EventHub:
         try:
             await feed.ready.wait()
             while True:
+                if self.draining:
+                    yield SHUTDOWN
+                    return
                 if follower.behind:
                     # Rejoin first: batches published from now on are queued, the database has the rest.
                     follower.behind = False
@@ -142,6 +153,15 @@ class EventHub:
                     return
         finally:
             self._leave(feed, follower)
+
+    def drain(self) -> None:
+        """The server is shutting down: every stream ends with SHUTDOWN at its next turn, a waiting one now
+        (on the event loop)."""
+        self.draining = True
+        for feed in self._feeds.values():
+            for follower in feed.followers:
+                with contextlib.suppress(asyncio.QueueFull):  # a full queue wakes it anyway
+                    follower.queue.put_nowait(WAKE)
 
     async def aclose(self) -> None:
         """Stop every poller (at shutdown)."""

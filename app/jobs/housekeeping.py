@@ -12,7 +12,7 @@ from app.config import Settings
 from app.db import after_commit, session_scope
 from app.jobs import leases, resume_states
 from app.jobs.outbox import JobMessages, resend_lost, send_pending
-from app.storage import Storage
+from app.storage import open_storage
 
 log = logging.getLogger(__name__)
 # The request that queued a job sends its message itself; the loop only picks up messages this old.
@@ -25,7 +25,7 @@ class Housekeeping:
     def __init__(self, settings: Settings, messages: JobMessages) -> None:
         self.settings = settings
         self.messages = messages
-        self.storage = Storage(settings.storage_dir)
+        self.storage = open_storage(settings)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
 

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.files.service import RESULTS_PURPOSE, store_generated
+from app.internal.contracts import DPO_METRICS
 from app.models import Job
 from app.repositories import jobs
 from app.storage import Storage
@@ -25,8 +26,17 @@ COLUMNS = {
 }
 """The CSV's columns, OpenAI's names, each with the key of the metrics event data it is read from."""
 
+DPO_COLUMNS = {
+    "step": "step",
+    "train_loss": "train_loss",
+    **{f"train_{name}": f"train_{name}" for name in DPO_METRICS.values()},
+    "valid_loss": "eval_loss",
+    **{f"valid_{name}": f"eval_{name}" for name in DPO_METRICS.values()},
+}
+"""A preference (DPO) job's columns: its DPO loss and rewards, on the training and the validation batches."""
 
-def metrics_csv(events: Iterable[dict[str, Any]]) -> bytes:
+
+def metrics_csv(events: Iterable[dict[str, Any]], columns: dict[str, str] = COLUMNS) -> bytes:
     """The CSV of metrics events' data, in the order they were posted: a row per step, an empty cell where
     a value is missing. A step logged again (an attempt that resumed from an earlier step) replaces the rows
     logged from that step on, which the resumed attempt trained anew."""
@@ -37,10 +47,10 @@ def metrics_csv(events: Iterable[dict[str, Any]]) -> bytes:
             continue
         while rows and rows[-1][0] >= step:
             rows.pop()
-        rows.append([data.get(key) if _number(data.get(key)) else "" for key in COLUMNS.values()])
+        rows.append([data.get(key) if _number(data.get(key)) else "" for key in columns.values()])
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(columns)
     writer.writerows(rows)
     return text.getvalue().encode()
 
@@ -52,7 +62,8 @@ def _number(value: Any) -> bool:
 
 def store_result_file(session: Session, storage: Storage, job: Job) -> str:
     """Make the job's result file from its metrics events; returns its id."""
-    content = metrics_csv(jobs.metrics_data(session, job.id))
+    columns = COLUMNS if job.method is None else DPO_COLUMNS
+    content = metrics_csv(jobs.metrics_data(session, job.id), columns)
     filename = f"{job.id}-step_metrics.csv"
     file = store_generated(
         session, storage, job.tenant_id, filename=filename, purpose=RESULTS_PURPOSE, content=content

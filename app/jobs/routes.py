@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from app.adapter_format import Format
+from app.config import Settings
 from app.db import after_commit, release_connection
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from app.errors import error_responses
-from app.jobs import artifacts, checkpoints, service
+from app.jobs import artifacts, checkpoints, estimate, service
+from app.jobs.estimate import JobCreateResponse, JobEstimate
 from app.jobs.event_stream import SlotStream
 from app.jobs.schemas import FineTuningJob, JobCheckpointList, JobCreate, JobEventList, JobList
 from app.openapi_parts import MAX_CURSOR_CHARS, After, IdempotencyKey, Limit, Order, event_stream
+from app.storage import blob_response
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(401, 429, 503))
 
@@ -30,16 +33,21 @@ ADAPTER_ARCHIVE = {
 }
 
 
-@router.post("", response_model=FineTuningJob, responses=error_responses(400, 404, 413, 422))
+@router.post("", response_model=JobCreateResponse, responses=error_responses(400, 404, 413, 422))
 def create_job(
     body: JobCreate,
     request: Request,
     tenant: CurrentTenant,
     session: SessionDep,
     settings: SettingsDep,
+    storage: StorageDep,
     idempotency_key: IdempotencyKey = None,
-) -> FineTuningJob:
-    """Create a job; with an Idempotency-Key a retried request returns the job the first one created."""
+) -> FineTuningJob | JobEstimate:
+    """Create a job; with an Idempotency-Key a retried request returns the job the first one created. With
+    `"dry_run": true`: the job validated and resolved, and what it would take (a `fine_tuning.job.estimate`);
+    nothing is created, queued or remembered under the key."""
+    if body.dry_run:
+        return estimate.dry_run(session, tenant.id, body, settings, storage)
     job = service.create_job_once(session, tenant.id, body, settings, idempotency_key)
     after_commit(session, lambda: request.app.state.messages.send_now(job.id))
     return FineTuningJob.from_row(job)
@@ -63,10 +71,14 @@ def list_jobs(
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=error_responses(404))
-async def get_job(fine_tuning_job_id: str, tenant: CurrentTenant, settings: SettingsDep) -> FineTuningJob:
-    # The endpoint every poller calls: one plain read, no unit of work (see app.db.read).
+async def get_job(fine_tuning_job_id: str, request: Request, tenant: CurrentTenant) -> Response:
+    # The endpoint every poller calls: one plain read, no unit of work (see app.db.read), and the model
+    # serialised once, as FastAPI would (by alias), into the response: not validated again by response_model,
+    # which stays for the OpenAPI document. The settings from the app, not SettingsDep: FastAPI solves each
+    # dependency of a route on every request.
+    settings: Settings = request.app.state.settings
     job = await service.read_job(settings.resolved_database_url, tenant.id, fine_tuning_job_id)
-    return FineTuningJob.from_row(job)
+    return Response(FineTuningJob.from_row(job).model_dump_json(by_alias=True), media_type="application/json")
 
 
 @router.post(
@@ -155,6 +167,7 @@ def list_checkpoints(
 )
 def download_adapter(
     fine_tuning_job_id: str,
+    request: Request,
     tenant: CurrentTenant,
     session: SessionDep,
     storage: StorageDep,
@@ -169,9 +182,11 @@ def download_adapter(
     artifact = artifacts.for_download(session, job, fmt=format, checkpoint_id=checkpoint)
     name = (job.fine_tuned_model or job.id).replace(":", "_")
     suffix = f"-{checkpoint}" if checkpoint else ""
-    return FileResponse(
-        storage.path(artifact.storage_key),
+    return blob_response(
+        request,
+        storage,
+        artifact.storage_key,
+        etag=f'"{artifact.sha256}"',
         media_type="application/gzip",
         filename=f"{name}{suffix}.{artifact.format}.tar.gz",
-        headers={"ETag": f'"{artifact.sha256}"'},
     )

@@ -12,7 +12,7 @@ from app.internal.contracts import EventLevel, EventType
 from app.limits import MAX_METADATA_PAIRS, MAX_SEED, FileId, MetadataKey, MetadataValue, ModelId
 from app.models import Checkpoint, Job, JobEvent, JobStatus
 from app.pagination import ListPage
-from app.specs import Hyperparameters, PeftConfig, TrainingConfig
+from app.specs import DpoConfig, DpoHyperparameters, Hyperparameters, PeftConfig, TrainingConfig
 
 
 class SupervisedMethod(BaseModel):
@@ -20,10 +20,16 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = "supervised"
+    type: Literal["supervised", "dpo"] = "supervised"
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
 
 
 class JobCreate(BaseModel):
@@ -41,6 +47,9 @@ class JobCreate(BaseModel):
     method: Method | None = None
     training_config: TrainingConfig | None = None
     peft_config: PeftConfig | None = None
+    dry_run: bool = Field(
+        False, description="Validate and estimate (steps, tokens, time, memory) without creating the job."
+    )
 
 
 class JobHyperparameters(BaseModel):
@@ -56,9 +65,28 @@ class JobSupervisedMethod(BaseModel):
     hyperparameters: JobHyperparameters
 
 
+class JobDpoHyperparameters(JobHyperparameters, DpoConfig):
+    """The OpenAI view of a preference job's training_config, and its DPO settings."""
+
+
+class JobDpoMethod(BaseModel):
+    hyperparameters: JobDpoHyperparameters
+
+
 class JobMethod(BaseModel):
-    type: Literal["supervised"]
-    supervised: JobSupervisedMethod
+    """The job's method: supervised (a null `jobs.method`) or dpo; only its own key is shown."""
+
+    type: Literal["supervised", "dpo"]
+    supervised: JobSupervisedMethod | None = Field(None, exclude_if=lambda value: value is None)
+    dpo: JobDpoMethod | None = Field(None, exclude_if=lambda value: value is None)
+
+    @classmethod
+    def of(cls, method: dict[str, Any] | None, hyperparameters: JobHyperparameters) -> JobMethod:
+        dpo = DpoConfig.of_method(method)
+        if dpo is None:
+            return cls(type="supervised", supervised=JobSupervisedMethod(hyperparameters=hyperparameters))
+        shown = JobDpoHyperparameters(**hyperparameters.model_dump(), **dpo.model_dump())
+        return cls(type="dpo", dpo=JobDpoMethod(hyperparameters=shown))
 
 
 class JobError(BaseModel):
@@ -129,9 +157,7 @@ class FineTuningJob(BaseModel):
             organization_id=job.tenant_id,
             status=JobStatus(job.status),
             hyperparameters=hyperparameters,
-            method=JobMethod(
-                type="supervised", supervised=JobSupervisedMethod(hyperparameters=hyperparameters)
-            ),
+            method=JobMethod.of(job.method, hyperparameters),
             training_file=job.training_file,
             validation_file=job.validation_file,
             result_files=[job.result_file] if job.result_file else [],

@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app import db, idempotency, trackers
 from app.config import Settings
+from app.dataset_format import PREFERENCE
 from app.errors import (
     Conflict,
     InvalidRequest,
@@ -23,13 +25,15 @@ from app.files.service import get_dataset
 from app.jobs import init_from, states
 from app.jobs.schemas import JobCreate, JobEventList, JobList
 from app.jobs.states import Transition
-from app.models import Job, JobEvent, JobStatus
+from app.models import File, Job, JobEvent, JobStatus
 from app.models.base import new_id
 from app.pagination import paginate
 from app.repositories import jobs, tenants
 from app.specs import (
     DEFAULT_LEARNING_RATE,
     HYPERPARAMETER_FIELDS,
+    DpoConfig,
+    DpoHyperparameters,
     Hyperparameters,
     PeftConfig,
     TrainingConfig,
@@ -42,18 +46,94 @@ J = TypeVar("J", Job, Row)
 
 def _shorthand(request: JobCreate) -> tuple[Hyperparameters | None, str]:
     """OpenAI hyperparameters from either place they may be given, and the name of that place."""
-    via_method = (
-        request.method.supervised.hyperparameters if request.method and request.method.supervised else None
-    )
-    if request.hyperparameters and via_method and request.hyperparameters != via_method:
+    method = request.method
+    via_method: Hyperparameters | None
+    if method is not None and method.type == "dpo":
+        via_method, where = method.dpo.hyperparameters if method.dpo else None, "method.dpo.hyperparameters"
+    else:
+        via_method = method.supervised.hyperparameters if method and method.supervised else None
+        where = "method.supervised.hyperparameters"
+    # Compared by the training_config they set: the dpo ones carry beta besides.
+    given = request.hyperparameters
+    if given and via_method and given.as_training_config() != via_method.as_training_config():
         raise InvalidRequest(
-            "'hyperparameters' and 'method.supervised.hyperparameters' disagree; give one of them",
-            param="method.supervised.hyperparameters",
+            f"'hyperparameters' and '{where}' disagree; give one of them",
+            param=where,
             code="conflicting_parameters",
         )
     if request.hyperparameters:
         return request.hyperparameters, "hyperparameters"
-    return via_method, "method.supervised.hyperparameters"
+    return via_method, where
+
+
+def resolve_method(request: JobCreate) -> DpoConfig | None:
+    """The DPO settings of a preference job, None for a supervised one; a method that contradicts itself is
+    a 400 naming the field."""
+    method = request.method
+    if method is None:
+        return None
+    other = "supervised" if method.type == "dpo" else "dpo"
+    if getattr(method, other) is not None:
+        raise InvalidRequest(
+            f"'method.{other}' is given but method.type is '{method.type}'",
+            param=f"method.{other}",
+            code="invalid_value",
+        )
+    if method.type != "dpo":
+        return None
+    hyperparameters = (method.dpo.hyperparameters if method.dpo else None) or DpoHyperparameters()
+    try:
+        return hyperparameters.as_dpo_config()
+    except ValidationError as problem:  # label_smoothing with a loss_type that has none
+        raise InvalidRequest(
+            problem.errors()[0]["msg"].removeprefix("Value error, "),
+            param="method.dpo.hyperparameters.label_smoothing",
+            code="invalid_value",
+        ) from None
+
+
+# What a DPO job cannot do, each with the reason: a request asking for it is a 400 rather than a job that
+# silently trains otherwise.
+_NOT_WITH_DPO = {
+    "training_config.packing": "a preference pair is compared whole; it cannot be packed with others",
+    "training_config.train_on_inputs": "DPO compares the two answers; the input is never trained on",
+    "training_config.group_by_length": "preference batches are not grouped by length",
+}
+
+
+def check_dpo_job(training_config: TrainingConfig, peft_config: PeftConfig) -> None:
+    """400 naming the field for what a DPO job does not support."""
+    for param, reason in _NOT_WITH_DPO.items():
+        if getattr(training_config, param.rpartition(".")[2]):
+            raise InvalidRequest(
+                f"{param} is not supported with method 'dpo': {reason}", param=param, code="invalid_value"
+            )
+    if peft_config.backend != "peft":
+        raise InvalidRequest(
+            "peft_config.backend 'loralib' is not supported with method 'dpo': DPO takes its reference from "
+            "the base with PEFT's adapter disabled; use backend 'peft'",
+            param="peft_config.backend",
+            code="invalid_value",
+        )
+
+
+def check_file_format(file: File, dpo: DpoConfig | None, param: str) -> None:
+    """A DPO job trains on a preference file and a supervised job on any other: a 400 naming `param`."""
+    file_format = file.stats.get("format")
+    if dpo is not None and file_format != PREFERENCE:
+        raise InvalidRequest(
+            f"File {file.id} is in {file_format} format; a DPO job trains on a preference file (each line "
+            '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]})',
+            param=param,
+            code="invalid_file_format",
+        )
+    if dpo is None and file_format == PREFERENCE:
+        raise InvalidRequest(
+            f"File {file.id} is a preference file, which trains a DPO job: give method "
+            '{"type": "dpo"}, or a chat, prompt_completion or text file',
+            param=param,
+            code="invalid_file_format",
+        )
 
 
 def resolve_training_config(request: JobCreate) -> TrainingConfig:
@@ -137,15 +217,21 @@ def create_job_once(
 
 
 def create_job(session: Session, tenant_id: str, request: JobCreate, settings: Settings) -> Job:
-    """Validate and store a job plus its outbox row; the caller sends the message after commit."""
+    """Validate and store a job plus its outbox row; the caller sends the message after commit. A dry run
+    returns the job validated and resolved, and stores nothing."""
     start = init_from.starting_point(session, tenant_id, request, settings)
-    get_dataset(session, tenant_id, request.training_file, param="training_file")
+    dpo = resolve_method(request)
+    training_file = get_dataset(session, tenant_id, request.training_file, param="training_file")
+    check_file_format(training_file, dpo, "training_file")
     if request.validation_file:
-        get_dataset(session, tenant_id, request.validation_file, param="validation_file")
+        validation_file = get_dataset(session, tenant_id, request.validation_file, param="validation_file")
+        check_file_format(validation_file, dpo, "validation_file")
     training_config = resolve_training_config(request)
     if start.name is not None:
         training_config = training_config.model_copy(update={"init_from": start.name})
     peft_config = start.peft_config(request.peft_config)
+    if dpo is not None:
+        check_dpo_job(training_config, peft_config)
     if training_config.early_stopping_patience and not request.validation_file:
         raise InvalidRequest(
             "early_stopping_patience stops training once the validation loss stops improving; give a "
@@ -179,8 +265,11 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
         hyperparameters=hyperparameters_of(training_config),
         training_config=training_config.model_dump(mode="json"),
         peft_config=peft_config.model_dump(mode="json"),
+        method=dpo.as_method() if dpo else None,
         status=JobStatus.QUEUED,
     )
+    if request.dry_run:
+        return job  # validated and resolved, never stored: app.jobs.estimate reads it
     jobs.add(session, job)
     jobs.add_message(session, job.id)
     add_event(session, job.id, f"Created fine-tuning job {job.id}")

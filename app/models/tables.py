@@ -76,6 +76,8 @@ class Job(Base):
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
     training_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     peft_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The resolved method of a preference (DPO) job, {"type": "dpo", "dpo": {...}}; null for supervised.
+    method: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(32), index=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(300), unique=True, nullable=True)
     trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -233,3 +235,27 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
     created_at: Mapped[int] = mapped_column(Integer, default=now)
     delivered_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Export(Base):
+    """A job's adapter merged into its base model by a worker: a Hugging Face directory, stored as a tar
+    (app.exports). Queued, claimed by one attempt at a time under a lease, then succeeded or failed."""
+
+    __tablename__ = "exports"
+
+    QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    format: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sent_at: Mapped[int | None] = mapped_column(Integer, nullable=True)  # its last broker message
+    storage_key: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # a merged 3.8B model: ~7.6 GB
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[int] = mapped_column(Integer, default=now)
+    finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)

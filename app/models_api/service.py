@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Forbidden, NotFound
+from app.exports.cleanup import delete_of_job as delete_exports_of
 from app.jobs.artifacts import checkpoint_scope
 from app.models import Artifact, Checkpoint, Job
 from app.models.base import now
@@ -117,4 +118,5 @@ def delete_model(session: Session, settings: Settings, tenant_id: str, model_id:
     if job is None:
         raise model_not_found(model_id)
     job.model_deleted_at = now()
+    delete_exports_of(session, settings, job.id)  # a merged copy of a deleted model goes with it
     return job

@@ -6,9 +6,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Row, Select, bindparam, func, inspect, select, update
+from sqlalchemy import Select, bindparam, func, inspect, select, update
 from sqlalchemy.orm import Session
 
+from app.db import OneRow
 from app.models import Job, JobEvent, JobStatus, Outbox
 from app.models.base import new_id, now
 
@@ -28,12 +29,9 @@ def get_for_tenant(session: Session, tenant_id: str, job_id: str) -> Job | None:
 
 # Every column under its attribute name, so that a row reads like a Job (`row.job_metadata`).
 _JOB_COLUMNS = [attr.columns[0].label(attr.key) for attr in inspect(Job).column_attrs]
-_JOB_RECORD_FOR_TENANT = select(*_JOB_COLUMNS).where(*_OF_TENANT)
-
-
-def record_for_tenant(connection: Connection, tenant_id: str, job_id: str) -> Row | None:
-    """The job as a plain row, without an ORM session: for reads that change nothing (app.db.read)."""
-    return connection.execute(_JOB_RECORD_FOR_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).first()
+# The job as a plain row, without an ORM session, for reads that change nothing: (tenant_id, job_id), by
+# app.db.read.
+record_for_tenant = OneRow(select(*_JOB_COLUMNS).where(*_OF_TENANT), ("tenant_id", "job_id"))
 
 
 def lock(session: Session, job_id: str) -> Job | None:

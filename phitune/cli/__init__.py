@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from phitune.cli import chat, files, jobs, keys, models, processes
+from phitune.cli import chat, exports, files, jobs, keys, models, processes
 
 # rich_markup_mode=None: errors are printed as plain `Error: …` lines that scripts can match, never wrapped
 # into a panel at the terminal's width (Typer's rich mode does both help and errors, or neither).
@@ -23,6 +23,7 @@ app.command()(processes.inference)
 app.command()(processes.migrate)
 app.command("make-tiny-model")(processes.make_tiny_model)
 app.add_typer(files.app, name="files")
+jobs.app.command()(exports.export)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(models.app, name="models")
 app.command()(chat.chat)

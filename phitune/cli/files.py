@@ -14,7 +14,7 @@ from phitune.cli.output import answer, console, iso, print_page, print_table
 from phitune.client import DEFAULT_BASE_URL
 
 app = typer.Typer(
-    help="Files: upload a JSONL dataset; list, show, download or delete datasets and result files.",
+    help="Files: upload a JSONL dataset; list, show, report on, download or delete datasets and results.",
     no_args_is_help=True,
 )
 COLUMNS = ("ID", "FILENAME", "EXAMPLES", "FORMAT", "BYTES", "CREATED")
@@ -79,6 +79,52 @@ def get(
 def show(file: dict[str, Any]) -> None:
     print_table(COLUMNS, [row(file)])
     console.print(f"sha256 {file['sha256']}")
+
+
+@app.command()
+def report(
+    file_id: FileId,
+    model: Annotated[str | None, typer.Option(help="A base model id; default: the server's first.")] = None,
+    max_seq_length: Annotated[int, typer.Option(help="The job's max_seq_length.")] = 2048,
+    train_on_inputs: Annotated[bool, typer.Option(help="Count system/user tokens as trained too.")] = False,
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """The dataset's report: tokens per example with the base model's tokenizer, trained tokens, what
+    max_seq_length cuts, duplicates and empty replies."""
+    params: dict[str, Any] = {"max_seq_length": max_seq_length, "train_on_inputs": train_on_inputs}
+    if model is not None:
+        params["model"] = model
+    options.read(f"/v1/files/{file_id}/report", as_json, base_url, api_key, show_report, **params)
+
+
+def show_report(report: dict[str, Any]) -> None:
+    console.print(f"{report['file_id']} with {report['model']}, max_seq_length {report['max_seq_length']}")
+    console.print(
+        f"{report['examples']} examples, {report['duplicate_examples']} duplicates, "
+        f"{report['empty_assistant_turns']} empty assistant turns"
+    )
+    tokens = report["tokens"]
+    if tokens is None:
+        console.print(f"No token counts: {report['tokens_unavailable']}")
+        return
+    console.print(
+        f"Tokens per example: min {tokens['min']}, median {tokens['median']:g}, p95 {tokens['p95']}, "
+        f"max {tokens['max']} ({tokens['total']:,} in all)"
+    )
+    console.print(
+        f"Trained tokens {report['trained_tokens']:,}; max_seq_length cuts {report['truncated_examples']} "
+        f"examples ({report['truncated_tokens']:,} tokens), drops {report['dropped_examples']}"
+    )
+    widest = max((bin["count"] for bin in tokens["histogram"]), default=0) or 1
+    print_table(
+        ("TOKENS", "EXAMPLES", ""),
+        [
+            (f"{bin['start']}-{bin['end'] - 1}", bin["count"], "#" * round(30 * bin["count"] / widest))
+            for bin in tokens["histogram"]
+        ],
+    )
 
 
 @app.command()

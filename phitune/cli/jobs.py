@@ -81,13 +81,22 @@ def create(
     follow: Annotated[
         bool, typer.Option("--watch", help="Then watch it train, as `jobs watch` does.")
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Check and estimate (steps, tokens, time, memory); create nothing."),
+    ] = False,
     as_json: Json = False,
     base_url: BaseUrl = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
 ) -> None:
     """Create a fine-tuning job; the server checks the recipe and says which field is wrong. With --json and
-    --watch, the progress goes to stderr and stdout gets the job as it ended, as JSON."""
+    --watch, the progress goes to stderr and stdout gets the job as it ended, as JSON. With --dry-run, the
+    server checks it all the same and answers what the job would take instead of creating it."""
+    if dry_run and follow:
+        raise typer.BadParameter("a dry run creates no job to watch", param_hint="--watch")
     body: dict[str, Any] = {"model": model, **recipe.recipe(config, training_config, peft_config)}
+    if dry_run:
+        body["dry_run"] = True
     for key, value in [("suffix", suffix), ("seed", seed), ("metadata", metadata_pairs(metadata))]:
         if value is not None:
             body[key] = value
@@ -96,11 +105,30 @@ def create(
         if validation_file is not None:
             body["validation_file"] = dataset_id(client, validation_file)
         job = client.post(JOBS, body)
+        if dry_run:
+            answer(job, as_json, show_estimate)
+            return
         if not follow:
             answer(job, as_json, lambda job: console.print(f"Created {job['id']} ({job['status']})"))
             return
         (notes if as_json else console).print(f"Created {job['id']} ({job['status']})")
         watch_until_final(client, job["id"], as_json)
+
+
+def show_estimate(estimate: dict[str, Any]) -> None:
+    """A dry run's answer: what the job would take, and on what basis."""
+    config = estimate["training_config"]
+    console.print(
+        f"Would train {estimate['model']} on {estimate['training_file']}: {estimate['examples']} examples, "
+        f"max_seq_length {config['max_seq_length']}, {config['num_train_epochs']:g} epochs"
+    )
+    seconds, memory = estimate["estimated_seconds"], estimate["estimated_memory_gb"]
+    console.print(
+        f"Steps {estimate['total_steps']} ({estimate['steps_per_epoch']} per epoch), "
+        f"tokens {estimate['trained_tokens']}, time {'unknown' if seconds is None else f'{seconds:g} s'}, "
+        f"memory {'unknown' if memory is None else f'{memory:.2f} GiB'}"
+    )
+    console.print(printable(estimate["basis"]))
 
 
 def watch_until_final(client: Client, job_id: str, as_json: bool) -> None:

@@ -8,6 +8,7 @@ import functools
 import gc
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -72,39 +73,71 @@ def api(
     if internal_port == port:
         raise typer.BadParameter("must differ from PHITUNE_INTERNAL_PORT", param_hint="--port")
     internal = (internal_host, internal_port) if internal_port is not None else None
-    serve_asgi("app.main:create_app", host=host, port=port, internal=internal)
+    grace = get_settings().shutdown_grace_seconds
+    serve_asgi("app.main:create_app", host=host, port=port, internal=internal, grace=grace, log_role="api")
+
+
+def configure_logging(role: str) -> None:
+    """phitune's log format (PHITUNE_LOG_FORMAT, PHITUNE_LOG_LEVEL) for this process. Called once uvicorn's
+    Config has set up its loggers, so that their lines go out in this format too."""
+    from app.log_setup import configure
+
+    settings = get_settings()
+    configure(role, settings.log_format, settings.log_level)
 
 
 # How `phitune api` serves (bench/api.py serves its bare baseline app the same way).
 API_SERVER_OPTIONS: dict[str, Any] = {"log_level": "info"}
 
 
-def serve_asgi(factory: str, *, host: str, port: int, internal: tuple[str, int] | None = None) -> None:
+def serve_asgi(
+    factory: str,
+    *,
+    host: str,
+    port: int,
+    internal: tuple[str, int] | None = None,
+    grace: float | None = None,
+    log_role: str | None = None,
+) -> None:
     """Serve the ASGI app that `factory` ("module:function") makes with uvicorn, as `phitune api` does; also
-    on the `internal` (host, port) if given."""
+    on the `internal` (host, port) if given; logging as `log_role` in phitune's format if given. SIGTERM /
+    SIGINT: stop accepting, end the app's live streams (`app.state.drain`), let requests in flight finish for
+    up to `grace` seconds, exit 0."""
     import uvicorn
 
-    make_app = functools.partial(_make_and_freeze, factory)
-    if internal is None:
-        uvicorn.run(make_app, factory=True, host=host, port=port, **API_SERVER_OPTIONS)
-        return
+    from phitune.asgi_server import DrainingServer
+
+    made: dict[str, Any] = {}
+    make_app = functools.partial(_make_and_freeze, factory, made)
     # One server on two sockets rather than two servers: one process, one lifespan (housekeeping, key cache),
     # one graceful shutdown. The app tells the sockets apart by port (app.internal.listener).
-    config = uvicorn.Config(make_app, factory=True, host=host, port=port, **API_SERVER_OPTIONS)
-    internal_socket = uvicorn.Config(make_app, host=internal[0], port=internal[1]).bind_socket()
-    server = uvicorn.Server(config)
-    server.run(sockets=[config.bind_socket(), internal_socket])
+    options = {**API_SERVER_OPTIONS, "timeout_graceful_shutdown": grace}
+    config = uvicorn.Config(make_app, factory=True, host=host, port=port, **options)
+    if log_role is not None:
+        configure_logging(log_role)
+    sockets = [config.bind_socket()]
+    if internal is not None:
+        sockets.append(uvicorn.Config(make_app, host=internal[0], port=internal[1]).bind_socket())
+    server = DrainingServer(config, drain=lambda: _drain(made.get("app")))
+    # uvicorn raises the signal that stopped it again once it is done: a stop asked for is a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.run(sockets=sockets)
     if not server.started:
         sys.exit(3)  # uvicorn's start-up failure status, as uvicorn.run exits with
 
 
-def _make_and_freeze(factory: str) -> Any:
+def _drain(app: Any) -> None:
+    if (drain := getattr(getattr(app, "state", None), "drain", None)) is not None:
+        drain()
+
+
+def _make_and_freeze(factory: str, made: dict[str, Any]) -> Any:
     """The app, then everything made so far (modules, routes, schemas: the process's life) frozen out of the
     cyclic garbage collector: a full collection then walks only what requests left behind. Unfrozen, each
     took ~110 ms under 2,000 requests/s, a stall for every request in flight (`python -m bench api`)."""
     from uvicorn.importer import import_from_string
 
-    app = import_from_string(factory)()
+    app = made["app"] = import_from_string(factory)()
     gc.collect()
     gc.freeze()
     return app
@@ -131,6 +164,7 @@ def inference(
     gpu: Gpu = None,
 ) -> None:
     """Run the inference server: base models loaded once, adapters on demand, batched generation."""
+    configure_logging("inference")
     require_extras("serve")
     use_one_gpu(gpu)
     import uvicorn
@@ -140,11 +174,17 @@ def inference(
 
     settings = get_settings()
     ensure_tiny_model(settings)
-    uvicorn.run(create_inference_app(settings), host=host, port=port, log_level="info")
+    config = uvicorn.Config(create_inference_app(settings), host=host, port=port, log_level="info")
+    configure_logging("inference")
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run exits
 
 
 def worker(gpu: Gpu = None) -> None:
     """Run a Celery training worker (queue `training`, one job at a time) on one GPU: run one per GPU."""
+    configure_logging("worker")  # again once Celery starts (worker.celery_app), the libraries loaded
     require_extras("train")
     use_one_gpu(gpu)
     from worker.bootstrap import ensure_tiny_model
@@ -155,8 +195,11 @@ def worker(gpu: Gpu = None) -> None:
     importlib.import_module("worker.recipe")
     from worker.celery_app import celery_app
 
+    # Celery's start-up banner is printed, not logged: a JSON log has no place for it (`celery --quiet`).
+    quiet = ["--quiet"] if get_settings().log_format == "json" else []
     celery_app.worker_main(
         [
+            *quiet,
             "worker",
             "--pool=solo",  # one job per process, one process per GPU
             "--queues=training",

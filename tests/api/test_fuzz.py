@@ -66,6 +66,7 @@ SEMANTIC_REFUSALS = {
     "invalid_url",  # a webhook URL that is no http(s) URL, or names no host
     "too_many_webhooks",
     "incompatible_init_from",  # training_config.init_from's adapter has another base model or LoRA settings
+    "invalid_file_format",  # a chat file for a DPO job, or a preference file for a supervised one
 }
 # Fields with rules of their own that no schema keyword states: (operation, field) → the rule.
 FIELD_RULES = {
@@ -137,6 +138,8 @@ class Live:
             )
             assert complete.status_code == 200, complete.text
             model = client.get(f"/v1/fine_tuning/jobs/{done}", headers=self.auth).json()["fine_tuned_model"]
+            export = client.post(f"/v1/fine_tuning/jobs/{done}/exports", json={}, headers=self.auth)
+            assert export.status_code in (200, 202), export.text
             key = client.post("/v1/admin/keys", json={"tenant": "fuzz-other"}, headers=self.admin).json()
             webhook = self._webhook(client)
         self.ids = {
@@ -146,6 +149,7 @@ class Live:
             "model_id": [model, checkpoint["fine_tuned_model_checkpoint"], "tiny-phi3"],
             "key_id": [key["id"]],  # never the fuzzing tenant's own key: revoking it would end the run
             "checkpoint": [checkpoint["id"]],
+            "export_id": [export.json()["id"]],
             "webhook_id": [webhook],
         }
 
@@ -294,6 +298,8 @@ def resolve(case, ids: dict[str, list[str]]) -> None:
             container[name] = real(value)
     if case.path.endswith("/events") and streams(case):
         # A live stream ends only once its job is final: follow the succeeded one, never a queued one.
+        case.path_parameters["fine_tuning_job_id"] = ids["final_job"][0]
+    if "export_id" in (case.path_parameters or {}):  # the seeded export is the succeeded job's
         case.path_parameters["fine_tuning_job_id"] = ids["final_job"][0]
 
 

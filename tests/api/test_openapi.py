@@ -23,6 +23,7 @@ from app.chat.schemas import ChatCompletion, ChatCompletionChunk
 from app.db import session_scope
 from app.errors import ErrorResponse
 from app.files.schemas import FileDeleted, FileList, FileObject
+from app.jobs.estimate import JobCreateResponse
 from app.jobs.schemas import (
     FineTuningJob,
     FineTuningJobEvent,
@@ -235,7 +236,11 @@ def test_every_public_json_operation_publishes_a_response_schema(openapi):
     ]
     assert {path for _, path, _ in operations} >= {"/v1/files", "/v1/fine_tuning/jobs", "/healthz", "/readyz"}
     assert not [path for path in openapi["paths"] if not path.startswith(PUBLIC_PREFIXES)]
-    downloads = {"/v1/files/{file_id}/content", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/adapter"}
+    downloads = {
+        "/v1/files/{file_id}/content",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/adapter",
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/exports/{export_id}/content",
+    }
     for method, path, operation in operations:
         ok = operation["responses"]["200"]["content"]
         if path in downloads:
@@ -272,7 +277,7 @@ def test_files_jobs_events_checkpoints_and_errors_validate(client, auth, openapi
     body = {"model": "tiny-phi3", "training_file": file_id, "suffix": "ck", "metadata": {"team": "a"}}
     body["training_config"] = {"save_steps": 2, "learning_rate": 1e-5}
     created = client.post(jobs, json=body, headers=auth)
-    job = assert_documented(openapi, created, "post", jobs, FineTuningJob)
+    job = assert_documented(openapi, created, "post", jobs, JobCreateResponse)  # the job, or an estimate
     job_id = job["id"]
     _, attempt = claim(client, job_id)
     metrics = {"step": 2, "total_steps": 4, "epoch": 1, "train_loss": 2.5, "learning_rate": 1e-5}

@@ -118,15 +118,16 @@ def serving(data_dir: Path, **settings: str) -> Iterator[Service]:
     service.stop()
 
 
-def api_alone(data_dir: Path, **settings: str) -> Iterator[Service]:
-    """`phitune api` alone on a migrated, fresh embedded data dir with these PHITUNE_ settings; the test
-    starts any worker itself. For fixtures to yield from."""
+def api_alone(data_dir: Path, api_env: dict[str, str] | None = None, **settings: str) -> Iterator[Service]:
+    """`phitune api` alone on a migrated, fresh embedded data dir with these PHITUNE_ settings (and `api_env`
+    in the API process's environment only, e.g. storage credentials); the test starts any worker itself.
+    For fixtures to yield from."""
     port = free_port()
     env = service_env(data_dir, port, **settings)
     service = Service(f"http://127.0.0.1:{port}", env, data_dir)
     phitune("migrate", env=env)
     service.api_key = phitune("keys", "create", "--tenant", "e2e", env=env).strip().splitlines()[-1]
-    service.start("api", "api", "--port", str(port))
+    service.start("api", "api", "--port", str(port), **(api_env or {}))
     service.wait_ready()
     yield service
     service.stop()

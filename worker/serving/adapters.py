@@ -144,6 +144,8 @@ class AdapterCache:
         self._lock = threading.Lock()
         self._loaders = ThreadPoolExecutor(loaders, thread_name_prefix="adapter-loader")
         self.counters = {"adapter_downloads": 0, "adapter_host_hits": 0}  # loads from each source
+        self.hits = 0  # leases of an adapter already loaded (or loading)
+        self.evictions = 0  # adapters unloaded to make room
 
     def acquire(self, adapter_id: str) -> Future[AdapterLease]:
         """A lease on the adapter, loading it first if needed. Fails with AdapterNotFound, InvalidAdapter
@@ -165,6 +167,8 @@ class AdapterCache:
                 else:
                     self.counters["adapter_downloads"] += 1
                     self._loaders.submit(self._load, entry)
+            else:
+                self.hits += 1
             self._entries.move_to_end(adapter_id)
             entry.leases += 1
         if kept is not None:
@@ -302,4 +306,5 @@ class AdapterCache:
             if entry.leases == 0:
                 del self._entries[entry.adapter_id]
                 self._engine.remove_adapter(entry.loaded.result())
+                self.evictions += 1
                 excess -= 1

@@ -11,6 +11,7 @@ tokenised on threads (`worker.serving.prompts`), adapters loaded on threads, gen
     POST   /generate                 chat messages in; the completion as JSON, or as server-sent events
     DELETE /adapters/{adapter_id}    unload an adapter (its model was deleted)
     GET    /stats                    loaded adapters (least recently used first), queue lengths, counters
+    GET    /metrics                  Prometheus: tokens generated, time to first token, adapter cache
     GET    /healthz                  the process is alive
 
 Errors are OpenAI-shaped (`app.errors`): 400 context_length_exceeded (param messages or max_tokens), 404
@@ -31,12 +32,14 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.errors import APIError, InvalidRequest, NotFound, install_error_handlers
 from app.inference_contract import DELTA, GenerateBody, GenerateFinish, GenerateResult
+from app.request_id import RequestId
 from app.service_auth import RequireSecret
 from worker.model_loader import load_base_model
 from worker.serving.adapters import (
@@ -58,6 +61,7 @@ from worker.serving.engine import (
     TextDelta,
 )
 from worker.serving.lora import BASE_SLOT, InvalidAdapter
+from worker.serving.metrics import GenerationClock, InferenceMetrics
 from worker.serving.prompts import PromptEncoder
 from worker.serving.settings import ServingSettings
 
@@ -112,8 +116,14 @@ def create_inference_app(
         RequireSecret,
         secret=settings.resolved_inference_token,
         what="inference token",
-        open_paths={"/healthz"},
+        open_paths={"/healthz", "/metrics"},
     )
+    app.add_middleware(RequestId)  # the API sends its request's id: this server's lines carry it too
+    metrics = InferenceMetrics(lambda: getattr(app.state, "models", {}))
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -154,7 +164,7 @@ def create_inference_app(
             raise _model_not_found(body.base_model)
         prompt_ids, max_tokens = await _prompt(served, body)
         lease = await _lease(served.adapters, body.adapter_id) if body.adapter_id else None
-        events = EventQueue()
+        events = EventQueue(metrics.generation(body.base_model))
         try:
             generation = served.engine.submit(
                 GenerationRequest(
@@ -234,11 +244,16 @@ def device_memory(device: torch.device) -> dict[str, int | str]:
 class EventQueue:
     """Carries one generation's events from the engine thread to the request's event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: GenerationClock) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._clock = clock
 
     def put(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self._clock.text()
+        elif isinstance(event, Finished):
+            self._clock.finished(event.completion_tokens)
         self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
     async def events(self) -> AsyncIterator[Event]:

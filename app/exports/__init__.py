@@ -1,0 +1,1 @@
+"""Merged-model exports: a job's adapter folded into its base model by a worker, downloaded as a tar."""

@@ -1,0 +1,172 @@
+"""GET /v1/fine_tuning/jobs/{id}, the route pollers call: the job read outside a unit of work (app.db.read; on
+PostgreSQL on psycopg's own asyncio connections), answered as the response model would answer it, and never
+stale: a write acknowledged by one API process is what the next GET on another process answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text, update
+from sqlalchemy.engine import make_url
+
+from app import db
+from app.config import Settings
+from app.db import get_engine, session_scope
+from app.main import create_app
+from app.models import Job
+from app.repositories import jobs
+from phitune.launch import free_port, running
+from tests.conftest import make_key
+
+JOBS = "/v1/fine_tuning/jobs"
+
+
+def upload(client: TestClient, auth: dict[str, str]) -> str:
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    files = {"file": ("train.jsonl", (json.dumps(row) + "\n").encode())}
+    response = client.post("/v1/files", headers=auth, files=files, data={"purpose": "fine-tune"})
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def create_job(client: TestClient, auth: dict[str, str]) -> dict:
+    body = {"model": "tiny-phi3", "training_file": upload(client, auth), "metadata": {"team": "search"}}
+    response = client.post(JOBS, headers=auth, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def enrich(database_url: str, job_id: str) -> None:
+    """Give the row what a running job has: progress, an error object, flags set (JSON, booleans, nulls)."""
+    values = {
+        "progress": {"step": 3, "total_steps": 10, "train_loss": 1.25},
+        "error": {"code": "oom", "message": "Out of memory", "param": None},
+        "cancel_requested": True,
+        "trained_tokens": 1234,
+        "started_at": 1_700_000_000,
+    }
+    with session_scope(database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(values))
+
+
+@pytest.fixture
+def tenant_auth(database_url: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_key(database_url)}"}
+
+
+def test_get_answers_the_job_as_the_response_model_would(client: TestClient, tenant_auth) -> None:
+    created = create_job(client, tenant_auth)
+    got = client.get(f"{JOBS}/{created['id']}", headers=tenant_auth)
+    assert got.status_code == 200
+    assert got.headers["content-type"] == "application/json"
+    assert got.json() == created  # the create route's answer goes through FastAPI's response model
+    listed = client.get(JOBS, headers=tenant_auth).json()["data"]
+    assert listed == [got.json()]
+
+
+def test_get_of_another_tenants_job_or_an_unknown_one_is_404(client, tenant_auth, other_auth) -> None:
+    job = create_job(client, tenant_auth)
+    for path, auth in ((f"{JOBS}/{job['id']}", other_auth), (f"{JOBS}/ftjob-nope", tenant_auth)):
+        response = client.get(path, headers=auth)
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "job_not_found"
+    assert client.get(f"{JOBS}/{job['id']}").status_code == 401
+
+
+def test_an_id_no_database_can_hold_is_404_not_500(client: TestClient, tenant_auth) -> None:
+    # On PostgreSQL a NUL in the id fails in the driver: its error is SQLAlchemy's DataError, answered 404.
+    response = client.get(f"{JOBS}/ftjob-%00x", headers=tenant_auth)
+    assert response.status_code == 404, response.text
+
+
+def test_the_read_gives_the_row_sqlalchemy_gives(client: TestClient, tenant_auth, database_url) -> None:
+    job = create_job(client, tenant_auth)
+    enrich(database_url, job["id"])
+    tenant_id = job["organization_id"]
+    with get_engine(database_url).connect() as connection:
+        expected = jobs.record_for_tenant(connection, tenant_id, job["id"])._asdict()
+
+    async def read(times: int) -> list[dict]:
+        try:  # after the first, reads run on a kept connection, and from the fifth on a prepared statement
+            return [
+                (await db.read(database_url, jobs.record_for_tenant, tenant_id, job["id"]))._asdict()
+                for _ in range(times)
+            ]
+        finally:
+            await db.close_reads()
+
+    assert asyncio.run(read(6)) == [expected] * 6
+    assert expected["progress"]["train_loss"] == 1.25 and expected["cancel_requested"] is True
+
+
+def test_a_read_connection_the_server_dropped_is_replaced(settings: Settings, tenant_auth) -> None:
+    url = settings.resolved_database_url
+    if not url.startswith("postgresql"):
+        pytest.skip("PostgreSQL: a server that drops connections")
+    with TestClient(create_app(settings)) as client:
+        job = create_job(client, tenant_auth)
+        for _ in range(3):  # the read connections are open and kept
+            assert client.get(f"{JOBS}/{job['id']}", headers=tenant_auth).status_code == 200
+        admin = create_engine(make_url(url), isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            dropped = connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        admin.dispose()
+        assert dropped >= 1
+        got = client.get(f"{JOBS}/{job['id']}", headers=tenant_auth)
+        assert got.status_code == 200, got.text
+        assert got.json()["id"] == job["id"]
+
+
+@pytest.fixture
+def two_api_processes(database_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Two `phitune api` processes on one database, each with its own read connections."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PHITUNE_")} | {
+        "PHITUNE_DATA_DIR": str(tmp_path / "data"),
+        "PHITUNE_DATABASE_URL": database_url,
+        "HF_HUB_OFFLINE": "1",
+    }
+    urls = []
+    with ExitStack() as stack:
+        for _ in range(2):
+            url = f"http://127.0.0.1:{free_port()}"
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+            stack.enter_context(running(["api", "--port", url.rsplit(":", 1)[1]], url, env=env, **quiet))
+            urls.append(url)
+        yield urls[0], urls[1]
+
+
+def test_a_write_acknowledged_by_one_process_is_what_the_next_get_on_another_answers(
+    two_api_processes: tuple[str, str], tenant_auth
+) -> None:
+    first, second = two_api_processes
+    with (
+        httpx.Client(base_url=first, headers=tenant_auth) as a,
+        httpx.Client(base_url=second, headers=tenant_auth) as b,
+    ):
+        row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+        uploaded = a.post(
+            "/v1/files",
+            files={"file": ("train.jsonl", (json.dumps(row) + "\n").encode())},
+            data={"purpose": "fine-tune"},
+        ).json()
+        job = a.post(JOBS, json={"model": "tiny-phi3", "training_file": uploaded["id"]}).json()
+        path = f"{JOBS}/{job['id']}"
+        for _ in range(10):  # `second` polls: its read connection is kept, its statement prepared
+            assert b.get(path).json()["status"] == "queued"
+        assert a.post(f"{path}/cancel").json()["status"] == "cancelled"
+        assert b.get(path).json()["status"] == "cancelled"
+        assert a.get(path).json() == b.get(path).json()
