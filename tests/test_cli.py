@@ -149,14 +149,32 @@ class FakeApi(http.server.BaseHTTPRequestHandler):
             )
 
     def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path == "/v1/fine_tuning/jobs":
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path == "/v1/fine_tuning/jobs" and json.loads(body).get("dry_run"):
+            self.send(200, json.dumps(UNCOUNTED_ESTIMATE).encode(), "application/json")
+        elif self.path == "/v1/fine_tuning/jobs":
             self.send(200, json.dumps({**JOB, "status": "queued"}).encode(), "application/json")
         elif self.path == "/v1/chat/completions":
             chunk = {"choices": [{"delta": {"content": "Hel"}}]}
             self.hang("text/event-stream", f"data: {json.dumps(chunk)}\n\n".encode())
         else:
             self.send(404, b"{}", "application/json")
+
+
+# A dry run on a file whose tokens the API could not count (a preference file).
+UNCOUNTED_ESTIMATE = {
+    "object": "fine_tuning.job.estimate",
+    "model": "tiny-phi3",
+    "training_file": "file-pairs",
+    "training_config": {"max_seq_length": 2048, "num_train_epochs": 3},
+    "examples": None,
+    "steps_per_epoch": None,
+    "total_steps": None,
+    "trained_tokens": None,
+    "estimated_seconds": None,
+    "estimated_memory_gb": 0.01,
+    "basis": "No steps or time: a preference file's tokens are not counted.",
+}
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +215,15 @@ def test_a_page_that_is_not_phitunes_is_an_error_not_a_traceback(fake_api: str) 
     assert garbled.returncode == 1 and "Error: the server sent an event that is not JSON" in garbled.stderr
     endless = run_client(fake_api, "jobs", "watch", "ftjob-endless")
     assert endless.returncode == 1 and "sent a line of more than 16,777,216 characters" in endless.stderr
+
+
+def test_a_dry_run_without_counts_says_unknown(fake_api: str) -> None:
+    done = run_client(
+        fake_api, "jobs", "create", "--model", "tiny-phi3", "--training-file", "file-pairs", "--dry-run"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "unknown examples" in done.stdout and "Steps unknown, tokens unknown, time unknown" in done.stdout
+    assert "None" not in done.stdout and "memory 0.01 GiB" in done.stdout
 
 
 def test_credentials_in_the_url_are_not_printed() -> None:

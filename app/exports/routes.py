@@ -34,7 +34,7 @@ DONE = (Export.SUCCEEDED, Export.FAILED)
     status_code=202,
     responses={
         200: {"model": JobExport, "description": "The export, already made"},
-        **error_responses(400, 404, 409),
+        **error_responses(400, 404, 409, 413),
     },
 )
 def create_export(
@@ -47,15 +47,21 @@ def create_export(
     settings: SettingsDep,
 ) -> JobExport:
     """Export the job's base model with its adapter merged in, made by a worker: 202 while it is made. A
-    request while an export in the format is queued, running or succeeded answers with that export."""
-    return _requested(request, response, session, settings, tenant.id, fine_tuning_job_id, body.format)
+    request while an export in the format is queued, running or succeeded answers with that export; after
+    a failure it makes a new one."""
+    return _requested(
+        request, response, session, settings, tenant.id, fine_tuning_job_id, body.format, retry_failed=True
+    )
 
 
 @router.get(
     "/{fine_tuning_job_id}/merged",
     response_model=JobExport,
     status_code=202,
-    responses={200: {"model": JobExport, "description": "The export, made"}, **error_responses(404, 409)},
+    responses={
+        200: {"model": JobExport, "description": "The export, made"},
+        **error_responses(404, 409, 413),
+    },
 )
 def merged(
     fine_tuning_job_id: str,
@@ -65,9 +71,12 @@ def merged(
     session: SessionDep,
     settings: SettingsDep,
 ) -> JobExport:
-    """`POST …/exports {"format": "merged"}` as a GET: the job's merged export, requested if there is none;
-    202 until it has succeeded (or failed), then 200. Its content is at `…/exports/{id}/content`."""
-    return _requested(request, response, session, settings, tenant.id, fine_tuning_job_id, "merged")
+    """The job's newest merged export, requested if there is none: 202 until it has succeeded or failed,
+    then 200 (a failed one stays the answer: a POST to `…/exports` tries again). Its content is at
+    `…/exports/{id}/content`."""
+    return _requested(
+        request, response, session, settings, tenant.id, fine_tuning_job_id, "merged", retry_failed=False
+    )
 
 
 @router.get("/{fine_tuning_job_id}/exports", response_model=JobExportList, responses=error_responses(404))
@@ -144,8 +153,16 @@ def _requested(
     tenant_id: str,
     job_id: str,
     fmt: str,
+    *,
+    retry_failed: bool,
 ) -> JobExport:
-    export, created = service.request_export(session, get_job(session, tenant_id, job_id), fmt)
+    export, created = service.request_export(
+        session,
+        get_job(session, tenant_id, job_id),
+        fmt,
+        retry_failed=retry_failed,
+        max_stored_bytes=settings.max_stored_bytes_per_tenant,
+    )
     if created:
         after_commit(session, partial(messages.send, request.app.state.messages.celery, export.id))
     else:

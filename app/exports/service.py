@@ -17,21 +17,26 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import on_rollback
-from app.errors import Conflict, InvalidRequest, NotFound, Unauthorized
+from app.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from app.internal.contracts import ExportClaimReply
 from app.internal.service import ATTEMPT_TOKEN, INVALID_ATTEMPT_TOKEN, attempt_token
 from app.jobs.leases import MAX_ATTEMPTS
 from app.models import Job, JobStatus
 from app.models.base import new_id, now
 from app.models.tables import Export
-from app.repositories import exports, jobs
+from app.repositories import exports, files, jobs
 from app.service_auth import presented, same_secret
 from app.storage import Storage
 
 
-def request_export(session: Session, job: Job, fmt: str) -> tuple[Export, bool]:
-    """The job's export in `fmt` that is queued, running or succeeded, else a new one; and whether it is new
-    (its message is to be sent once committed). Only a succeeded job whose model exists has one."""
+def request_export(
+    session: Session, job: Job, fmt: str, *, retry_failed: bool, max_stored_bytes: int
+) -> tuple[Export, bool]:
+    """The job's newest export in `fmt`, else a new one; and whether it is new (its message is to be sent
+    once committed). A failed newest export is replaced by a new one when `retry_failed` (a POST), else
+    returned (a poller of `…/merged` sees the failure instead of starting a merge on every poll). Only a
+    succeeded job whose model exists has one, and a new one only while its tenant stores less than
+    `max_stored_bytes` (0: no limit): a merged model's size is known once it is made."""
     if job.status != JobStatus.SUCCEEDED:
         raise Conflict(
             f"Job {job.id} is {job.status}; its merged model can be exported once it has succeeded",
@@ -43,9 +48,15 @@ def request_export(session: Session, job: Job, fmt: str) -> tuple[Export, bool]:
             code="model_deleted",
         )
     jobs.lock(session, job.id)  # one export per format: concurrent requests queue here
-    for export in exports.of_job(session, job.id):
-        if export.format == fmt and export.status != Export.FAILED:
-            return export, False
+    newest = next((export for export in exports.of_job(session, job.id) if export.format == fmt), None)
+    if newest is not None and not (retry_failed and newest.status == Export.FAILED):
+        return newest, False
+    if max_stored_bytes and (stored := files.stored_bytes(session, job.tenant_id)) >= max_stored_bytes:
+        raise PayloadTooLarge(
+            f"The API key's tenant stores {stored} bytes, at its limit of {max_stored_bytes}; delete "
+            "files or models before exporting a merged model",
+            code="storage_limit_exceeded",
+        )
     export = Export(id=new_id("ftexp"), job_id=job.id, format=fmt, status=Export.QUEUED, sent_at=now())
     exports.add(session, export)
     return export, True

@@ -103,9 +103,9 @@ def create_file_once(
 
 def check_storage(session: Session, tenant_id: str, new_bytes: int, limit: int) -> None:
     """413 `storage_limit_exceeded` when `new_bytes` more would take the tenant past `limit` stored bytes
-    (its files and adapter archives; 0: no limit). A 413, not a 429: the SDKs retry a 429 by themselves,
-    which would send the whole upload again, in vain until the tenant deletes something. The tenant is locked
-    until the upload's row commits, so concurrent uploads cannot pass the limit together."""
+    (its files, adapter archives and exports; 0: no limit). A 413, not a 429: the SDKs retry a 429 by
+    themselves, which would send the whole upload again, in vain until the tenant deletes something. The
+    tenant is locked until the upload's row commits, so concurrent uploads cannot pass the limit together."""
     if not limit:
         return
     tenants.lock(session, tenant_id)
@@ -113,7 +113,7 @@ def check_storage(session: Session, tenant_id: str, new_bytes: int, limit: int) 
     if stored + new_bytes > limit:
         raise PayloadTooLarge(
             f"This upload of {new_bytes} bytes would take the API key's tenant past its {limit} bytes of "
-            f"storage ({stored} in use by its files and adapters); delete files or models first",
+            f"storage ({stored} in use by its files, adapters and exports); delete files or models first",
             param=FILE_FIELD,
             code="storage_limit_exceeded",
         )

@@ -132,7 +132,8 @@ def measured_throughput(session: Session, model: str) -> tuple[float | None, flo
         return None, 0.0, ""
     rate, overhead = statistics.median(rates), statistics.median(overheads)
     description = (
-        f"the {len(rates)} latest succeeded job(s) on {model}: {rate:.0f} tokens/s while training, plus "
+        # Of every tenant's jobs (the hardware's speed), so it names no count of them.
+        f"the latest succeeded jobs on {model}: {rate:.0f} tokens/s while training, plus "
         f"{overhead:.0f} s to load and save"
     )
     return rate, overhead, description

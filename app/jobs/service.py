@@ -101,13 +101,21 @@ _NOT_WITH_DPO = {
 }
 
 
-def check_dpo_job(training_config: TrainingConfig, peft_config: PeftConfig) -> None:
-    """400 naming the field for what a DPO job does not support."""
+def check_dpo_job(training_config: TrainingConfig, peft_config: PeftConfig) -> TrainingConfig:
+    """400 naming the field for what a DPO job does not support; else `training_config` as the job trains:
+    padding_free off unless asked for (then a 400), since pairs are batched padded."""
     for param, reason in _NOT_WITH_DPO.items():
         if getattr(training_config, param.rpartition(".")[2]):
             raise InvalidRequest(
                 f"{param} is not supported with method 'dpo': {reason}", param=param, code="invalid_value"
             )
+    if training_config.padding_free and "padding_free" in training_config.model_fields_set:
+        raise InvalidRequest(
+            "training_config.padding_free is not supported with method 'dpo': preference pairs are batched "
+            "padded",
+            param="training_config.padding_free",
+            code="invalid_value",
+        )
     if peft_config.backend != "peft":
         raise InvalidRequest(
             "peft_config.backend 'loralib' is not supported with method 'dpo': DPO takes its reference from "
@@ -115,6 +123,7 @@ def check_dpo_job(training_config: TrainingConfig, peft_config: PeftConfig) -> N
             param="peft_config.backend",
             code="invalid_value",
         )
+    return training_config.model_copy(update={"padding_free": False})
 
 
 def check_file_format(file: File, dpo: DpoConfig | None, param: str) -> None:
@@ -231,7 +240,7 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
         training_config = training_config.model_copy(update={"init_from": start.name})
     peft_config = start.peft_config(request.peft_config)
     if dpo is not None:
-        check_dpo_job(training_config, peft_config)
+        training_config = check_dpo_job(training_config, peft_config)
     if training_config.early_stopping_patience and not request.validation_file:
         raise InvalidRequest(
             "early_stopping_patience stops training once the validation loss stops improving; give a "

@@ -77,7 +77,7 @@ class Job(Base):
     training_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     peft_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     # The resolved method of a preference (DPO) job, {"type": "dpo", "dpo": {...}}; null for supervised.
-    method: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    method: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     status: Mapped[str] = mapped_column(String(32), index=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(300), unique=True, nullable=True)
     trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)

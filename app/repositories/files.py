@@ -6,6 +6,7 @@ from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.models import Artifact, File, Job, JobStatus
+from app.models.tables import Export
 
 
 def get(session: Session, tenant_id: str, file_id: str) -> File | None:
@@ -44,11 +45,17 @@ def unfinished_job_using(session: Session, row: File) -> str | None:
 
 
 def stored_bytes(session: Session, tenant_id: str) -> int:
-    """What the tenant stores: its files and its jobs' adapter archives (final and checkpoints')."""
+    """What the tenant stores: its files, its jobs' adapter archives (final and checkpoints') and their
+    merged-model exports."""
     uploads = select(func.coalesce(func.sum(File.bytes), 0)).where(File.tenant_id == tenant_id)
     archives = (
         select(func.coalesce(func.sum(Artifact.bytes), 0))
         .join(Job, Job.id == Artifact.job_id)
         .where(Job.tenant_id == tenant_id)
     )
-    return int(session.scalar(uploads) or 0) + int(session.scalar(archives) or 0)
+    merged = (
+        select(func.coalesce(func.sum(Export.bytes), 0))
+        .join(Job, Job.id == Export.job_id)
+        .where(Job.tenant_id == tenant_id)
+    )
+    return sum(int(session.scalar(query) or 0) for query in (uploads, archives, merged))

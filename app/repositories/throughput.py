@@ -9,11 +9,13 @@ from app.models import Job, JobStatus
 
 
 def recent_succeeded(session: Session, model: str, limit: int) -> list[Job]:
-    """The latest succeeded jobs on base model `model` that trained and were timed, newest first."""
+    """The latest succeeded supervised jobs on base model `model` that trained and were timed, newest first
+    (a DPO job's tokens/s, two answers a pair through a reference too, says nothing of a supervised one's)."""
     query = (
         select(Job)
         .where(
             Job.model == model,
+            Job.method.is_(None),
             Job.status == JobStatus.SUCCEEDED,
             Job.trained_tokens.is_not(None),
             Job.started_at.is_not(None),

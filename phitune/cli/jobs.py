@@ -116,17 +116,22 @@ def create(
 
 
 def show_estimate(estimate: dict[str, Any]) -> None:
-    """A dry run's answer: what the job would take, and on what basis."""
+    """A dry run's answer: what the job would take, and on what basis (which says why a figure is unknown)."""
     config = estimate["training_config"]
+    examples = estimate["examples"]
     console.print(
-        f"Would train {estimate['model']} on {estimate['training_file']}: {estimate['examples']} examples, "
+        f"Would train {estimate['model']} on {estimate['training_file']}: "
+        f"{'unknown' if examples is None else f'{examples:,}'} examples, "
         f"max_seq_length {config['max_seq_length']}, {config['num_train_epochs']:g} epochs"
     )
+    steps, per_epoch = estimate["total_steps"], estimate["steps_per_epoch"]
+    tokens = estimate["trained_tokens"]
     seconds, memory = estimate["estimated_seconds"], estimate["estimated_memory_gb"]
     console.print(
-        f"Steps {estimate['total_steps']} ({estimate['steps_per_epoch']} per epoch), "
-        f"tokens {estimate['trained_tokens']}, time {'unknown' if seconds is None else f'{seconds:g} s'}, "
-        f"memory {'unknown' if memory is None else f'{memory:.2f} GiB'}"
+        ("Steps unknown" if steps is None else f"Steps {steps:,} ({per_epoch:,} per epoch)")
+        + f", tokens {'unknown' if tokens is None else f'{tokens:,}'}"
+        + f", time {'unknown' if seconds is None else f'{seconds:g} s'}"
+        + f", memory {'unknown' if memory is None else f'{memory:.2f} GiB'}"
     )
     console.print(printable(estimate["basis"]))
 

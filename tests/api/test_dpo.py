@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from app.dataset_format import PREFERENCE, RecordError, line_checker, load_line, validate_record
 from app.db import session_scope
@@ -131,7 +132,7 @@ def test_beta_defaults_to_openais(client, auth, preference_file):
 
 
 def test_the_claim_carries_a_dpo_jobs_method_and_leaves_a_supervised_one_as_it_was(
-    client, auth, preference_file, chat_file
+    client, auth, preference_file, chat_file, database_url
 ):
     dpo_job = create(client, auth, preference_file, method=DPO).json()
     body, _ = claim(client, dpo_job["id"])
@@ -146,6 +147,11 @@ def test_the_claim_carries_a_dpo_jobs_method_and_leaves_a_supervised_one_as_it_w
     }
     body, _ = claim(client, supervised["id"])
     assert "method" not in body  # the claim of earlier versions, key for key
+    # SQL NULL, not JSON null: the 0009 downgrade deletes the jobs whose method IS NOT NULL (DPO's) only.
+    with session_scope(database_url) as session:
+        supervised_null = text("SELECT method IS NULL FROM jobs WHERE id = :id")
+        assert session.scalar(supervised_null, {"id": supervised["id"]})
+        assert not session.scalar(supervised_null, {"id": dpo_job["id"]})
 
 
 def test_a_dpo_job_on_a_supervised_file_is_a_400_naming_the_file(client, auth, preference_file, chat_file):
@@ -203,6 +209,7 @@ def test_dpo_hyperparameters_out_of_range_are_a_400(client, auth, preference_fil
         ({"training_config": {"packing": True}}, "training_config.packing"),
         ({"training_config": {"train_on_inputs": True}}, "training_config.train_on_inputs"),
         ({"training_config": {"group_by_length": True}}, "training_config.group_by_length"),
+        ({"training_config": {"padding_free": True}}, "training_config.padding_free"),
         ({"method": {**DPO, "supervised": {}}}, "method.supervised"),
         ({"hyperparameters": {"n_epochs": 2}, "method": {**DPO, "dpo": {"hyperparameters": {"n_epochs": 3}}}},
          "method.dpo.hyperparameters"),
@@ -210,6 +217,11 @@ def test_dpo_hyperparameters_out_of_range_are_a_400(client, auth, preference_fil
 )  # fmt: skip
 def test_what_dpo_does_not_support_is_a_400(client, auth, preference_file, body, param):
     assert_error(create(client, auth, preference_file, **{"method": DPO, **body}), 400, param=param)
+
+
+def test_a_dpo_job_shows_its_pairs_batched_padded(client, auth, preference_file):
+    job = create(client, auth, preference_file, method=DPO).json()
+    assert job["training_config"]["padding_free"] is False
 
 
 def test_a_supervised_method_with_dpo_settings_is_a_400(client, auth, chat_file):

@@ -6,11 +6,15 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from app.db import session_scope
 from app.jobs.leases import MAX_ATTEMPTS
+from app.main import create_app
+from app.models import Job
 from app.models.tables import Export
+from app.repositories.files import stored_bytes
 from tests.api.test_internal import WORKER, succeeded_job, tiny_archive
 
 JOBS = "/v1/fine_tuning/jobs"
@@ -110,8 +114,13 @@ def test_failed_export_says_why_and_a_new_request_starts_again(client, auth, job
     assert failed.status_code == 204
     export = client.get(f"{JOBS}/{job}/exports/{export_id}", headers=auth).json()
     assert export["status"] == "failed" and export["error"]["message"] == "out of disk"
+    # A poller of …/merged sees the failure, and starts no merge of its own.
+    polled = client.get(f"{JOBS}/{job}/merged", headers=auth)
+    assert polled.status_code == 200 and polled.json()["id"] == export_id
+    assert polled.json()["status"] == "failed"
     again = request(client, auth, job)
     assert again.status_code == 202 and again.json()["id"] != export_id
+    assert client.get(f"{JOBS}/{job}/merged", headers=auth).json()["id"] == again.json()["id"]
 
 
 def test_lost_worker_is_retried_then_fails(client, auth, job, database_url) -> None:
@@ -142,3 +151,26 @@ def test_deleting_the_model_deletes_its_exports(client, auth, job, settings, dat
     assert client.get(f"{JOBS}/{job}/exports/{export_id}", headers=auth).status_code == 404
     refused = request(client, auth, job)
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "model_deleted"
+
+
+def test_exports_count_towards_the_tenants_storage(client, auth, job, settings, database_url) -> None:
+    first = request(client, auth, job).json()["id"]
+    client.post(f"/internal/v1/exports/{first}/fail", json={"message": "oom"}, headers=claim(client, first))
+
+    def stored() -> int:
+        with session_scope(database_url) as session:
+            return stored_bytes(session, session.scalar(select(Job.tenant_id).where(Job.id == job)))
+
+    def limited(limit: int) -> TestClient:
+        return TestClient(create_app(settings.model_copy(update={"max_stored_bytes_per_tenant": limit})))
+
+    before = stored()
+    with limited(before) as full:
+        refused = request(full, auth, job)
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "storage_limit_exceeded"
+        assert full.get(f"{JOBS}/{job}/merged", headers=auth).json()["id"] == first  # the failed one
+    with limited(before + 1) as room:
+        second = request(room, auth, job)
+        assert second.status_code == 202, second.text
+        upload(room, second.json()["id"], claim(room, second.json()["id"]))
+    assert stored() == before + len(MERGED_TAR)
