@@ -19,6 +19,8 @@ PACKING_BATCH = 1000
 order, as the trainer leaves them unshuffled) is packed on its own."""
 
 GIB = 1024**3
+PREFERENCE_ROWS = 2
+"""Rows a preference (DPO) pair takes in a batch: its chosen and its rejected answer, each after the input."""
 
 
 def packed_rows(lengths: Sequence[int], row_length: int) -> int:

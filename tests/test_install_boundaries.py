@@ -170,7 +170,7 @@ def test_the_base_install_brings_no_training_library() -> None:
 def test_the_extras() -> None:
     optional = PROJECT["optional-dependencies"]
     assert {"train", "serve", "dev"} <= set(optional)
-    assert "phitune[train,serve,trackers]" in optional["dev"], "the tests need every part"
+    assert "phitune[train,serve,trackers,s3]" in optional["dev"], "the tests need every part"
     assert {"torch", "trl", "datasets", "peft", "bitsandbytes"} <= install_closure("train")
     assert {"torch", "transformers", "peft", "loralib", "safetensors"} <= install_closure("serve")
 

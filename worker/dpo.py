@@ -22,6 +22,7 @@ from trl import DPOConfig, DPOTrainer
 
 from app.internal.contracts import DPO_METRICS
 from app.specs import DpoConfig, TrainingConfig
+from app.training_plan import PREFERENCE_ROWS
 from worker.data import TokenizedPreferences, load_preference_dataset
 from worker.hardware import HardwarePlan
 from worker.recipe import (
@@ -69,7 +70,7 @@ class Preference:
                 dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True
             )
         )
-        return longest, 2  # the chosen and the rejected answer of each pair, in one batch
+        return longest, PREFERENCE_ROWS
 
     def build_trainer(
         self,

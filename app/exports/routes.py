@@ -39,18 +39,25 @@ DONE = (Export.SUCCEEDED, Export.FAILED)
 )
 def create_export(
     fine_tuning_job_id: str,
-    body: ExportCreate,
     request: Request,
     response: Response,
     tenant: CurrentTenant,
     session: SessionDep,
     settings: SettingsDep,
+    body: ExportCreate | None = None,
 ) -> JobExport:
     """Export the job's base model with its adapter merged in, made by a worker: 202 while it is made. A
     request while an export in the format is queued, running or succeeded answers with that export; after
     a failure it makes a new one."""
     return _requested(
-        request, response, session, settings, tenant.id, fine_tuning_job_id, body.format, retry_failed=True
+        request,
+        response,
+        session,
+        settings,
+        tenant.id,
+        fine_tuning_job_id,
+        (body or ExportCreate()).format,  # no body: the default format
+        retry_failed=True,
     )
 
 

@@ -24,7 +24,7 @@ from app.jobs.leases import MAX_ATTEMPTS
 from app.models import Job, JobStatus
 from app.models.base import new_id, now
 from app.models.tables import Export
-from app.repositories import exports, files, jobs
+from app.repositories import exports, files, jobs, tenants
 from app.service_auth import presented, same_secret
 from app.storage import Storage
 
@@ -47,10 +47,14 @@ def request_export(
             f"The model of job {job.id} ({job.fine_tuned_model}) was deleted; it cannot be exported",
             code="model_deleted",
         )
-    jobs.lock(session, job.id)  # one export per format: concurrent requests queue here
-    newest = next((export for export in exports.of_job(session, job.id) if export.format == fmt), None)
-    if newest is not None and not (retry_failed and newest.status == Export.FAILED):
-        return newest, False
+    if (found := _reusable(session, job, fmt, retry_failed)) is not None:
+        return found, False  # a poll: no lock taken
+    # One export per format, and the storage limit counted then passed once: concurrent requests queue on the
+    # tenant (on SQLite too, where the job row's SELECT ... FOR UPDATE would hold nothing), then look again.
+    tenants.lock(session, job.tenant_id)
+    jobs.lock(session, job.id)
+    if (found := _reusable(session, job, fmt, retry_failed)) is not None:
+        return found, False
     if max_stored_bytes and (stored := files.stored_bytes(session, job.tenant_id)) >= max_stored_bytes:
         raise PayloadTooLarge(
             f"The API key's tenant stores {stored} bytes, at its limit of {max_stored_bytes}; delete "
@@ -60,6 +64,13 @@ def request_export(
     export = Export(id=new_id("ftexp"), job_id=job.id, format=fmt, status=Export.QUEUED, sent_at=now())
     exports.add(session, export)
     return export, True
+
+
+def _reusable(session: Session, job: Job, fmt: str, retry_failed: bool) -> Export | None:
+    newest = next((export for export in exports.of_job(session, job.id) if export.format == fmt), None)
+    if newest is None or (retry_failed and newest.status == Export.FAILED):
+        return None
+    return newest
 
 
 def exports_of(session: Session, job_id: str) -> list[Export]:

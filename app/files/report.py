@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import threading
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,12 +28,14 @@ from app.base_tokenizer import BaseTokenizer, TokenizerUnavailable, load_base_to
 from app.chat_tokens import tokenize_example
 from app.config import Settings
 from app.dataset_format import ChatRecord, PromptCompletionRecord, TextRecord, load_line, parse_record
-from app.errors import ModelNotAvailable
+from app.errors import ModelNotAvailable, RateLimited
 from app.models import File
 from app.storage import Storage
 
 REPORT_VERSION = 2  # part of the cache key: a change to what a report holds computes every report anew
 HISTOGRAM_BINS = 10
+MAX_CONCURRENT_REPORTS = 2
+_COMPUTING = threading.BoundedSemaphore(MAX_CONCURRENT_REPORTS)
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,13 @@ class ReportKey:
     max_seq_length: int
     train_on_inputs: bool = False
 
-    def storage_key(self, sha256: str) -> str:
+    def storage_key(self, file_id: str) -> str:
+        """Per file, not per content: whether another tenant's identical file was reported before must not
+        show in how fast a first report answers."""
         spec = json.dumps(
             [REPORT_VERSION, self.model, self.model_dir, self.max_seq_length, self.train_on_inputs]
         )
-        return f"reports/{sha256}/{hashlib.sha256(spec.encode()).hexdigest()[:32]}.json"
+        return f"reports/{file_id}/{hashlib.sha256(spec.encode()).hexdigest()[:32]}.json"
 
 
 @dataclass
@@ -78,11 +83,20 @@ def report_key(
 def dataset_report(storage: Storage, row: File, key: ReportKey) -> Computed:
     """The report of dataset `row`, from storage when computed before; one without token counts is not
     kept."""
-    cache_key = key.storage_key(row.sha256)
+    cache_key = key.storage_key(row.id)
     if storage.exists(cache_key):
         stored = json.loads(b"".join(_chunks(storage, cache_key)))
         return Computed(stored["report"], stored["kept_lengths"])
-    computed = compute_report(_lines(storage, row.storage_key), key)
+    # A report of a large file takes a core and memory for a while: a few at a time per API process.
+    if not _COMPUTING.acquire(blocking=False):
+        raise RateLimited(
+            f"{MAX_CONCURRENT_REPORTS} dataset reports are being computed on this server; try again shortly",
+            retry_after=5,
+        )
+    try:
+        computed = compute_report(_lines(storage, row.storage_key), key)
+    finally:
+        _COMPUTING.release()
     if computed.report["tokens_unavailable"] is None:  # a tokenizer mounted later must be used then
         temp = storage.temp_path()
         try:

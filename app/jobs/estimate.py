@@ -27,7 +27,7 @@ from app.models import Job
 from app.repositories import jobs, throughput
 from app.specs import PeftConfig, TrainingConfig
 from app.storage import Storage
-from app.training_plan import GIB, total_steps, training_memory
+from app.training_plan import GIB, PREFERENCE_ROWS, total_steps, training_memory
 
 MEASURED_JOBS = 5  # the latest succeeded jobs whose throughput the estimate takes
 
@@ -143,7 +143,7 @@ def estimate_memory(
     job: Job, config: TrainingConfig, peft_config: PeftConfig, settings: Settings, kept_lengths: list[int]
 ) -> tuple[float | None, str]:
     """The device memory in GiB (`app.training_plan.training_memory` for weights counted from config.json)
-    and its basis."""
+    and its basis; a preference job's batch holds PREFERENCE_ROWS rows a pair, as the worker counts it."""
     model_config = service.read_model_config(settings.resolved_base_models[job.model]) or {}
     try:
         shapes = linear_shapes(model_config)
@@ -164,7 +164,7 @@ def estimate_memory(
     memory = training_memory(
         weight_bytes=int(linear * bytes_per_weight + embeddings * (2 if half else 4) + trained * 4),
         trained_parameters=trained,
-        batch_size=config.per_device_train_batch_size,
+        batch_size=config.per_device_train_batch_size * (PREFERENCE_ROWS if job.method else 1),
         sequence_length=config.max_seq_length if config.packing else min(longest, config.max_seq_length),
         hidden_size=hidden,
         layers=layers,

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from app.base_tokenizer import load_base_tokenizer
 from app.chat_tokens import tokenize_example
 from app.config import Settings
+from app.files import report as reports
 from app.files.report import ReportKey
 from app.main import create_app
 from tests.utils import upload_file
@@ -118,11 +119,8 @@ def test_a_report_is_kept_and_says_why_it_has_no_tokens(
 ) -> None:
     file_id = upload_file(report_client, auth, PERSONA[:5])
     first = report(report_client, auth, file_id, max_seq_length=512)
-    storage, row_sha = (
-        report_client.app.state.storage,
-        report_client.get(f"/v1/files/{file_id}", headers=auth),
-    )
-    key = ReportKey("tiny-phi3", str(model_dir), 512).storage_key(row_sha.json()["sha256"])
+    storage = report_client.app.state.storage
+    key = ReportKey("tiny-phi3", str(model_dir), 512).storage_key(file_id)
     assert storage.exists(key)
     (model_dir / "tokenizer.json").unlink()
     # Asked again, the report is read from storage: it needs no tokenizer.
@@ -150,3 +148,16 @@ def test_bad_requests(report_client, auth, other_auth) -> None:
         assert response.json()["error"]["param"] == param
     response = report_client.get(f"/v1/files/{file_id}/report?max_seq_length=1", headers=auth)
     assert response.status_code in (400, 422) and "max_seq_length" in response.text
+
+
+def test_reports_computed_at_once_are_few_and_the_rest_told_to_retry(report_client, auth) -> None:
+    file_id = upload_file(report_client, auth, PERSONA[:3])
+    for _ in range(reports.MAX_CONCURRENT_REPORTS):  # as many reports as may run are running
+        reports._COMPUTING.acquire()
+    try:
+        busy = report_client.get(f"/v1/files/{file_id}/report", headers=auth)
+    finally:
+        for _ in range(reports.MAX_CONCURRENT_REPORTS):
+            reports._COMPUTING.release()
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "5", busy.text
+    assert report_client.get(f"/v1/files/{file_id}/report", headers=auth).status_code == 200
