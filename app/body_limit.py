@@ -35,7 +35,12 @@ class BodyLimit:
         if scope["type"] != "http" or streams_its_body(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared, chunked = _framing(scope)
+        if declared is None and not chunked:
+            # No body (HTTP/1.1 gives a request one only by Content-Length or Transfer-Encoding): a poll's
+            # GET, passed on untouched.
+            await self.app(scope, receive, send)
+            return
         if declared is not None and declared > self.max_bytes:
             await self._refuse(scope, receive, send)
             return
@@ -73,9 +78,13 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def _content_length(scope: Scope) -> int | None:
-    """The declared body size; None when there is none, or it is not a number (the server refuses those)."""
+def _framing(scope: Scope) -> tuple[int | None, bool]:
+    """The declared body size (None when there is none, or it is not a number: the server refuses those), and
+    whether a Transfer-Encoding is given (a chunked body, its size known only once read)."""
+    declared, chunked = None, False
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
+            declared = int(value) if value.isdigit() else None
+        elif name == b"transfer-encoding":
+            chunked = True
+    return declared, chunked

@@ -214,6 +214,12 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="The lowest level of the lines logged."
     )
+    access_log: Literal["all", "writes", "off"] = Field(
+        "writes",
+        description="Which API requests get an access line (with their request id): `writes`, every request "
+        "but GET, HEAD and OPTIONS (pollers would fill the log, and a line costs ~5 % of a poll's CPU); "
+        "`all`; `off`.",
+    )
     worker_metrics_port: int | None = Field(
         None,
         gt=0,

@@ -102,9 +102,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app, settings)
     if settings.internal_port is not None:
         app.add_middleware(ListenerSplit, internal_port=settings.internal_port)
-    app.add_middleware(RequestId)  # outermost: every answer, a 404 or 413 of the middlewares too, has its id
-    app.include_router(files_router, prefix="/v1")
+    # Outermost: every answer, a 404 or 413 of the middlewares too, has its id (and its access line).
+    app.add_middleware(RequestId, access_log=settings.access_log)
+    # Jobs first: routes are matched in order, and GET /v1/fine_tuning/jobs/{id} is what pollers repeat
+    # (matching the files routes before it cost ~19 µs of its ~200 in the app).
     app.include_router(jobs_router, prefix="/v1")
+    app.include_router(files_router, prefix="/v1")
     app.include_router(exports_router, prefix="/v1")
     app.include_router(models_router, prefix="/v1")
     app.include_router(chat_router, prefix="/v1")

@@ -86,8 +86,9 @@ def configure_logging(role: str) -> None:
     configure(role, settings.log_format, settings.log_level)
 
 
-# How `phitune api` serves (bench/api.py serves its bare baseline app the same way).
-API_SERVER_OPTIONS: dict[str, Any] = {"log_level": "info"}
+# How `phitune api` serves (bench/api.py serves its bare baseline app the same way). No uvicorn access log:
+# the app logs its access lines, with their request ids, as PHITUNE_ACCESS_LOG says (app.request_id).
+API_SERVER_OPTIONS: dict[str, Any] = {"log_level": "info", "access_log": False}
 
 
 def serve_asgi(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import make_url
@@ -21,6 +22,7 @@ from sqlalchemy.engine import make_url
 from app import db
 from app.config import Settings
 from app.db import get_engine, session_scope
+from app.deps import CurrentTenant, TenantRoute
 from app.main import create_app
 from app.models import Job
 from app.repositories import jobs
@@ -86,6 +88,52 @@ def test_an_id_no_database_can_hold_is_404_not_500(client: TestClient, tenant_au
     # On PostgreSQL a NUL in the id fails in the driver: its error is SQLAlchemy's DataError, answered 404.
     response = client.get(f"{JOBS}/ftjob-%00x", headers=tenant_auth)
     assert response.status_code == 404, response.text
+
+
+def test_each_change_of_the_row_is_answered_and_only_a_change_makes_a_new_body(
+    client: TestClient, tenant_auth, database_url
+) -> None:
+    # On SQLite an unchanged row is read as the same object, its body made once (app.db, app.jobs.routes).
+    job = create_job(client, tenant_auth)
+    url = f"{JOBS}/{job['id']}"
+    assert client.get(url, headers=tenant_auth).json() == job
+    enrich(database_url, job["id"])
+    changed = client.get(url, headers=tenant_auth).json()
+    assert changed["progress"]["step"] == 3 and changed["cancel_requested"] is True
+    with session_scope(database_url) as session:
+        as_made = {"progress": None, "error": None, "cancel_requested": False, "trained_tokens": None}
+        session.execute(update(Job).where(Job.id == job["id"]).values({**as_made, "started_at": None}))
+    assert client.get(url, headers=tenant_auth).json() == job  # back as it was: the first body again
+    assert client.get(url, headers=tenant_auth).json() == job
+
+
+def test_the_route_checks_the_key_and_its_rate_as_the_dependency_would(
+    settings: Settings, tenant_auth
+) -> None:
+    # TenantRoute calls get_job without FastAPI's dependency solving: the same answers, in the same shape.
+    with TestClient(
+        create_app(settings.model_copy(update={"rate_limit_per_minute": 1, "rate_limit_burst": 2}))
+    ) as client:
+        job_id = create_job(client, tenant_auth)["id"]  # the upload and the create take the burst's 2 tokens
+        refused = [
+            ({}, 401, "missing_api_key"),
+            ({"Authorization": "Basic x"}, 401, "invalid_api_key"),
+            ({"Authorization": "Bearer pt-unknown"}, 401, "invalid_api_key"),
+            (tenant_auth, 429, "rate_limit_exceeded"),
+        ]
+        for headers, status, code in refused:
+            response = client.get(f"{JOBS}/{job_id}", headers=headers)
+            assert response.status_code == status, response.text
+            error = response.json()["error"]
+            assert error["code"] == code and set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_tenant_route_refuses_an_endpoint_it_cannot_call() -> None:
+    async def takes_a_query(fine_tuning_job_id: str, request: Request, tenant: CurrentTenant, limit: int = 1):
+        raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match="a TenantRoute's endpoint takes"):
+        APIRouter().add_api_route("/{fine_tuning_job_id}", takes_a_query, route_class_override=TenantRoute)
 
 
 def test_the_read_gives_the_row_sqlalchemy_gives(client: TestClient, tenant_auth, database_url) -> None:
