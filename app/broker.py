@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 from celery import Celery
 
 from app.config import Settings
@@ -9,9 +13,38 @@ from app.log_setup import TASK_REQUEST_ID, request_id
 
 TRAINING_QUEUE = "training"
 TRAIN_TASK = "phitune.train_job"
+# The base model of a message's job, in a header: the router picks its queue by it, and a worker that does
+# not have the model leaves the message alone (worker.celery_app).
+MODEL_HEADER = "phitune_model"
 # Redis re-delivers a message not acknowledged within this long to another worker. Messages are acknowledged
 # when their task ends, so it must outlast the longest attempt; see visibility_timeout().
 VISIBILITY_MARGIN_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class QueueRoutes:
+    """The queue of a job's messages (training and export): its base model's in PHITUNE_TRAINING_QUEUES,
+    else `training`. The Celery app's router (make_celery), so every message is routed by this one rule."""
+
+    by_model: Mapping[str, str]
+
+    def queue(self, model: str | None) -> str:
+        return self.by_model.get(model, TRAINING_QUEUE) if model is not None else TRAINING_QUEUE
+
+    @property
+    def queues(self) -> list[str]:
+        """Every queue a message may be sent to."""
+        return sorted({TRAINING_QUEUE, *self.by_model.values()})
+
+    def __call__(self, name: str, args: Any, kwargs: Any, options: dict, task: Any = None, **_: Any) -> dict:
+        """Celery's router interface: the queue of the model the message's headers name."""
+        return {"queue": self.queue((options.get("headers") or {}).get(MODEL_HEADER))}
+
+
+def queue_routes(celery: Celery) -> QueueRoutes:
+    """The routes `celery` (made by make_celery) sends messages by."""
+    routes: QueueRoutes = celery.conf.task_routes[0]
+    return routes
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -36,6 +69,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,
         task_default_queue=TRAINING_QUEUE,
+        task_routes=(QueueRoutes(settings.training_queues),),
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -60,10 +94,13 @@ def visibility_timeout(settings: Settings) -> int:
     return int(settings.max_job_seconds) + VISIBILITY_MARGIN_SECONDS
 
 
-def enqueue_training(celery: Celery, job_id: str) -> None:
-    """Send the one message a job needs: its id. Everything else the worker fetches through the API. The id
-    of the request that queued the job rides in a header (none when the housekeeping loop resends it), which
-    workers of earlier versions ignore."""
-    celery.send_task(
-        TRAIN_TASK, args=[job_id], queue=TRAINING_QUEUE, headers={TASK_REQUEST_ID: request_id.get()}
-    )
+def enqueue_training(celery: Celery, job_id: str, model: str) -> None:
+    """Send the one message a job needs: its id. Everything else the worker fetches through the API."""
+    send(celery, TRAIN_TASK, job_id, model)
+
+
+def send(celery: Celery, task: str, object_id: str, model: str) -> None:
+    """Send `task` with its one argument, a job's or an export's id, to the queue of its base `model`. The
+    model and the id of the request that caused it (none when the housekeeping loop resends it) ride in
+    headers, which workers of earlier versions ignore."""
+    celery.send_task(task, args=[object_id], headers={TASK_REQUEST_ID: request_id.get(), MODEL_HEADER: model})

@@ -22,6 +22,8 @@ TINY_MODEL_ID = "tiny-phi3"
 # The service-to-service secrets (app.service_auth), each generated into the data dir when not configured;
 # SecretStr, so that no repr or log of the settings shows them.
 SECRETS = ("worker_token", "serving_token", "inference_token", "attempt_key")
+# A broker queue's name: also a Redis key, so nothing that needs quoting.
+QUEUE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
 
 
 class Settings(BaseSettings):
@@ -50,6 +52,16 @@ class Settings(BaseSettings):
     base_models: dict[str, str] = Field(
         default_factory=dict,
         description='JSON map of model id -> local path or hub id, e.g. {"phi-3-mini": "/models/phi3"}.',
+    )
+    training_queues: dict[str, Annotated[str, Field(pattern=rf"^{QUEUE_NAME}$")]] = Field(
+        default_factory=dict,
+        description="JSON map of base model id -> the broker queue its jobs' and exports' messages go to, "
+        'e.g. {"phi-3-medium": "a100"}; a model not named goes to `training`.',
+    )
+    worker_queues: str = Field(
+        "training",
+        pattern=rf"^{QUEUE_NAME}(,{QUEUE_NAME})*$",
+        description="Comma-separated queues a `phitune worker` takes messages from (its --queues).",
     )
     api_key_cache_seconds: float = Field(
         1.0,
@@ -170,6 +182,12 @@ class Settings(BaseSettings):
         gt=0,
         description="A dry run's training throughput (tokens/s) until a job on the base model has succeeded "
         "and measured its own (see app.jobs.estimate).",
+    )
+    worker_devices: int = Field(
+        1,
+        ge=1,
+        description="The devices a training worker owns (GPUs from --gpu on, or gloo processes on the CPU): "
+        "the most processes a job's training_config.num_processes may ask of it.",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto",

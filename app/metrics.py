@@ -10,7 +10,7 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from app.broker import make_celery
+from app.broker import make_celery, queue_routes
 from app.config import Settings
 from app.db import session_scope
 from app.jobs.outbox import queued_messages
@@ -47,21 +47,26 @@ class StateCollector:
 
 
 class QueueCollector:
-    """The training queue's length in the broker at scrape time: jobs sent that no worker has taken yet. An
-    unreachable broker leaves the gauge out of that scrape (/readyz says why) rather than fail /metrics."""
+    """Each training queue's length in the broker at scrape time (`queue` label): messages sent that no worker
+    has taken yet. An unreachable broker leaves the gauge out of that scrape (/readyz says why) rather than
+    fail /metrics."""
 
     def __init__(self, settings: Settings) -> None:
         self.celery = make_celery(settings)
 
     def collect(self):
-        try:
-            depth = queued_messages(self.celery)
-        except Exception as exc:
-            log.warning("could not read the training queue's length: %s", exc)
-            return
-        yield GaugeMetricFamily(
-            "phitune_training_queue_depth", "Training messages waiting in the broker", value=depth
+        depth = GaugeMetricFamily(
+            "phitune_training_queue_depth",
+            "Training and export messages waiting in the broker",
+            labels=["queue"],
         )
+        try:
+            for queue in queue_routes(self.celery).queues:
+                depth.add_metric([queue], queued_messages(self.celery, queue))
+        except Exception as exc:
+            log.warning("could not read the training queues' lengths: %s", exc)
+            return
+        yield depth
 
 
 # Methods outside this set (any token is a valid HTTP method) are counted as "other".

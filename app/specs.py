@@ -45,6 +45,7 @@ from app.limits import (
 DEFAULT_LEARNING_RATE = 2e-4
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 4
+MAX_NUM_PROCESSES = 64  # data-parallel processes of one job on one worker (torchrun's nproc-per-node)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
@@ -101,6 +102,13 @@ class TrainingConfig(_Closed):
     per_device_train_batch_size: BatchSize = DEFAULT_BATCH_SIZE
     per_device_eval_batch_size: BatchSize = DEFAULT_BATCH_SIZE
     gradient_accumulation_steps: PositiveInt = Field(1, le=MAX_GRADIENT_ACCUMULATION_STEPS)
+    num_processes: PositiveInt = Field(
+        1,
+        le=MAX_NUM_PROCESSES,
+        description="Train on this many devices of one worker with data parallelism (DDP through "
+        "torchrun): a step trains per_device_train_batch_size × gradient_accumulation_steps × num_processes "
+        "examples. A worker that owns fewer devices (PHITUNE_WORKER_DEVICES) fails the job.",
+    )
     lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
     ] = "cosine"

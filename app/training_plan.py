@@ -42,8 +42,10 @@ def packed_rows(lengths: Sequence[int], row_length: int) -> int:
 
 
 def steps_per_epoch(rows: int, config: TrainingConfig) -> int:
-    """Optimizer steps of one pass over `rows` training rows: transformers' Trainer on one device."""
-    batches = math.ceil(rows / config.per_device_train_batch_size)
+    """Optimizer steps of one pass over `rows` training rows: transformers' Trainer on num_processes devices,
+    whose batches accelerate deals out in turn (the last ones taken again from the start, so every process
+    has as many)."""
+    batches = math.ceil(math.ceil(rows / config.per_device_train_batch_size) / config.num_processes)
     accumulation = config.gradient_accumulation_steps
     return max(batches // accumulation + int(batches % accumulation > 0), 1)
 

@@ -9,7 +9,7 @@ import celery.apps.worker
 from celery.signals import setup_logging, task_postrun, task_prerun, worker_init, worker_shutting_down
 
 from app import log_setup
-from app.broker import TRAIN_TASK, make_celery
+from app.broker import MODEL_HEADER, TRAIN_TASK, make_celery
 from app.config import get_settings
 from app.exports.messages import EXPORT_TASK
 from worker import metrics, shutdown
@@ -17,6 +17,7 @@ from worker.export import run_export
 from worker.tasks import run_training_job
 
 celery_app = make_celery(get_settings())
+log = logging.getLogger(__name__)
 
 
 @setup_logging.connect
@@ -62,13 +63,38 @@ def _request_hand_back(**_kwargs) -> None:
     shutdown.requested.set()
 
 
-@celery_app.task(name=TRAIN_TASK, ignore_result=True)
-def train_job(job_id: str) -> str:
+# A task's outcome when its message names a base model this worker does not have.
+MODEL_MISSING = "model_missing"
+
+
+def lacks_base_model(task, object_id: str) -> bool:
+    """Whether the message names a base model this worker does not have (PHITUNE_BASE_MODELS). Such a
+    message is dropped unclaimed rather than fail its job here: the job stays queued, and the API sends it
+    again once its queue is empty (PHITUNE_REDELIVER_SECONDS), for a worker that has the model to take."""
+    model = task.request.get(MODEL_HEADER)
+    if model is None or model in get_settings().resolved_base_models:
+        return False
+    log.warning(
+        "%s is on base model %s, which this worker does not have (PHITUNE_BASE_MODELS); left queued for a "
+        "worker that has it: route the model to a queue only such workers take (PHITUNE_TRAINING_QUEUES)",
+        object_id,
+        model,
+    )
+    return True
+
+
+@celery_app.task(name=TRAIN_TASK, ignore_result=True, bind=True)
+def train_job(self, job_id: str) -> str:
     """One task per job, carrying only the job id."""
+    if lacks_base_model(self, job_id):
+        metrics.ATTEMPTS.labels(MODEL_MISSING).inc()
+        return MODEL_MISSING
     return run_training_job(job_id, get_settings())
 
 
-@celery_app.task(name=EXPORT_TASK, ignore_result=True)
-def export_model(export_id: str) -> str:
+@celery_app.task(name=EXPORT_TASK, ignore_result=True, bind=True)
+def export_model(self, export_id: str) -> str:
     """One task per merged-model export, carrying only the export id."""
+    if lacks_base_model(self, export_id):
+        return MODEL_MISSING
     return run_export(export_id, get_settings())

@@ -1,8 +1,10 @@
-"""Which GPU a process may see, set through `CUDA_VISIBLE_DEVICES` before torch loads (torch reads it once).
+"""Which GPUs a process may see, set through `CUDA_VISIBLE_DEVICES` before torch loads (torch reads it once).
 
-One training worker per GPU: a worker that saw several would have the trainer wrap its model in
-`nn.DataParallel`, so the effective batch and learning-rate schedule would depend on the host. `phitune serve`
-puts its worker and its inference server on different GPUs when there are two or more.
+A training worker owns `PHITUNE_WORKER_DEVICES` GPUs (default one): a job trains in the worker's process on
+one, or, with several, in data-parallel child processes each pinned to one of them (`worker.distributed`), so
+the trainer never wraps a model in `nn.DataParallel` and a job's batch and learning-rate schedule depend on
+its own settings, not on the host. `phitune serve` puts its worker and its inference server on different
+GPUs when there are two or more.
 """
 
 from __future__ import annotations
@@ -10,6 +12,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 VISIBLE = "CUDA_VISIBLE_DEVICES"
+
+
+def pin_gpus(environ: Mapping[str, str], gpu: int | None, count: int) -> str:
+    """The `CUDA_VISIBLE_DEVICES` of a worker owning `count` GPUs from `gpu` on (see `pin_one_gpu`)."""
+    first = pin_one_gpu(environ, gpu)
+    if count == 1 or not first:
+        return first
+    visible = _listed(environ)
+    start = visible.index(first) if visible is not None else int(first)
+    pinned = visible[start : start + count] if visible is not None else [str(start + i) for i in range(count)]
+    if len(pinned) < count:
+        raise ValueError(
+            f"PHITUNE_WORKER_DEVICES={count} from GPU {first}, but only {len(pinned)} GPUs are left"
+        )
+    return ",".join(pinned)
 
 
 def pin_one_gpu(environ: Mapping[str, str], gpu: int | None) -> str:

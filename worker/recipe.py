@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Protocol
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -58,6 +59,7 @@ from worker.memory_estimate import measured_peak, reset_peak
 from worker.model_loader import count_parameters, load_base_model
 from worker.packed_attention import use_packed_sdpa
 from worker.quantization import describe_quantization, prepare_quantized_for_training
+from worker.ranks import all_ranks_here, rank_zero_decides
 
 
 class ProgressReporter(Protocol):
@@ -340,6 +342,11 @@ def train(
             best_step=None,
             formats=[],
             handed_back=handed_back,
+        )
+        return TrainingRun(trainer=trainer, result=result)
+    if not trainer.is_world_process_zero():  # rank 0 of a multi-process job ships the adapter
+        result = RecipeResult(
+            None, trainer.state.num_input_tokens_seen, steps, train_loss, progress.cancelled, None, []
         )
         return TrainingRun(trainer=trainer, result=result)
     adapter_dir = inputs.output_dir / "adapter"
@@ -630,7 +637,8 @@ class RecipeTrainer(SFTTrainer):
         if "attention_mask" in inputs or "position_ids" not in inputs:
             super()._track_num_input_tokens(inputs)
             return
-        self.state.num_input_tokens_seen += inputs["input_ids"].numel()
+        tokens = torch.tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()  # every rank's
 
     def _get_eval_sampler(self, eval_dataset: Dataset) -> SequentialSampler:
         # The trainer groups validation batches by length too under group_by_length; in the file's order,
@@ -640,6 +648,8 @@ class RecipeTrainer(SFTTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if output_dir is None or isinstance(self.model, PeftModel):
             super().save_model(output_dir, _internal_call)
+            return
+        if not self.args.should_save:  # rank 0 of a multi-process job saves
             return
         os.makedirs(output_dir, exist_ok=True)
         trained = {
@@ -793,18 +803,20 @@ class CheckpointCallback(TrainerCallback):
         self._due["train_loss"] = logs["loss"]
         self._due["train_mean_token_accuracy"] = logs.get("mean_token_accuracy")
         if not control.should_evaluate:
-            self._store(model)
+            self._store(model, state)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         self.eval_losses[state.global_step] = metrics["eval_loss"]
         if self._due is not None:
             self._due["valid_loss"] = metrics["eval_loss"]
             self._due["valid_mean_token_accuracy"] = metrics["eval_mean_token_accuracy"]
-            self._store(model)
+            self._store(model, state)
 
-    def _store(self, model: nn.Module) -> None:
+    def _store(self, model: nn.Module, state) -> None:
         metrics, self._due = self._due, None
         assert metrics is not None  # called only while a checkpoint is due
+        if not state.is_world_process_zero:  # the ranks of a multi-process job hold the same weights
+            return
         directory = self.directory / f"checkpoint-{metrics['step']}"
         checkpoint = Checkpoint(metrics["step"], directory, metrics, self.save(model, directory, metrics))
         self.reporter.on_checkpoint(checkpoint.step, directory, metrics)
@@ -907,13 +919,16 @@ class ResumeStateCallback(TrainerCallback):
             or (self.interval is not None and state.global_step % self.interval == 0)
             or (self.seconds is not None and time.monotonic() - self._last_saved >= self.seconds)
         )
-        if due:
+        if rank_zero_decides(due):  # every rank saves its part of a state, or none does
             control.should_save = True
             control.should_log = True
         if self.handed_back is not None:
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
+        all_ranks_here()  # each rank has written its RNG state into the trainer's checkpoint
+        if not state.is_world_process_zero:  # rank 0's clock decides when the next state is due
+            return
         state_dir = Path(args.output_dir) / f"state-{state.global_step}"
         state_dir.mkdir()
         # The trainer's checkpoint goes in a folder of its own: a sub-folder holding an adapter (best/) inside

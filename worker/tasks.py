@@ -19,8 +19,8 @@ from app.adapter_format import Format
 from app.config import Settings
 from app.internal.contracts import ClaimReply, LeaseReply
 from app.specs import DpoConfig, PeftConfig, TrainingConfig
+from worker import distributed, resume_state, shutdown
 from worker import metrics as worker_metrics
-from worker import resume_state, shutdown
 from worker.adapter_archive import PEFT_UNAVAILABLE_FILE, adapter_formats, extract_adapter, pack
 from worker.client import ApiClient, ApiUnreachable, AttemptClient, ClaimRefused, LeaseLost
 
@@ -212,8 +212,10 @@ def train(claim: ClaimReply, attempt: AttemptClient, settings: Settings, scratch
 def _run(claim: ClaimReply, attempt: AttemptClient, reporter: ApiReporter, settings: Settings, scratch: Path):
     """Fetch the inputs and the newest usable resume state, else the adapter the job continues from (if any),
     then train; None if shutdown came first."""
-    from worker.recipe import run_recipe, state_fingerprint  # torch loads only when a job runs
+    from worker.recipe import state_fingerprint  # torch loads only when a job runs
 
+    num_processes = TrainingConfig(**claim.training_config).num_processes
+    distributed.check_devices(num_processes, settings.worker_devices)  # before anything is downloaded
     training_file = attempt.download_file(claim.training_file, scratch / "train.jsonl")
     validation_file = (
         attempt.download_file(claim.validation_file, scratch / "validation.jsonl")
@@ -230,11 +232,7 @@ def _run(claim: ClaimReply, attempt: AttemptClient, reporter: ApiReporter, setti
         inputs.init_from = fetch_init_adapter(
             attempt, inputs.training_config.init_from, inputs.peft_config.backend, scratch
         )
-    if inputs.dpo is not None:
-        from worker.dpo import run_dpo
-
-        return run_dpo(inputs, reporter)
-    return run_recipe(inputs, reporter)
+    return distributed.run(inputs, reporter, worker_devices=settings.worker_devices)
 
 
 class SourceModelGone(RuntimeError):

@@ -6,17 +6,17 @@ import logging
 
 from celery import Celery
 
-from app.broker import TRAINING_QUEUE
+from app import broker
 
-# It shares the training queue: a worker runs one task at a time, so an export never competes with a
-# training job for the same GPU or memory.
+# It goes to its job's training queue (by base model): a worker runs one task at a time, so an export never
+# competes with a training job for the same GPU or memory, and runs where the base model is.
 EXPORT_TASK = "phitune.export_model"
 log = logging.getLogger(__name__)
 
 
-def send(celery: Celery, export_id: str) -> None:
+def send(celery: Celery, export_id: str, model: str) -> None:
     """Queue an export's message; a failure leaves it to be sent again when the export is next read."""
     try:
-        celery.send_task(EXPORT_TASK, args=[export_id], queue=TRAINING_QUEUE)
+        broker.send(celery, EXPORT_TASK, export_id, model)
     except Exception:
         log.exception("could not send export %s now; it is sent again when next read", export_id)

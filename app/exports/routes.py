@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from app.broker import queue_routes
 from app.config import Settings
 from app.db import after_commit
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
@@ -98,7 +99,7 @@ def list_exports(
     job = get_job(session, tenant.id, fine_tuning_job_id)
     found = service.exports_of(session, job.id)
     for export in found:
-        _recover(request, session, settings, export)
+        _recover(request, session, settings, export, job.model)
     data = [JobExport.from_row(export) for export in found]
     return JobExportList(
         data=data,
@@ -119,8 +120,9 @@ def get_export(
     session: SessionDep,
     settings: SettingsDep,
 ) -> JobExport:
-    export = service.get(session, get_job(session, tenant.id, fine_tuning_job_id), export_id)
-    _recover(request, session, settings, export)
+    job = get_job(session, tenant.id, fine_tuning_job_id)
+    export = service.get(session, job, export_id)
+    _recover(request, session, settings, export, job.model)
     return JobExport.from_row(export)
 
 
@@ -163,34 +165,35 @@ def _requested(
     *,
     retry_failed: bool,
 ) -> JobExport:
+    job = get_job(session, tenant_id, job_id)
     export, created = service.request_export(
         session,
-        get_job(session, tenant_id, job_id),
+        job,
         fmt,
         retry_failed=retry_failed,
         max_stored_bytes=settings.max_stored_bytes_per_tenant,
     )
     if created:
-        after_commit(session, partial(messages.send, request.app.state.messages.celery, export.id))
+        after_commit(session, partial(messages.send, request.app.state.messages.celery, export.id, job.model))
     else:
-        _recover(request, session, settings, export)
+        _recover(request, session, settings, export, job.model)
     if export.status in DONE:
         response.status_code = 200
     return JobExport.from_row(export)
 
 
-def _recover(request: Request, session: Session, settings: Settings, export: Export) -> None:
-    """Retry an export whose worker or message was lost (service.refresh), its message sent once
-    committed."""
+def _recover(request: Request, session: Session, settings: Settings, export: Export, model: str) -> None:
+    """Retry an export (of a job on base `model`) whose worker or message was lost (service.refresh), its
+    message sent once committed."""
     celery = request.app.state.messages.celery
-    if service.refresh(session, settings, export, _broker_empty(celery)):
-        after_commit(session, partial(messages.send, celery, export.id))
+    if service.refresh(session, settings, export, _broker_empty(celery, model)):
+        after_commit(session, partial(messages.send, celery, export.id, model))
 
 
-def _broker_empty(celery) -> Callable[[], bool]:
+def _broker_empty(celery, model: str) -> Callable[[], bool]:
     def empty() -> bool:
         try:
-            return queued_messages(celery) == 0
+            return queued_messages(celery, queue_routes(celery).queue(model)) == 0
         except Exception:  # a broker that does not answer: the next read asks again
             return False
 

@@ -4,17 +4,18 @@ broker lost it.
 A job's message is an outbox row written in the transaction that queues the job; the request sends it
 once that transaction has committed (`JobMessages.send_now`), and the housekeeping loop sends whatever a
 failed send left behind, and a fresh message for a queued job whose message the broker lost (a Redis
-restart keeps nothing): when the training queue is empty but jobs have been queued for longer than
-`redeliver_seconds`, their messages are gone.
+restart keeps nothing): when a job's queue (app.broker.QueueRoutes) is empty but its jobs have been queued
+for longer than `redeliver_seconds`, their messages are gone.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 
 from celery import Celery
 
-from app.broker import TRAINING_QUEUE, enqueue_training, make_celery
+from app.broker import TRAINING_QUEUE, enqueue_training, make_celery, queue_routes
 from app.config import Settings
 from app.db import session_scope
 from app.repositories import jobs
@@ -31,29 +32,38 @@ def send_pending(database_url: str, celery: Celery, *, job_id: str | None = None
     for seq in pending:
         with session_scope(database_url) as session:
             if (message_job := jobs.claim_unsent_message(session, seq)) is not None:
-                enqueue_training(celery, message_job)  # a failure rolls the claim back
+                job = jobs.get(session, message_job)
+                assert job is not None  # an outbox row is deleted with its job
+                enqueue_training(celery, job.id, job.model)  # a failure rolls the claim back
                 sent += 1
     return sent
 
 
-def queued_messages(celery: Celery) -> int:
-    """How many messages wait in the training queue (a running job's message is not counted)."""
+def queued_messages(celery: Celery, queue: str = TRAINING_QUEUE) -> int:
+    """How many messages wait in `queue` (a running job's message is not counted)."""
     with celery.connection_for_write() as connection:
-        return connection.default_channel.queue_declare(queue=TRAINING_QUEUE).message_count
+        return connection.default_channel.queue_declare(queue=queue).message_count
 
 
 def resend_lost(database_url: str, celery: Celery, *, min_age: float) -> int:
     """Queue a fresh message for each job queued longer than `min_age` seconds since its last message,
-    when the broker holds none: those messages were lost. A copy that was not lost after all is harmless:
+    when its queue holds none: those messages were lost. A copy that was not lost after all is harmless:
     only a queued job can be claimed, so the second copy is refused."""
+    routes = queue_routes(celery)
     with session_scope(database_url) as session:
-        stale = jobs.queued_jobs_last_sent_before(session, min_age)
-        if not stale or queued_messages(celery) > 0:
-            return 0
-        for job_id in stale:
+        stale: defaultdict[str, list[str]] = defaultdict(list)
+        for job_id in jobs.queued_jobs_last_sent_before(session, min_age):
+            job = jobs.get(session, job_id)
+            assert job is not None  # the query just found it
+            stale[routes.queue(job.model)].append(job_id)
+        lost = [
+            job_id for queue, ids in stale.items() if queued_messages(celery, queue) == 0 for job_id in ids
+        ]
+        for job_id in lost:
             jobs.add_message(session, job_id)
-        log.warning("the broker holds no message for %d queued job(s); sending them again", len(stale))
-    return len(stale)
+        if lost:
+            log.warning("the broker holds no message for %d queued job(s); sending them again", len(lost))
+    return len(lost)
 
 
 class JobMessages:

@@ -8,6 +8,7 @@ import functools
 import gc
 import importlib
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -144,12 +145,13 @@ def _make_and_freeze(factory: str, made: dict[str, Any]) -> Any:
     return app
 
 
-def use_one_gpu(gpu: int | None) -> None:
-    """Pin this process to one GPU before torch loads, and fail now if PHITUNE_DEVICE=cuda cannot be met."""
-    from worker.devices import VISIBLE, pin_one_gpu
+def use_gpus(gpu: int | None, count: int = 1) -> None:
+    """Pin this process to `count` GPUs from `gpu` on before torch loads, and fail now if PHITUNE_DEVICE=cuda
+    cannot be met."""
+    from worker.devices import VISIBLE, pin_gpus
 
     try:
-        os.environ[VISIBLE] = pin_one_gpu(os.environ, gpu)
+        os.environ[VISIBLE] = pin_gpus(os.environ, gpu, count)
     except ValueError as problem:
         raise typer.BadParameter(str(problem), param_hint="--gpu") from None
     if get_settings().device == "cuda":
@@ -167,7 +169,7 @@ def inference(
     """Run the inference server: base models loaded once, adapters on demand, batched generation."""
     configure_logging("inference")
     require_extras("serve")
-    use_one_gpu(gpu)
+    use_gpus(gpu)
     import uvicorn
 
     from worker.bootstrap import ensure_tiny_model
@@ -183,11 +185,28 @@ def inference(
         sys.exit(3)  # as uvicorn.run exits
 
 
-def worker(gpu: Gpu = None) -> None:
-    """Run a Celery training worker (queue `training`, one job at a time) on one GPU: run one per GPU."""
+def worker(
+    gpu: Gpu = None,
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated broker queues to take jobs from (default: PHITUNE_WORKER_QUEUES, else "
+            "training); see PHITUNE_TRAINING_QUEUES."
+        ),
+    ] = None,
+) -> None:
+    """Run a Celery training worker (one job at a time) on PHITUNE_WORKER_DEVICES GPUs (default one)."""
+    from app.config import QUEUE_NAME
+
+    worker_queues = queues if queues is not None else get_settings().worker_queues
+    if not re.fullmatch(rf"{QUEUE_NAME}(,{QUEUE_NAME})*", worker_queues):
+        raise typer.BadParameter(
+            "comma-separated queue names, each letters, digits, '.', '_' or '-' (at most 100)",
+            param_hint="--queues",
+        )
     configure_logging("worker")  # again once Celery starts (worker.celery_app), the libraries loaded
     require_extras("train")
-    use_one_gpu(gpu)
+    use_gpus(gpu, get_settings().worker_devices)  # a job's ranks each take one (worker.distributed)
     from worker.bootstrap import ensure_tiny_model
 
     ensure_tiny_model(get_settings())
@@ -203,7 +222,7 @@ def worker(gpu: Gpu = None) -> None:
             *quiet,
             "worker",
             "--pool=solo",  # one job per process, one process per GPU
-            "--queues=training",
+            f"--queues={worker_queues}",
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",

@@ -246,8 +246,8 @@ def test_a_message_delivered_twice_trains_once(service: Service):
         job = create_job(client, training_config={**LONG_TRAINING, "num_train_epochs": 2}, peft_config=LORA)
     settings = Settings(data_dir=service.data_dir)
     celery = make_celery(settings)
-    enqueue_training(celery, job["id"])
-    enqueue_training(celery, job["id"])
+    enqueue_training(celery, job["id"], job["model"])
+    enqueue_training(celery, job["id"], job["model"])
     assert wait_final(service, job["id"])["status"] == "succeeded"
     with service.client as client:
         messages = [e["message"] for e in all_events(client, job["id"])]

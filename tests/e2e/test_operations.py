@@ -197,7 +197,7 @@ def test_a_job_and_a_chat_log_json_with_their_ids_and_no_secret_and_serve_metric
     )
     assert inference[("phitune_inference_adapter_hits_total", model)] >= 1
     assert inference[("phitune_inference_adapter_evictions_total", model)] == 0
-    assert api_metrics[("phitune_training_queue_depth", ())] == 0
+    assert api_metrics[("phitune_training_queue_depth", (("queue", "training"),))] == 0
 
     service.stop()
     logs = log_lines(service)
