@@ -11,3 +11,6 @@ from typing import Literal
 Format = Literal["peft", "loralib"]
 FORMATS: tuple[Format, ...] = ("peft", "loralib")
 FORMAT_HEADER = "X-Phitune-Adapter-Format"  # on the internal adapter download: the format of the archive sent
+# A PEFT archive's files at its root, as PEFT (and vLLM) read them.
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"

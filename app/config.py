@@ -126,6 +126,16 @@ class Settings(BaseSettings):
         "http://127.0.0.1:8001", description="Where the API reaches the inference server."
     )
     inference_timeout_seconds: float = Field(600.0, gt=0, description="Longest wait for one completion.")
+    inference_engine: Literal["phitune", "vllm"] = Field(
+        "phitune",
+        description="What serves chat at inference_url: phitune (`phitune inference`) or vllm (a vLLM "
+        "OpenAI server started with --enable-lora and runtime LoRA updating; see app.inference).",
+    )
+    vllm_adapter_dir: Path | None = Field(
+        None,
+        description="With the vllm engine: where the API unpacks adapters for vLLM to load, a directory "
+        "vLLM reads at the same path; default: vllm-adapters/ in data_dir.",
+    )
     max_loaded_adapters: int = Field(8, gt=0, description="Adapters the inference server keeps in memory.")
     worker_token: SecretStr | None = Field(
         None,

@@ -6,6 +6,7 @@ scoring, FLOPs) on a tiny model; its figures mean nothing, so only their presenc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -140,3 +141,20 @@ def test_the_gpu_checks_speed_section_rehearses_on_the_cpu(tmp_path: Path) -> No
         assert figures["steps"] == 3 and figures["timed_steps"] == 1
         assert figures["peak_gpu_mb"] is None  # trained on the CPU
     assert pair["ours"]["tokens"] == pair["reference"]["tokens"]  # the same data
+
+
+def test_the_vllm_check_plans_the_engines_it_compares_and_says_what_it_misses(tmp_path: Path) -> None:
+    """`bench.vllm_check` needs vLLM on a GPU: here its plan, and an honest refusal to run."""
+    command = [sys.executable, "-m", "bench.vllm_check", "--dir", str(tmp_path)]
+    dry = subprocess.run([*command, "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
+    plan = json.loads(dry.stdout)["plan"]
+    vllm, api = plan["vllm"], plan["api"]
+    assert vllm["command"][1:3] == ["serve", str(tmp_path / "model")] and "--enable-lora" in vllm["command"]
+    assert vllm["env"] == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    assert api["env"]["PHITUNE_INFERENCE_ENGINE"] == "vllm"
+    assert api["env"]["PHITUNE_INFERENCE_URL"].endswith(f":{vllm['port']}")
+    assert api["env"]["PHITUNE_INFERENCE_TOKEN"] == vllm["command"][vllm["command"].index("--api-key") + 1]
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    if importlib.util.find_spec("vllm") is None:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 1 and "vllm" in json.loads(done.stdout)["missing"]

@@ -18,11 +18,9 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO, Protocol, cast
 
-from app.adapter_format import FORMATS, Format
+from app.adapter_format import FORMATS, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, Format
 from worker.tar_guard import GuardedTarFile, UnsafeTarHeader
 
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_UNAVAILABLE_FILE = "PEFT_UNAVAILABLE.txt"  # at the root instead of the PEFT files: why there are none
 LORALIB_DIR = "loralib"
 LORALIB_CONFIG_FILE = "loralib_config.json"

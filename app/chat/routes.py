@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: resolve the model, forward to the inference server, answer as OpenAI."""
+"""POST /v1/chat/completions: resolve the model, ask the inference engine (app.inference), answer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -23,9 +22,9 @@ from app.chat.schemas import (
 from app.config import Settings
 from app.db import release_connection
 from app.deps import CurrentTenant, SessionDep, SettingsDep
-from app.errors import APIError, InvalidRequest, ServiceUnavailable, error_responses
-from app.inference_contract import DELTA, GenerateBody, GenerateFinish, GenerateResult
-from app.log_setup import REQUEST_ID_HEADER, request_id
+from app.errors import InvalidRequest, error_responses
+from app.inference import CompletionStream, StreamFailed, engine_of
+from app.inference_contract import GenerateFinish, GenerateResult
 from app.models_api.service import resolve_model
 from app.openapi_parts import event_stream
 
@@ -53,13 +52,13 @@ async def create_chat_completion(
     check_size(body, settings)
     resolved = await run_in_threadpool(resolve_model, session, settings, tenant.id, body.model)
     await run_in_threadpool(release_connection, session)  # hold no connection while the model generates
-    inference: httpx.AsyncClient = request.app.state.inference
+    engine = engine_of(request.app)
     generation = body.generation_request(resolved.base_model, resolved.adapter_id)
     completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     if not body.stream:
-        result = await _call(inference, generation)
+        result = await engine.complete(generation)
         return _completion(completion_id, created, body.model, result)
-    upstream = await _open_stream(inference, generation)
+    upstream = await engine.open_stream(generation)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
         _chunks(upstream, completion_id, created, body.model, include_usage),
@@ -92,57 +91,6 @@ def check_size(body: ChatCompletionRequest, settings: Settings) -> None:
         )
 
 
-async def _call(inference: httpx.AsyncClient, generation: GenerateBody) -> GenerateResult:
-    try:
-        response = await inference.post("/generate", json=generation.model_dump(), headers=_traced())
-    except httpx.HTTPError as exc:
-        raise ServiceUnavailable(f"The inference server is unreachable: {exc}") from exc
-    if response.status_code != 200:
-        raise _upstream_error(response.status_code, response.content)
-    return GenerateResult.model_validate_json(response.content)
-
-
-async def _open_stream(inference: httpx.AsyncClient, generation: GenerateBody) -> httpx.Response:
-    """Open the upstream stream before answering, so errors (e.g. context too long) keep their status."""
-    try:
-        upstream = await inference.send(
-            inference.build_request("POST", "/generate", json=generation.model_dump(), headers=_traced()),
-            stream=True,
-        )
-    except httpx.HTTPError as exc:
-        raise ServiceUnavailable(f"The inference server is unreachable: {exc}") from exc
-    if upstream.status_code != 200:
-        content = await upstream.aread()
-        await upstream.aclose()
-        raise _upstream_error(upstream.status_code, content)
-    return upstream
-
-
-def _traced() -> dict[str, str]:
-    """The request's id, so that the inference server's log lines of this completion carry it too."""
-    current = request_id.get()
-    return {REQUEST_ID_HEADER: current} if current else {}
-
-
-def _upstream_error(status: int, content: bytes) -> APIError:
-    """The inference server's OpenAI-shaped error, kept as it is; but a refusal of the API's own credential
-    is the deployment's problem (PHITUNE_INFERENCE_TOKEN differs), not an invalid key of the tenant's."""
-    if status == 401:
-        return ServiceUnavailable(
-            "The inference server refused the API's credentials", code="inference_unauthorized"
-        )
-    try:
-        error = json.loads(content)["error"]
-    except (ValueError, KeyError, TypeError):
-        return ServiceUnavailable(f"The inference server failed with status {status}")
-    result = APIError(
-        error.get("message", "inference failed"), param=error.get("param"), code=error.get("code")
-    )
-    result.status_code = status
-    result.error_type = error.get("type", "invalid_request_error")
-    return result
-
-
 def _usage(result: GenerateFinish) -> dict[str, int]:
     prompt, completion = result.prompt_tokens, result.completion_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -168,40 +116,30 @@ def _completion(completion_id: str, created: int, model: str, result: GenerateRe
 
 
 async def _chunks(
-    upstream: httpx.Response, completion_id: str, created: int, model: str, include_usage: bool
+    upstream: CompletionStream,
+    completion_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
-    """Re-emit the inference server's deltas as chat.completion.chunk events, ending with [DONE].
+    """Re-emit the engine's stream as chat.completion.chunk events, ending with [DONE].
 
-    Deltas that arrived together go out as one chunk, so a slow reader costs fewer writes, not more lag.
-    If the client goes away, Starlette cancels this generator and closing `upstream` tells the inference
-    server to free the request's slot in its batch.
+    If the client goes away, Starlette cancels this generator and closing `upstream` tells the engine to
+    stop the generation.
     """
     chunks = ChunkWriter(completion_id, created, model, include_usage)
     try:
         yield chunks.delta({"role": "assistant", "content": ""})
-        pending = ""
-        async for received in upstream.aiter_text():
-            *lines, pending = (pending + received).split("\n")
-            text = []
-            for line in lines:
-                if not line.startswith("data: "):
-                    continue
-                event = json.loads(line[6:])
-                if DELTA in event:
-                    text.append(event[DELTA])
-                    continue
-                if text:
-                    yield chunks.content("".join(text))
-                    text = []
-                if "error" in event:  # generation failed mid-stream: pass the error on, end without [DONE]
-                    yield f"data: {json.dumps(event)}\n\n"
-                    return
-                finish = GenerateFinish.model_validate(event)
-                yield chunks.delta({}, finish.finish_reason)
+        async for item in upstream:
+            if isinstance(item, str):
+                yield chunks.content(item)
+            elif isinstance(item, StreamFailed):  # generation failed mid-stream: pass it on, without [DONE]
+                yield f"data: {json.dumps(item.body)}\n\n"
+                return
+            else:
+                yield chunks.delta({}, item.finish_reason)
                 if include_usage:
-                    yield chunks.usage(_usage(finish))
-            if text:
-                yield chunks.content("".join(text))
+                    yield chunks.usage(_usage(item))
         yield "data: [DONE]\n\n"
     finally:
         await upstream.aclose()

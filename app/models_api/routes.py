@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-
-import httpx
 from fastapi import APIRouter
 
-from app.config import Settings
 from app.db import after_commit
 from app.deps import CurrentTenant, SessionDep, SettingsDep
 from app.errors import error_responses
+from app.inference import unload_adapter
 from app.models_api import service
 from app.models_api.schemas import Model, ModelDeleted, ModelList
-from app.service_auth import bearer
 
 router = APIRouter(prefix="/models", tags=["models"], responses=error_responses(401, 429, 503))
-log = logging.getLogger(__name__)
 
 
 @router.get("", response_model=ModelList, response_model_exclude_unset=True)
@@ -40,17 +35,5 @@ def delete_model(
 ) -> ModelDeleted:
     """Delete a fine-tuned model (its job and adapter stay downloadable); it can no longer be called."""
     job = service.delete_model(session, settings, tenant.id, model_id)
-    after_commit(session, lambda: _evict(settings, job.id))
+    after_commit(session, lambda: unload_adapter(settings, job.id))
     return ModelDeleted(id=model_id, object="model", deleted=True)
-
-
-def _evict(settings: Settings, adapter_id: str) -> None:
-    """Free a deleted model's memory now; a failure here only delays that until LRU eviction."""
-    try:
-        httpx.delete(
-            f"{settings.inference_url}/adapters/{adapter_id}",
-            headers=bearer(settings.resolved_inference_token),
-            timeout=5,
-        ).raise_for_status()
-    except httpx.HTTPError as exc:
-        log.warning("could not evict adapter %s from the inference server: %s", adapter_id, exc)
