@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     )
     storage_url: str | None = Field(
         None,
-        pattern=r"^s3://[^/?#]+(/[^?#]*)?$",
+        pattern=r"^s3://[A-Za-z0-9._-]{1,255}(/[^?#]*)?$",  # boto3 refuses other bucket names on every call
         description="Where datasets, checkpoints, resume states and adapters are stored: s3://bucket/prefix "
         "(needs phitune[s3]); default: the storage/ directory in data_dir.",
     )

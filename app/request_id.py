@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from typing import Literal
+from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -54,7 +55,9 @@ def _log_access(scope: Scope, status: int) -> None:
     """uvicorn's access line: `127.0.0.1:39896 - "POST /v1/files HTTP/1.1" 200`."""
     client = scope.get("client")
     peer = f"{client[0]}:{client[1]}" if client else "-"
-    target = scope.get("root_path", "") + scope["path"]
+    # Quoted as uvicorn's own line is: the path arrives percent-decoded, and a %0A in it would start a
+    # forged line of a text log.
+    target = quote(scope.get("root_path", "") + scope["path"])
     if query := scope.get("query_string"):
         target += "?" + query.decode("latin-1")
     access.info('%s - "%s %s HTTP/%s" %d', peer, scope["method"], target, scope["http_version"], status)

@@ -4,8 +4,9 @@ A job of `training_config.num_processes` > 1, and every job of a worker that own
 (`PHITUNE_WORKER_DEVICES`), trains in `num_processes` ranks of `torchrun --standalone` (DDP: one GPU each,
 or gloo processes on the CPU), running `worker.ranks`, which calls the same recipe. The worker's process
 stays the one that talks to the API (claim, heartbeat, events, uploads, the outcome): rank 0 calls its
-`ProgressReporter` through a local authenticated connection (`RankCall`s, answered in order), and tells the
-other ranks what it answered to "stop?" and "hand back?", so that every rank stops at the same step.
+`ProgressReporter` through a local authenticated connection (`listen` / `connect`: `RankCall`s, answered in
+order), and tells the other ranks what it answered to "stop?" and "hand back?", so that every rank stops at
+the same step.
 
 The ranks run in a process group of their own: a cancel, a pause or a shutdown stops them at the next step
 through the reporter; ranks still running `STOP_GRACE_SECONDS` after a stop was asked, or when the worker's
@@ -15,6 +16,7 @@ torchrun then ends the others.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -22,10 +24,13 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ADDRESS_ENV = "PHITUNE_RANK_ADDRESS"  # host:port where rank 0 reaches the worker
+ADDRESS_ENV = "PHITUNE_RANK_ADDRESS"  # the Unix socket where rank 0 reaches the worker
 AUTHKEY_ENV = "PHITUNE_RANK_AUTHKEY"  # hex: the connection's HMAC key, never on a command line
 REPORTER_CALLS = frozenset(
     {"message", "on_metrics", "on_checkpoint", "on_resume_state", "should_stop", "hand_back"}
@@ -95,15 +100,32 @@ def train_here(inputs: RecipeInputs, reporter: ProgressReporter) -> RecipeResult
     return run_recipe(inputs, reporter)
 
 
+@contextlib.contextmanager
+def listen() -> Iterator[tuple[Listener, dict[str, str]]]:
+    """The worker's end of rank 0's connection, and the environment that tells rank 0 (`connect`) how to
+    reach it. A Unix socket in a fresh private (0700) directory, not a port on 127.0.0.1: any local process
+    could connect to that, and the listener accepts once, so one that knocked first would leave rank 0
+    hanging and the job with it."""
+    authkey = secrets.token_bytes(32)
+    with (
+        tempfile.TemporaryDirectory(prefix="phitune-ranks-") as private,
+        Listener(str(Path(private) / "worker.sock"), family="AF_UNIX", authkey=authkey) as listener,
+    ):
+        yield listener, {ADDRESS_ENV: str(listener.address), AUTHKEY_ENV: authkey.hex()}
+
+
+def connect(environ: Mapping[str, str]) -> Connection:
+    """Rank 0's end of the connection `listen` made, from the environment it handed down."""
+    return Client(environ[ADDRESS_ENV], family="AF_UNIX", authkey=bytes.fromhex(environ[AUTHKEY_ENV]))
+
+
 def launch(inputs: RecipeInputs, reporter: ProgressReporter, processes: int) -> RecipeResult:
     """Train in `processes` torchrun ranks, serving rank 0's reporter calls until they exit."""
     scratch = inputs.output_dir.parent
     inputs_file, log_file = scratch / "rank-inputs.pickle", scratch / "ranks.log"
     inputs_file.write_bytes(pickle.dumps(inputs))
-    authkey = secrets.token_bytes(32)
-    with Listener(("127.0.0.1", 0), authkey=authkey) as listener, log_file.open("wb") as output:
-        host, port = listener.address
-        env = {**os.environ, ADDRESS_ENV: f"{host}:{port}", AUTHKEY_ENV: authkey.hex()}
+    with listen() as (listener, reach), log_file.open("wb") as output:
+        env = {**os.environ, **reach}
         if VISIBLE in os.environ:  # the job's ranks take the first of the worker's GPUs, one each
             env[VISIBLE] = ",".join(visible_gpus(os.environ)[:processes])
         command = [
@@ -137,10 +159,15 @@ class _Served:
         self.problem: BaseException | None = None  # the reporter's own failure (an upload, the API)
 
     def serve(self, listener: Listener) -> None:
-        try:
-            connection = listener.accept()
-        except OSError:  # the ranks ended before rank 0 connected; the listener is closed
-            return
+        while True:
+            try:
+                connection = listener.accept()
+            except AuthenticationError:  # not rank 0 (it holds the key): wait for rank 0 still
+                log.warning("refused a connection to the training processes' socket without their key")
+                continue
+            except OSError:  # the ranks ended before rank 0 connected; the listener is closed
+                return
+            break
         with connection:
             self._answer(connection)
 

@@ -13,7 +13,7 @@ import contextlib
 import os
 import pickle
 import sys
-from multiprocessing.connection import Client, Connection
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from worker import hardware
-from worker.distributed import ADDRESS_ENV, AUTHKEY_ENV, FAILED, FINISHED, RankCall, train_here
+from worker.distributed import FAILED, FINISHED, RankCall, connect, train_here
 
 T = TypeVar("T")
 
@@ -98,8 +98,7 @@ def main(inputs_file: Path) -> None:
     _control = dist.new_group(backend="gloo")
     connection = None
     if rank == 0:
-        address, port = os.environ[ADDRESS_ENV].rsplit(":", 1)
-        connection = Client((address, int(port)), authkey=bytes.fromhex(os.environ[AUTHKEY_ENV]))
+        connection = connect(os.environ)
     reporter = RankReporter(connection)
     try:
         result = train_here(inputs, reporter)

@@ -65,6 +65,8 @@ class VllmEngine(InferenceEngine):
 
     @classmethod
     def unload(cls, settings: Settings, adapter_id: str) -> None:
+        # The unpacked files go even when vLLM cannot be told: nothing else would ever remove them.
+        vllm_adapters.remove(settings, adapter_id)
         response = httpx.post(
             f"{settings.inference_url}{UNLOAD}",
             json={"lora_name": adapter_id},
@@ -73,7 +75,6 @@ class VllmEngine(InferenceEngine):
         )
         if response.status_code not in (200, 404):  # 404: vLLM has not loaded it (or restarted since)
             response.raise_for_status()
-        vllm_adapters.remove(settings, adapter_id)
 
     async def _send(self, generation: GenerateBody) -> httpx.Response:
         """vLLM's answer, open for reading; a LoRA it does not know is loaded, then asked for again."""
@@ -122,7 +123,12 @@ class VllmEngine(InferenceEngine):
             raise unreachable(exc) from exc
         if response.status_code == 401:
             raise unauthorized()
-        served = [card["id"] for card in response.json()["data"] if not card.get("parent")]
+        try:
+            served = [card["id"] for card in response.json()["data"] if not card.get("parent")]
+        except (ValueError, KeyError, TypeError) as exc:  # a proxy's error page, a 5xx: not the client's
+            raise ServiceUnavailable(
+                f"vLLM's {MODELS} answered status {response.status_code} without its model list"
+            ) from exc
         if base_model not in served:
             raise ServiceUnavailable(
                 f"'{adapter_id}' was trained on {base_model}, but vLLM serves "

@@ -73,6 +73,8 @@ FIELD_RULES = {
     ("POST /v1/admin/keys", "expires_at"): "in the future",
     ("POST /v1/admin/keys", "expires_in"): "not with expires_at",
     ("POST /v1/admin/keys", "tenant"): "printable characters, no leading or trailing space",
+    ("POST /v1/fine_tuning/jobs", "method.dpo"): "only with method.type dpo",
+    ("POST /v1/fine_tuning/jobs", "method.supervised"): "only with method.type supervised",
 }
 
 
