@@ -10,20 +10,22 @@ must be undone if it fails (a blob moved into place) with `on_rollback`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import weakref
 from collections import namedtuple
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import cast
+from typing import Any, cast
 
 import psycopg
 from anyio import CancelScope, CapacityLimiter, to_thread
-from psycopg.rows import namedtuple_row
+from psycopg.types.string import TextLoader
 from sqlalchemy import (
+    JSON,
     Connection,
     Dialect,
     Engine,
@@ -209,27 +211,21 @@ class _SQLiteReads:
                 cursor.close()
         except sqlite3.Error as error:
             raise _wrapped(statement.sql, params, error, sqlite3.Error) from error
-        if raw is None:
-            return None
-        if (row := statement.rows.get(raw)) is None:
-            if len(statement.rows) >= KEPT_ROWS:
-                statement.rows.clear()
-            converted = (convert(value) for convert, value in zip(statement.converts, raw, strict=True))
-            row = statement.rows[raw] = statement.row(*converted)
-        return cast(Row, row)
+        return None if raw is None else cast(Row, statement.rows.made_from(raw))
 
     def _compile(self, query: OneRow) -> _SQLiteStatement:
         dialect = self._engine.dialect
         compiled = query.statement.compile(dialect=dialect)
         if any(bind.type.dialect_impl(dialect).bind_processor(dialect) for bind in compiled.binds.values()):
             raise TypeError(f"SQLAlchemy converts a parameter of this statement on SQLite: {query.statement}")
-        columns = list(query.statement.selected_columns)
-        processors = [column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns]
+        processors = [
+            column.type.dialect_impl(dialect).result_processor(dialect, None)
+            for column in query.statement.selected_columns
+        ]
         self._compiled[query.statement] = statement = _SQLiteStatement(
             sql=str(compiled),
             binds=tuple(compiled.positiontup or ()),
-            converts=tuple(processor or _as_is for processor in processors),
-            row=namedtuple("Row", [column.key for column in columns]),  # type: ignore[misc]
+            rows=_KeptRows.of(query.statement, processors),
         )
         return statement
 
@@ -239,18 +235,38 @@ class _SQLiteReads:
 
 
 @dataclass(frozen=True)
+class _KeptRows:
+    """The rows a statement's raw driver rows become: each value converted as SQLAlchemy would convert
+    it, into the named tuple read as a SQLAlchemy Row is (by label; never to be changed). A raw row (str, int,
+    float, bytes, datetime, None: hashable) is kept with the row made from it, so an unchanged row is
+    converted once (JSON decoding was ~9 % of a poll's CPU in the app) and read as the same object, which
+    callers then may keep what they make of (app.jobs.routes). A changed row is a new key: never stale."""
+
+    converts: tuple[Callable[[object], object], ...]
+    row: Callable[..., tuple]
+    kept: dict[tuple, tuple] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, statement: Select, converts: Sequence[Callable[[Any], object] | None]) -> _KeptRows:
+        columns = [str(column.key) for column in statement.selected_columns]
+        return cls(tuple(convert or _as_is for convert in converts), namedtuple("Row", columns))
+
+    def made_from(self, raw: tuple) -> tuple:
+        if (row := self.kept.get(raw)) is None:
+            if len(self.kept) >= KEPT_ROWS:
+                self.kept.clear()
+            converted = (convert(value) for convert, value in zip(self.converts, raw, strict=True))
+            row = self.kept[raw] = self.row(*converted)
+        return row
+
+
+@dataclass(frozen=True)
 class _SQLiteStatement:
-    """A statement compiled for pysqlite: its SQL, its parameters' names in order, a conversion per column
-    and the named tuple its rows become (read as a SQLAlchemy Row is, by label; never to be changed)."""
+    """A statement compiled for pysqlite: its SQL, its parameters' names in order, and its rows."""
 
     sql: str
     binds: tuple[str, ...]
-    converts: tuple[Callable[[object], object], ...]
-    row: Callable[..., tuple]
-    # pysqlite's row (str, int, float, bytes, None: hashable) → the row made from it, so an unchanged row is
-    # converted once (JSON decoding was ~9 % of a poll's CPU in the app) and read as the same object, which
-    # callers then may keep what they make of (app.jobs.routes). A changed row is a new key: never stale.
-    rows: dict[tuple, tuple] = field(default_factory=dict)
+    rows: _KeptRows
 
 
 def _as_is(value: object) -> object:
@@ -280,19 +296,61 @@ class _RawReads:
     SQLAlchemy's asyncio layer cost ~350 µs of CPU a read (its pool checkout alone ~140 µs), psycopg's own
     connection ~75 µs. What SQLAlchemy still owns: the SQL (compiled once from the statement for the engine's
     dialect), the connection arguments (the engine's), and the errors (psycopg's, raised as SQLAlchemy's,
-    which app.errors answers). A row is psycopg's named tuple, read as a SQLAlchemy Row is (by label), with
-    the values SQLAlchemy would give: only a statement whose types SQLAlchemy leaves to psycopg runs here."""
+    which app.errors answers). Rows are made as `_KeptRows` makes them, JSON decoded here (psycopg hands it
+    over as text) with the values SQLAlchemy would give: only a statement whose types SQLAlchemy otherwise
+    leaves to psycopg runs here.
+
+    Identical reads share a round trip, never a stale one: a read of the same statement and arguments as one
+    already in flight waits for the next, which starts once that one ends, and every read that arrived before
+    it starts shares its row. So a row is never older than the read that asked for it (a write acknowledged
+    before the read began is seen), and pollers of one job cost the database and this process one query per
+    round trip, not one each."""
 
     def __init__(self, engine: Engine, size: int) -> None:
         self._dialect = engine.dialect
         self._connect_args = engine.dialect.create_connect_args(engine.url)
+        self._json = engine.dialect._json_deserializer or json.loads
         self._idle: list[psycopg.AsyncConnection] = []
         self._slots = asyncio.Semaphore(size)
-        self._sql: dict[Select, str] = {}
+        self._compiled: dict[Select, _RawStatement] = {}
+        self._flying: dict[tuple, asyncio.Task[Row | None]] = {}
+        self._next: dict[tuple, asyncio.Task[Row | None]] = {}
 
     async def fetch_one(self, query: OneRow, args: tuple[object, ...]) -> Row | None:
-        sql = self._sql.get(query.statement) or self._compile(query.statement)
-        params = dict(zip(query.names, args, strict=True))
+        statement = self._compiled.get(query.statement) or self._compile(query.statement)
+        key = (query.statement, args)
+        if (flight := self._next.get(key)) is None:
+            ahead = self._flying.get(key)
+            flight = asyncio.ensure_future(self._fly(key, ahead, statement, query.names, args))
+            flight.add_done_callback(_retrieved)
+            if ahead is not None:
+                self._next[key] = flight
+            else:
+                self._flying[key] = flight
+        # Shielded: a caller that goes away (a client disconnects) leaves the read to those sharing it.
+        return await asyncio.shield(flight)
+
+    async def _fly(
+        self,
+        key: tuple,
+        ahead: asyncio.Task[Row | None] | None,
+        statement: _RawStatement,
+        names: tuple[str, ...],
+        args: tuple[object, ...],
+    ) -> Row | None:
+        me = asyncio.current_task()
+        if ahead is not None:
+            await asyncio.wait([ahead])  # its outcome is its callers'
+            del self._next[key]
+            self._flying[key] = me  # type: ignore[assignment]
+        try:
+            raw = await self._fetch(statement.sql, dict(zip(names, args, strict=True)))
+        finally:
+            if self._flying.get(key) is me:
+                del self._flying[key]
+        return None if raw is None else cast(Row, statement.rows.made_from(raw))
+
+    async def _fetch(self, sql: str, params: dict[str, object]) -> tuple | None:
         async with self._slots:
             while True:
                 kept = bool(self._idle)
@@ -302,7 +360,7 @@ class _RawReads:
                     raise _wrapped(sql, params, error) from error
                 try:
                     cursor = await connection.execute(sql, params)
-                    row = await cursor.fetchone()
+                    raw = await cursor.fetchone()
                 except psycopg.Error as error:
                     if not connection.broken:  # a failed statement leaves an autocommit connection usable
                         self._idle.append(connection)
@@ -315,29 +373,53 @@ class _RawReads:
                             continue
                     raise _wrapped(sql, params, error) from error
                 except BaseException:
-                    await _close(connection)  # cancelled mid-read (the client went away): state unknown
+                    await _close(connection)  # cancelled mid-read (the app stopping): state unknown
                     raise
                 self._idle.append(connection)
-                return cast(Row | None, row)
+                return raw
 
     async def close(self) -> None:
+        for flight in [*self._flying.values(), *self._next.values()]:
+            flight.cancel()
         while self._idle:
             await _close(self._idle.pop())
 
     async def _open(self) -> psycopg.AsyncConnection:
         args, kwargs = self._connect_args
-        return await psycopg.AsyncConnection.connect(
-            *args, **kwargs, autocommit=True, row_factory=namedtuple_row
-        )
+        connection = await psycopg.AsyncConnection.connect(*args, **kwargs, autocommit=True)
+        for json_type in ("json", "jsonb"):  # as text: a row is kept by its raw values (`_KeptRows`)
+            connection.adapters.register_loader(json_type, TextLoader)
+        return connection
 
-    def _compile(self, statement: Select) -> str:
+    def _compile(self, statement: Select) -> _RawStatement:
         compiled = statement.compile(dialect=self._dialect)
-        if _converts(self._dialect, [column.type for column in statement.selected_columns], compiled):
+        result_types = [column.type for column in statement.selected_columns]
+        if _converts(self._dialect, result_types, compiled):
             raise TypeError(
                 f"SQLAlchemy converts values of this statement on {self._dialect.name}: {statement}"
             )
-        self._sql[statement] = sql = str(compiled)
-        return sql
+        converts = [self._decode if isinstance(type_, JSON) else None for type_ in result_types]
+        self._compiled[statement] = compiled_statement = _RawStatement(
+            str(compiled), _KeptRows.of(statement, converts)
+        )
+        return compiled_statement
+
+    def _decode(self, value: str | None) -> object:
+        return None if value is None else self._json(value)
+
+
+@dataclass(frozen=True)
+class _RawStatement:
+    """A statement compiled for psycopg: its SQL (named parameters) and its rows."""
+
+    sql: str
+    rows: _KeptRows
+
+
+def _retrieved(flight: asyncio.Task) -> None:
+    """Mark a shared read's outcome as seen: every caller of it may have gone away."""
+    if not flight.cancelled():
+        flight.exception()
 
 
 def _converts(dialect: Dialect, result_types: list[TypeEngine], compiled: SQLCompiler) -> bool:

@@ -218,3 +218,127 @@ def test_a_write_acknowledged_by_one_process_is_what_the_next_get_on_another_ans
         assert a.post(f"{path}/cancel").json()["status"] == "cancelled"
         assert b.get(path).json()["status"] == "cancelled"
         assert a.get(path).json() == b.get(path).json()
+
+
+def test_an_unchanged_row_is_read_as_the_same_object_and_a_changed_one_anew(
+    client: TestClient, tenant_auth, database_url
+) -> None:
+    # The route makes an unchanged job's body once (app.jobs.routes keeps it by the row's identity).
+    job = create_job(client, tenant_auth)
+    key = (job["organization_id"], job["id"])
+
+    async def reads() -> list:
+        try:
+            first = [await db.read(database_url, jobs.record_for_tenant, *key) for _ in range(7)]
+            enrich(database_url, job["id"])
+            return [*first, await db.read(database_url, jobs.record_for_tenant, *key)]
+        finally:
+            await db.close_reads()
+
+    rows = asyncio.run(reads())
+    assert all(row is rows[0] for row in rows[:7])
+    assert rows[7] is not rows[0] and rows[7].progress["step"] == 3 and rows[0].progress is None
+
+
+def postgres_reader(database_url: str) -> db._RawReads:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL: reads of one row share a round trip there")
+    return db._RawReads(get_engine(database_url), db.READ_CONNECTIONS)
+
+
+def test_concurrent_reads_of_one_row_share_round_trips(client: TestClient, tenant_auth, database_url) -> None:
+    reader = postgres_reader(database_url)
+    job = create_job(client, tenant_auth)
+    round_trips = []
+    fetch = reader._fetch
+
+    async def counted(sql: str, params: dict) -> tuple | None:
+        round_trips.append(params)
+        return await fetch(sql, params)
+
+    reader._fetch = counted  # type: ignore[method-assign]
+
+    async def poll() -> list:
+        try:
+            reads = [
+                reader.fetch_one(jobs.record_for_tenant, (job["organization_id"], job["id"]))
+                for _ in range(64)
+            ]
+            other = reader.fetch_one(jobs.record_for_tenant, (job["organization_id"], "ftjob-other"))
+            return await asyncio.gather(*reads, other)
+        finally:
+            await reader.close()
+
+    *rows, other = asyncio.run(poll())
+    assert other is None and all(row is rows[0] and row.id == job["id"] for row in rows)
+    # The first read's own round trip, then one for the 63 that arrived while it was in flight; the other
+    # row's read is its own.
+    assert len(round_trips) == 3
+
+
+def test_a_read_never_shares_a_round_trip_that_began_before_it(
+    client: TestClient, tenant_auth, database_url
+) -> None:
+    # A write acknowledged while a read of the row is in flight: a read asked for after the write waits for a
+    # round trip of its own, even though the one in flight reads the same row.
+    reader = postgres_reader(database_url)
+    job = create_job(client, tenant_auth)
+    key = (job["organization_id"], job["id"])
+    answered, release = asyncio.Event(), asyncio.Event()
+    fetch = reader._fetch
+
+    async def slow_answer(sql: str, params: dict) -> tuple | None:
+        raw = await fetch(sql, params)  # the row as the database holds it now ...
+        answered.set()
+        await release.wait()  # ... reaches the caller late
+        return raw
+
+    reader._fetch = slow_answer  # type: ignore[method-assign]
+
+    async def race() -> tuple:
+        try:
+            before = asyncio.ensure_future(reader.fetch_one(jobs.record_for_tenant, key))
+            await answered.wait()
+            await asyncio.to_thread(enrich, database_url, job["id"])  # committed
+            after = asyncio.ensure_future(reader.fetch_one(jobs.record_for_tenant, key))
+            late = asyncio.ensure_future(reader.fetch_one(jobs.record_for_tenant, key))
+            await asyncio.sleep(0.05)
+            release.set()
+            return await before, await after, await late
+        finally:
+            await reader.close()
+
+    before, after, late = asyncio.run(race())
+    assert before.progress is None
+    assert after.progress["step"] == 3 and late is after
+
+
+def test_a_caller_that_goes_away_leaves_the_shared_read_to_the_others(
+    client: TestClient, tenant_auth, database_url
+) -> None:
+    reader = postgres_reader(database_url)
+    job = create_job(client, tenant_auth)
+    key = (job["organization_id"], job["id"])
+    release = asyncio.Event()
+    fetch = reader._fetch
+
+    async def held(sql: str, params: dict) -> tuple | None:
+        await release.wait()
+        return await fetch(sql, params)
+
+    reader._fetch = held  # type: ignore[method-assign]
+
+    async def leave() -> list:
+        try:
+            callers = [asyncio.ensure_future(reader.fetch_one(jobs.record_for_tenant, key)) for _ in range(3)]
+            await asyncio.sleep(0.01)
+            callers[0].cancel()
+            callers[1].cancel()  # the first caller of the second round trip, which the third shares
+            release.set()
+            return await asyncio.gather(*callers, return_exceptions=True)
+        finally:
+            await reader.close()
+
+    first, second, third = asyncio.run(leave())
+    assert isinstance(first, asyncio.CancelledError) and isinstance(second, asyncio.CancelledError)
+    assert third.id == job["id"]
