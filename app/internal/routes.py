@@ -23,6 +23,7 @@ from app.db import after_commit, release_connection
 from app.deps import CurrentAttempt, ServingOnly, SessionDep, SettingsDep, StorageDep, WorkerOnly
 from app.errors import NotFound
 from app.files.service import get_file
+from app.inference import unload_adapter
 from app.internal import service
 from app.internal.contracts import (
     AdapterReceipt,
@@ -39,6 +40,7 @@ from app.jobs import artifacts, checkpoints, init_from, resume_states
 from app.jobs.schemas import JobCheckpoint
 from app.limits import MAX_REPORTED_STEP
 from app.models import Artifact, Job
+from app.repositories import artifacts as stored
 from app.storage import Storage, blob_response
 
 T = TypeVar("T")
@@ -103,9 +105,18 @@ async def upload_checkpoint_adapter(
     storage: StorageDep,
     format: Format = "peft",
 ) -> AdapterReceipt:
-    """A checkpoint's adapter archive; the checkpoint is listed once published (POST …/checkpoints)."""
+    """A checkpoint's adapter archive; the checkpoint is listed once published (POST …/checkpoints). A
+    re-upload (a resumed attempt trains the step again) replaces it, and the inference engine drops the copy
+    it may have loaded of the one replaced, once the new one has committed: never served stale."""
     record = _artifact(session, storage, artifacts.checkpoint_scope(step), format)
-    return await _receive(request, session, settings, storage, attempt, record)
+
+    def record_and_unload(job: Job, temp: Path, sha256: str, size: int) -> tuple[AdapterReceipt, list[str]]:
+        receipt, replaced = record(job, temp, sha256, size)
+        if replaced and (published := stored.checkpoint_at(session, job.id, step)) is not None:
+            after_commit(session, partial(unload_adapter, settings, published.id))
+        return receipt, replaced
+
+    return await _receive(request, session, settings, storage, attempt, record_and_unload)
 
 
 # What an upload records once its bytes are in a temp file: (job, temp, sha256, size) → the reply, and the

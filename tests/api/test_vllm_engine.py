@@ -207,3 +207,32 @@ def test_a_wrong_vllm_key_is_503_for_the_tenant(vllm_settings, auth, vllm):
             503,
             code="inference_unauthorized",
         )
+
+
+def test_a_checkpoint_re_uploaded_by_a_resumed_attempt_is_not_served_from_the_replaced_copy(
+    client, auth, vllm, tmp_path
+):
+    file_id = upload_file(client, auth, CHAT_LINES)
+    job_id = client.post(
+        "/v1/fine_tuning/jobs", json={"model": BASE, "training_file": file_id}, headers=auth
+    ).json()["id"]
+    _, attempt = claim(client, job_id)
+    first, again = (tmp_path / "first", tmp_path / "again")
+    for directory, weights in ((first, b"first weights"), (again, b"weights trained again")):
+        directory.mkdir()
+        (directory / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+        (directory / "adapter_model.safetensors").write_bytes(weights)
+    adapter_url = f"/internal/v1/jobs/{job_id}/checkpoints/5/adapter"
+    assert client.put(adapter_url, content=pack(first, tmp_path / "1.tar.gz").read_bytes(), headers=attempt)
+    published = client.post(
+        f"/internal/v1/jobs/{job_id}/checkpoints", json={"step": 5, "metrics": {"step": 5}}, headers=attempt
+    ).json()
+    model = published["fine_tuned_model_checkpoint"]
+    assert client.post("/v1/chat/completions", json=chat(model), headers=auth).status_code == 200
+    loaded = Path(vllm.loads[0]["lora_path"]) / "adapter_model.safetensors"
+    assert vllm.loads[0]["lora_name"] == published["id"] and loaded.read_bytes() == b"first weights"
+
+    assert client.put(adapter_url, content=pack(again, tmp_path / "2.tar.gz").read_bytes(), headers=attempt)
+    assert vllm.unloads == [published["id"]]
+    assert client.post("/v1/chat/completions", json=chat(model), headers=auth).status_code == 200
+    assert len(vllm.loads) == 2 and loaded.read_bytes() == b"weights trained again"

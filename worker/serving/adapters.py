@@ -9,8 +9,9 @@ Behind the loaded adapters, a second tier keeps the weights read (on the host, p
 GPU) of the most recently used adapters, up to `host_bytes`: reloading one of them skips the download, the
 extraction and the read, and needs no loader thread, only the copy into the model between two steps. With
 more adapters in flight than the engine keeps loaded, every request would otherwise fetch its adapter again.
-A deleted model leaves both tiers (`evict`, called by the API when it deletes it), so it is never served
-from a stale copy; without the second tier (`host_bytes=0`) a reload fetches again.
+A deleted model leaves both tiers (`evict`, called by the API when it deletes it, and when a resumed attempt
+replaces a checkpoint's adapter), so it is never served from a stale copy; without the second tier
+(`host_bytes=0`) a reload fetches again.
 
 Every archive is checked before anything in it is read (`worker.adapter_archive`), against a cap on its
 decompressed size from the base model's layers (`lora.largest_adapter_bytes`), and every adapter's config
