@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import weakref
 from collections import namedtuple
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -26,18 +26,26 @@ from anyio import CancelScope, CapacityLimiter, to_thread
 from psycopg.types.string import TextLoader
 from sqlalchemy import (
     JSON,
+    ColumnElement,
     Connection,
     Dialect,
     Engine,
     PoolProxiedConnection,
     Row,
     Select,
+    String,
+    and_,
+    bindparam,
     create_engine,
     event,
+    func,
+    select,
     text,
+    tuple_,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, StatementError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import QueryableAttribute, Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import TypeEngine
 
@@ -163,11 +171,23 @@ def release_connection(session: Session) -> None:
 
 @dataclass(frozen=True)
 class OneRow:
-    """A read of at most one row by a prebuilt SELECT whose bound parameters are `names`, given in that order:
-    what `read` runs. Called with a SQLAlchemy connection, it runs there."""
+    """A read of the row (at most one) whose `key` columns equal the arguments, given in the order of their
+    parameters' `names` (`condition`): what `read` runs. Called with a SQLAlchemy connection, it runs
+    there."""
 
     statement: Select
+    condition: ColumnElement[bool]
     names: tuple[str, ...]
+    key: tuple[ColumnElement, ...]
+
+    @classmethod
+    def where(
+        cls, columns: Sequence[ColumnElement], **key: ColumnElement | QueryableAttribute[Any]
+    ) -> OneRow:
+        """`columns` of the row whose columns `key` names equal the parameters so named."""
+        condition = and_(*(column == bindparam(name) for name, column in key.items()))
+        key_columns = tuple(column.expression for column in key.values())
+        return cls(select(*columns).where(condition), condition, tuple(key), key_columns)
 
     def __call__(self, connection: Connection, *args: object) -> Row | None:
         return connection.execute(self.statement, dict(zip(self.names, args, strict=True))).first()
@@ -300,11 +320,11 @@ class _RawReads:
     over as text) with the values SQLAlchemy would give: only a statement whose types SQLAlchemy otherwise
     leaves to psycopg runs here.
 
-    Identical reads share a round trip, never a stale one: a read of the same statement and arguments as one
-    already in flight waits for the next, which starts once that one ends, and every read that arrived before
-    it starts shares its row. So a row is never older than the read that asked for it (a write acknowledged
-    before the read began is seen), and pollers of one job cost the database and this process one query per
-    round trip, not one each."""
+    Reads share round trips, never a stale one: reads of a statement that arrive while one of it is in flight
+    wait for the next, which starts once that one ends and fetches every row they asked for at once (the key
+    columns matched against arrays of the arguments). So a row is never older than the read that asked for it
+    (a write acknowledged before the read began is seen), and 64 pollers cost the database and this process
+    about one query per round trip, not one each: the psycopg round trip was half a poll's CPU."""
 
     def __init__(self, engine: Engine, size: int) -> None:
         self._dialect = engine.dialect
@@ -313,44 +333,63 @@ class _RawReads:
         self._idle: list[psycopg.AsyncConnection] = []
         self._slots = asyncio.Semaphore(size)
         self._compiled: dict[Select, _RawStatement] = {}
-        self._flying: dict[tuple, asyncio.Task[Row | None]] = {}
-        self._next: dict[tuple, asyncio.Task[Row | None]] = {}
+        self._flying: dict[Select, _Flight] = {}  # a statement's round trip in flight
+        self._next: dict[Select, _Flight] = {}  # the one after it, which reads join until it starts
 
     async def fetch_one(self, query: OneRow, args: tuple[object, ...]) -> Row | None:
-        statement = self._compiled.get(query.statement) or self._compile(query.statement)
-        key = (query.statement, args)
-        if (flight := self._next.get(key)) is None:
-            ahead = self._flying.get(key)
-            flight = asyncio.ensure_future(self._fly(key, ahead, statement, query.names, args))
-            flight.add_done_callback(_retrieved)
-            if ahead is not None:
-                self._next[key] = flight
-            else:
-                self._flying[key] = flight
-        # Shielded: a caller that goes away (a client disconnects) leaves the read to those sharing it.
-        return await asyncio.shield(flight)
+        statement = self._compiled.get(query.statement) or self._compile(query)
+        if (flight := self._next.get(query.statement)) is None:
+            ahead = self._flying.get(query.statement)
+            flight = _Flight()
+            flight.task = asyncio.ensure_future(self._fly(query.statement, flight, ahead, statement))
+            flight.task.add_done_callback(_retrieved)
+            (self._flying if ahead is None else self._next)[query.statement] = flight
+        flight.asked[args] = None
+        # Shielded: a caller that goes away (a client disconnects) leaves the round trip to those sharing it.
+        answer = (await asyncio.shield(flight.task))[args]
+        if isinstance(answer, Exception):
+            raise answer
+        return None if answer is None else cast(Row, statement.rows.made_from(answer))
 
     async def _fly(
-        self,
-        key: tuple,
-        ahead: asyncio.Task[Row | None] | None,
-        statement: _RawStatement,
-        names: tuple[str, ...],
-        args: tuple[object, ...],
-    ) -> Row | None:
-        me = asyncio.current_task()
+        self, key: Select, flight: _Flight, ahead: _Flight | None, statement: _RawStatement
+    ) -> dict[tuple, tuple | Exception | None]:
         if ahead is not None:
-            await asyncio.wait([ahead])  # its outcome is its callers'
+            await asyncio.wait([ahead.task])  # its outcome is its callers'
             del self._next[key]
-            self._flying[key] = me  # type: ignore[assignment]
+            self._flying[key] = flight
+        asked = list(flight.asked)  # no read joins it from here on
         try:
-            raw = await self._fetch(statement.sql, dict(zip(names, args, strict=True)))
+            if len(asked) == 1:
+                return {asked[0]: await self._fetch_one(statement, asked[0])}
+            return await self._fetch_many(statement, asked)
         finally:
-            if self._flying.get(key) is me:
+            if self._flying.get(key) is flight:
                 del self._flying[key]
-        return None if raw is None else cast(Row, statement.rows.made_from(raw))
 
-    async def _fetch(self, sql: str, params: dict[str, object]) -> tuple | None:
+    async def _fetch_many(
+        self, statement: _RawStatement, asked: list[tuple]
+    ) -> dict[tuple, tuple | Exception | None]:
+        arrays = {name: [args[i] for args in asked] for i, name in enumerate(statement.names)}
+        try:
+            rows = await self._fetch(statement.sql_many, arrays, many=True)
+        except DBAPIError:
+            # One read's arguments can fail them all (a NUL in an id): each is read alone, for its own answer.
+            answers: dict[tuple, tuple | Exception | None] = {}
+            for args in asked:
+                try:
+                    answers[args] = await self._fetch_one(statement, args)
+                except DBAPIError as error:
+                    answers[args] = error
+            return answers
+        width = len(statement.rows.converts)
+        found = {row[width:]: row[:width] for row in rows}  # each row ends with its key's values
+        return {args: found.get(args) for args in asked}
+
+    async def _fetch_one(self, statement: _RawStatement, args: tuple) -> tuple | None:
+        return await self._fetch(statement.sql, dict(zip(statement.names, args, strict=True)), many=False)
+
+    async def _fetch(self, sql: str, params: Mapping[str, object], *, many: bool) -> Any:
         async with self._slots:
             while True:
                 kept = bool(self._idle)
@@ -360,7 +399,7 @@ class _RawReads:
                     raise _wrapped(sql, params, error) from error
                 try:
                     cursor = await connection.execute(sql, params)
-                    raw = await cursor.fetchone()
+                    fetched = await (cursor.fetchall() if many else cursor.fetchone())
                 except psycopg.Error as error:
                     if not connection.broken:  # a failed statement leaves an autocommit connection usable
                         self._idle.append(connection)
@@ -376,11 +415,11 @@ class _RawReads:
                     await _close(connection)  # cancelled mid-read (the app stopping): state unknown
                     raise
                 self._idle.append(connection)
-                return raw
+                return fetched
 
     async def close(self) -> None:
         for flight in [*self._flying.values(), *self._next.values()]:
-            flight.cancel()
+            flight.task.cancel()
         while self._idle:
             await _close(self._idle.pop())
 
@@ -391,18 +430,30 @@ class _RawReads:
             connection.adapters.register_loader(json_type, TextLoader)
         return connection
 
-    def _compile(self, statement: Select) -> _RawStatement:
-        compiled = statement.compile(dialect=self._dialect)
-        result_types = [column.type for column in statement.selected_columns]
+    def _compile(self, query: OneRow) -> _RawStatement:
+        compiled = query.statement.compile(dialect=self._dialect)
+        result_types = [column.type for column in query.statement.selected_columns]
         if _converts(self._dialect, result_types, compiled):
             raise TypeError(
-                f"SQLAlchemy converts values of this statement on {self._dialect.name}: {statement}"
+                f"SQLAlchemy converts values of this statement on {self._dialect.name}: {query.statement}"
             )
-        converts = [self._decode if isinstance(type_, JSON) else None for type_ in result_types]
-        self._compiled[statement] = compiled_statement = _RawStatement(
-            str(compiled), _KeptRows.of(statement, converts)
+        if not all(isinstance(column.type, String) for column in query.key):
+            raise TypeError(
+                f"a key column is no string: rows of many reads are matched by equal strings: {query}"
+            )
+        # The same columns, then the key's, of every row whose key is among the arrays' (zipped by unnest).
+        arrays = [func.unnest(bindparam(name, type_=ARRAY(String()))) for name in query.names]
+        many = select(*query.statement.selected_columns, *query.key).where(
+            tuple_(*query.key).in_(select(*arrays))
         )
-        return compiled_statement
+        converts = [self._decode if isinstance(type_, JSON) else None for type_ in result_types]
+        self._compiled[query.statement] = statement = _RawStatement(
+            sql=str(compiled),
+            sql_many=str(many.compile(dialect=self._dialect)),
+            names=query.names,
+            rows=_KeptRows.of(query.statement, converts),
+        )
+        return statement
 
     def _decode(self, value: str | None) -> object:
         return None if value is None else self._json(value)
@@ -410,16 +461,29 @@ class _RawReads:
 
 @dataclass(frozen=True)
 class _RawStatement:
-    """A statement compiled for psycopg: its SQL (named parameters) and its rows."""
+    """A `OneRow` compiled for psycopg: its SQL for one row and for many (the parameters arrays), its
+    parameters' names, and its rows."""
 
     sql: str
+    sql_many: str
+    names: tuple[str, ...]
     rows: _KeptRows
 
 
-def _retrieved(flight: asyncio.Task) -> None:
-    """Mark a shared read's outcome as seen: every caller of it may have gone away."""
-    if not flight.cancelled():
-        flight.exception()
+class _Flight:
+    """One round trip of a statement, and the reads it answers: their arguments → a raw row, None (no row) or
+    the error their own read gave."""
+
+    task: asyncio.Task[dict[tuple, tuple | Exception | None]]
+
+    def __init__(self) -> None:
+        self.asked: dict[tuple, None] = {}  # an ordered set
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    """Mark a shared round trip's outcome as seen: every caller of it may have gone away."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _converts(dialect: Dialect, result_types: list[TypeEngine], compiled: SQLCompiler) -> bool:
@@ -435,7 +499,7 @@ async def _close(connection: psycopg.AsyncConnection) -> None:
 
 
 def _wrapped(
-    sql: str, params: dict[str, object], error: Exception, driver_error: type[Exception] = psycopg.Error
+    sql: str, params: Mapping[str, object], error: Exception, driver_error: type[Exception] = psycopg.Error
 ) -> StatementError:
     """The driver's error as SQLAlchemy raises it (DataError, OperationalError, …)."""
     return DBAPIError.instance(sql, params, error, driver_error)

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, inspect, select, update
+from sqlalchemy import Select, func, inspect, select, update
 from sqlalchemy.orm import Session
 
 from app.db import OneRow
@@ -18,20 +18,16 @@ def get(session: Session, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id))
 
 
-# Built once: every GET of a job runs one, and building a statement cost more than executing it.
-_OF_TENANT = (Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
-_JOB_FOR_TENANT = select(Job).where(*_OF_TENANT)
+# Every column under its attribute name, so that a row reads like a Job (`row.job_metadata`).
+_JOB_COLUMNS = [attr.columns[0].label(attr.key) for attr in inspect(Job).column_attrs]
+# Built once: every GET of a job runs one, and building a statement cost more than executing it. The job as
+# a plain row, without an ORM session, for reads that change nothing: (tenant_id, job_id), by app.db.read.
+record_for_tenant = OneRow.where(_JOB_COLUMNS, tenant_id=Job.tenant_id, job_id=Job.id)
+_JOB_FOR_TENANT = select(Job).where(record_for_tenant.condition)
 
 
 def get_for_tenant(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return session.scalar(_JOB_FOR_TENANT, {"job_id": job_id, "tenant_id": tenant_id})
-
-
-# Every column under its attribute name, so that a row reads like a Job (`row.job_metadata`).
-_JOB_COLUMNS = [attr.columns[0].label(attr.key) for attr in inspect(Job).column_attrs]
-# The job as a plain row, without an ORM session, for reads that change nothing: (tenant_id, job_id), by
-# app.db.read.
-record_for_tenant = OneRow(select(*_JOB_COLUMNS).where(*_OF_TENANT), ("tenant_id", "job_id"))
 
 
 def lock(session: Session, job_id: str) -> Job | None:

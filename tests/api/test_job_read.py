@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DataError
 
 from app import db
 from app.config import Settings
@@ -246,34 +247,52 @@ def postgres_reader(database_url: str) -> db._RawReads:
     return db._RawReads(get_engine(database_url), db.READ_CONNECTIONS)
 
 
-def test_concurrent_reads_of_one_row_share_round_trips(client: TestClient, tenant_auth, database_url) -> None:
+def test_concurrent_reads_share_round_trips_each_answered_with_its_own_row(
+    client: TestClient, tenant_auth, other_auth, database_url
+) -> None:
     reader = postgres_reader(database_url)
-    job = create_job(client, tenant_auth)
+    mine = [create_job(client, tenant_auth) for _ in range(3)]
+    theirs = create_job(client, other_auth)
     round_trips = []
     fetch = reader._fetch
 
-    async def counted(sql: str, params: dict) -> tuple | None:
+    async def counted(sql: str, params: dict, *, many: bool):
         round_trips.append(params)
-        return await fetch(sql, params)
+        return await fetch(sql, params, many=many)
 
     reader._fetch = counted  # type: ignore[method-assign]
+    tenant = mine[0]["organization_id"]
+    asked = [
+        *((tenant, job["id"]) for job in mine * 20),
+        (tenant, theirs["id"]),  # another tenant's job: none
+        (tenant, "ftjob-missing"),
+        (tenant, mine[0]["id"] + " "),  # no row: an id is matched exactly
+        (tenant, "ftjob-\x00"),  # an id no database can hold: an error for this read alone
+    ]
 
-    async def poll() -> list:
+    async def poll(keys: list[tuple[str, str]]) -> list:
         try:
-            reads = [
-                reader.fetch_one(jobs.record_for_tenant, (job["organization_id"], job["id"]))
-                for _ in range(64)
-            ]
-            other = reader.fetch_one(jobs.record_for_tenant, (job["organization_id"], "ftjob-other"))
-            return await asyncio.gather(*reads, other)
+            reads = [reader.fetch_one(jobs.record_for_tenant, key) for key in keys]
+            return await asyncio.gather(*reads, return_exceptions=True)
         finally:
             await reader.close()
 
-    *rows, other = asyncio.run(poll())
-    assert other is None and all(row is rows[0] and row.id == job["id"] for row in rows)
-    # The first read's own round trip, then one for the 63 that arrived while it was in flight; the other
-    # row's read is its own.
-    assert len(round_trips) == 3
+    *rows, theirs_row, missing, blank = asyncio.run(poll(asked[:-1]))
+    assert [row.id for row in rows] == [job["id"] for job in mine * 20]
+    assert all(row is rows[i % 3] for i, row in enumerate(rows))  # an unchanged row is one object
+    assert theirs_row is None and missing is None and blank is None
+    # The first read's own round trip, then one for the 62 that arrived while it was in flight, asking once
+    # for each of the 6 rows they want.
+    distinct = list(dict.fromkeys(asked[1:]))
+    assert len(round_trips) == 2
+    assert round_trips[1] == {"tenant_id": [tenant] * 6, "job_id": [key[1] for key in distinct[:-1]]}
+
+    round_trips.clear()
+    *again, nul = asyncio.run(poll(asked))
+    assert [row and row.id for row in again] == [row and row.id for row in [*rows, None, None, None]]
+    assert isinstance(nul, DataError)
+    # The shared round trip failed on the NUL: each of the 7 rows its reads asked for is then read alone.
+    assert len(round_trips) == 1 + 1 + 7
 
 
 def test_a_read_never_shares_a_round_trip_that_began_before_it(
@@ -287,8 +306,8 @@ def test_a_read_never_shares_a_round_trip_that_began_before_it(
     answered, release = asyncio.Event(), asyncio.Event()
     fetch = reader._fetch
 
-    async def slow_answer(sql: str, params: dict) -> tuple | None:
-        raw = await fetch(sql, params)  # the row as the database holds it now ...
+    async def slow_answer(sql: str, params: dict, *, many: bool):
+        raw = await fetch(sql, params, many=many)  # the row as the database holds it now ...
         answered.set()
         await release.wait()  # ... reaches the caller late
         return raw
@@ -322,9 +341,9 @@ def test_a_caller_that_goes_away_leaves_the_shared_read_to_the_others(
     release = asyncio.Event()
     fetch = reader._fetch
 
-    async def held(sql: str, params: dict) -> tuple | None:
+    async def held(sql: str, params: dict, *, many: bool):
         await release.wait()
-        return await fetch(sql, params)
+        return await fetch(sql, params, many=many)
 
     reader._fetch = held  # type: ignore[method-assign]
 
