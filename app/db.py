@@ -338,6 +338,9 @@ class _RawReads:
 
     async def fetch_one(self, query: OneRow, args: tuple[object, ...]) -> Row | None:
         statement = self._compiled.get(query.statement) or self._compile(query)
+        if not _shareable(args):  # its error is its own, never that of the reads it would share with
+            alone = await self._fetch_one(statement, args)
+            return None if alone is None else cast(Row, statement.rows.made_from(alone))
         if (flight := self._next.get(query.statement)) is None:
             ahead = self._flying.get(query.statement)
             flight = _Flight()
@@ -347,13 +350,11 @@ class _RawReads:
         flight.asked[args] = None
         # Shielded: a caller that goes away (a client disconnects) leaves the round trip to those sharing it.
         answer = (await asyncio.shield(flight.task))[args]
-        if isinstance(answer, Exception):
-            raise answer
         return None if answer is None else cast(Row, statement.rows.made_from(answer))
 
     async def _fly(
         self, key: Select, flight: _Flight, ahead: _Flight | None, statement: _RawStatement
-    ) -> dict[tuple, tuple | Exception | None]:
+    ) -> dict[tuple, tuple | None]:
         if ahead is not None:
             await asyncio.wait([ahead.task])  # its outcome is its callers'
             del self._next[key]
@@ -367,21 +368,10 @@ class _RawReads:
             if self._flying.get(key) is flight:
                 del self._flying[key]
 
-    async def _fetch_many(
-        self, statement: _RawStatement, asked: list[tuple]
-    ) -> dict[tuple, tuple | Exception | None]:
+    async def _fetch_many(self, statement: _RawStatement, asked: list[tuple]) -> dict[tuple, tuple | None]:
         arrays = {name: [args[i] for args in asked] for i, name in enumerate(statement.names)}
-        try:
-            rows = await self._fetch(statement.sql_many, arrays, many=True)
-        except DBAPIError:
-            # One read's arguments can fail them all (a NUL in an id): each is read alone, for its own answer.
-            answers: dict[tuple, tuple | Exception | None] = {}
-            for args in asked:
-                try:
-                    answers[args] = await self._fetch_one(statement, args)
-                except DBAPIError as error:
-                    answers[args] = error
-            return answers
+        # An error is every read's: the values the database refuses never get here (`_shareable`).
+        rows = await self._fetch(statement.sql_many, arrays, many=True)
         width = len(statement.rows.converts)
         found = {row[width:]: row[:width] for row in rows}  # each row ends with its key's values
         return {args: found.get(args) for args in asked}
@@ -471,13 +461,22 @@ class _RawStatement:
 
 
 class _Flight:
-    """One round trip of a statement, and the reads it answers: their arguments → a raw row, None (no row) or
-    the error their own read gave."""
+    """One round trip of a statement, and the reads it answers: their arguments → a raw row, or None (no
+    row)."""
 
-    task: asyncio.Task[dict[tuple, tuple | Exception | None]]
+    task: asyncio.Task[dict[tuple, tuple | None]]
 
     def __init__(self) -> None:
         self.asked: dict[tuple, None] = {}  # an ordered set
+
+
+def _shareable(args: tuple[object, ...]) -> bool:
+    """Arguments a shared round trip can carry: strings the database can hold (no NUL, valid UTF-8). Others
+    fail in psycopg, which would fail every read sharing the round trip."""
+    try:
+        return all(isinstance(arg, str) and "\x00" not in arg and arg.encode() is not None for arg in args)
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
 
 
 def _retrieved(task: asyncio.Task) -> None:

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, OperationalError
 
 from app import db
 from app.config import Settings
@@ -288,11 +288,71 @@ def test_concurrent_reads_share_round_trips_each_answered_with_its_own_row(
     assert round_trips[1] == {"tenant_id": [tenant] * 6, "job_id": [key[1] for key in distinct[:-1]]}
 
     round_trips.clear()
-    *again, nul = asyncio.run(poll(asked))
+    *again, nul, surrogate = asyncio.run(poll([*asked, (tenant, "ftjob-\ud800")]))
     assert [row and row.id for row in again] == [row and row.id for row in [*rows, None, None, None]]
-    assert isinstance(nul, DataError)
-    # The shared round trip failed on the NUL: each of the 7 rows its reads asked for is then read alone.
-    assert len(round_trips) == 1 + 1 + 7
+    assert isinstance(nul, DataError) and isinstance(surrogate, UnicodeEncodeError)
+    # Ids psycopg refuses are read alone, failing only their own reads: the first read, the two bad ones,
+    # and one round trip shared by the rest.
+    assert len(round_trips) == 1 + 2 + 1
+
+
+def test_with_the_database_down_a_shared_round_trip_fails_every_read_once() -> None:
+    reader = db._RawReads(get_engine("postgresql+psycopg://postgres@127.0.0.1:1/test"), db.READ_CONNECTIONS)
+    attempts = []
+    open_connection = reader._open
+
+    async def counted():
+        attempts.append(1)
+        return await open_connection()
+
+    reader._open = counted  # type: ignore[method-assign]
+
+    async def poll() -> list:
+        try:
+            reads = [reader.fetch_one(jobs.record_for_tenant, ("t", f"ftjob-{i}")) for i in range(30)]
+            return await asyncio.gather(*reads, return_exceptions=True)
+        finally:
+            await reader.close()
+
+    answers = asyncio.run(poll())
+    assert all(isinstance(answer, OperationalError) for answer in answers)
+    assert len(attempts) == 2  # the first read's, and the one the other 29 shared
+
+
+def test_a_read_arriving_while_the_next_round_trip_waits_is_answered_by_it(
+    client: TestClient, tenant_auth, database_url
+) -> None:
+    reader = postgres_reader(database_url)
+    job = create_job(client, tenant_auth)
+    key = (job["organization_id"], job["id"])
+    release = asyncio.Event()
+    fetch = reader._fetch
+    round_trips = []
+
+    async def first_held(sql: str, params: dict, *, many: bool):
+        round_trips.append(params)
+        if len(round_trips) == 1:
+            await release.wait()
+        return await fetch(sql, params, many=many)
+
+    reader._fetch = first_held  # type: ignore[method-assign]
+
+    async def race() -> list:
+        try:
+            first = asyncio.ensure_future(reader.fetch_one(jobs.record_for_tenant, key))
+            await asyncio.sleep(0.01)
+            second = asyncio.ensure_future(reader.fetch_one(jobs.record_for_tenant, key))
+            await asyncio.sleep(0.01)  # the next round trip now waits for the first
+            third = asyncio.ensure_future(reader.fetch_one(jobs.record_for_tenant, (key[0], "ftjob-none")))
+            await asyncio.sleep(0.01)
+            release.set()
+            return await asyncio.gather(first, second, third)
+        finally:
+            await reader.close()
+
+    first, second, third = asyncio.run(race())
+    assert first.id == second.id == job["id"] and third is None
+    assert len(round_trips) == 2
 
 
 def test_a_read_never_shares_a_round_trip_that_began_before_it(
