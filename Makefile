@@ -25,8 +25,12 @@ dev: $(BIN)/python
 quickstart: install
 	$(BIN)/python examples/quickstart.py
 
+# Two pytest workers, a test file each at a time: the end-to-end tests spend most of their time waiting on
+# other processes (start-up, leases, training steps), so two files at once fill the 2 cores' idle time.
+# `make test PYTEST_WORKERS=0` runs the suite in one process.
+PYTEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # mypy takes about a minute from a fresh clone (it reads torch's and transformers' types once), a few seconds
 # once .mypy_cache holds them.
