@@ -8,7 +8,8 @@ accepted with the row count as its examples:
 
     upload_mb_s           file MB ÷ seconds from the first byte sent to the response (receive + validate)
     api_rss_growth_mb     the API process's (and its children's) peak RSS during the upload − its RSS before
-    validate_mb_s         the validator alone, in this process, on the same file (`validate_file`)
+    validate_mb_s         the validator alone, called in this process on the same file (`validate_file`: a
+                          file this large in two processes, app.files.split_validation)
     receive_mb_s          upload_mb_s with the validator's share taken out: the rest of the request
                           (client, HTTP, multipart parsing, hashing, writing the temp file)
     api_cpu_seconds       CPU time of the API process during the upload (less sensitive than the rates to
@@ -239,5 +240,5 @@ def run() -> dict[str, object]:
         "file_mb": round(size / MB, 1),
         "rows": rows,
         "mean_row_bytes": round(size / rows),
-        "path": "streaming httpx client -> phitune api (SQLite, filesystem storage); validator in process",
+        "path": "httpx client -> phitune api (SQLite, filesystem storage); validated in two processes",
     }

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from app.db import release_connection
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from app.errors import error_responses
-from app.files import report, service
+from app.files import report, service, split_validation
 from app.files.schemas import FileDeleted, FileList, FileObject, FileReport
 from app.files.upload import receive_form
 from app.limits import MAX_SEQ_LENGTH, MIN_SEQ_LENGTH
@@ -56,6 +56,8 @@ async def create_file(
     """Upload a JSONL dataset; it is streamed to storage, validated line by line, and stored only if valid."""
     # End the auth query's transaction so the pooled connection is not held while a large body streams in.
     await run_in_threadpool(release_connection, session)
+    if _declared_bytes(request) >= split_validation.SPLIT_MIN_BYTES:
+        split_validation.warm_up()  # its second validating process starts while the body arrives
     form = await receive_form(request, storage.temp_path(), max_file_bytes=settings.max_upload_bytes)
     row = await run_in_threadpool(
         service.create_file_once,
@@ -67,6 +69,11 @@ async def create_file(
         max_stored_bytes=settings.max_stored_bytes_per_tenant,
     )
     return FileObject.from_row(row)
+
+
+def _declared_bytes(request: Request) -> int:
+    length = request.headers.get("content-length", "")
+    return int(length) if length.isdigit() else 0
 
 
 @router.get("", response_model=FileList, responses=error_responses(400))

@@ -11,8 +11,9 @@ from app import idempotency
 from app.db import after_commit, on_rollback
 from app.errors import Conflict, InvalidFile, InvalidRequest, NotFound, PayloadTooLarge
 from app.files.schemas import FileList
+from app.files.split_validation import validate_path
 from app.files.upload import FILE_FIELD, ReceivedFile, ReceivedForm
-from app.files.validation import Report, read_lines, validate_lines
+from app.files.validation import Report
 from app.models import File
 from app.models.base import new_id
 from app.pagination import paginate
@@ -25,7 +26,6 @@ RESULTS_PURPOSE = "fine-tune-results"
 """A job's result file (app.jobs.results), OpenAI's purpose for it: made by the server, never uploaded."""
 MEDIA_TYPES = {**dict.fromkeys(PURPOSES, "application/jsonl"), RESULTS_PURPOSE: "text/csv"}
 IDEMPOTENCY_ROUTE = "files"
-READ_BUFFER_BYTES = 1024 * 1024  # a few lines per read() would spend more in system calls than in parsing
 
 
 def get_file(session: Session, tenant_id: str, file_id: str, *, param: str = "file_id") -> File:
@@ -120,9 +120,8 @@ def check_storage(session: Session, tenant_id: str, new_bytes: int, limit: int) 
 
 
 def validate_file(received: ReceivedFile) -> Report:
-    """Validate a received file by streaming its lines from disk."""
-    with received.path.open("rb", buffering=READ_BUFFER_BYTES) as stream:
-        return validate_lines(read_lines(stream))
+    """Validate a received file by streaming its lines from disk (a large one in two processes)."""
+    return validate_path(received.path, received.bytes)
 
 
 def list_files(

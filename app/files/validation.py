@@ -7,6 +7,7 @@ at most one problem per line and gathers the file's statistics.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -24,6 +25,7 @@ from app.dataset_format import (
 )
 
 MAX_PROBLEMS = 100
+FORMAT_MISMATCH = "format_mismatch"  # a line in another format than the file's first record
 MAX_LINE_BYTES = 8 * 1024 * 1024  # a generous bound on one example, so one line never exhausts memory
 
 
@@ -52,6 +54,7 @@ class Report:
     max_example_characters: int = 0
     problems: list[Problem] = field(default_factory=list)
     problem_count: int = 0
+    lines: int = 0  # read, valid or not
 
     @property
     def ok(self) -> bool:
@@ -83,13 +86,18 @@ class Report:
         return f"{self.problem_count} {noun} in {filename}{listed}; first {where}: {first.message}"
 
 
-def read_lines(stream: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[bytes]:
-    """The lines of a binary stream, each cut to at most `max_line_bytes + 1` bytes (the rest is skipped),
-    so that an overlong line is detectable without holding it in memory."""
-    while line := stream.readline(max_line_bytes + 1):
+def read_lines(
+    stream: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES, *, limit: int = sys.maxsize
+) -> Iterator[bytes]:
+    """The lines of a binary stream (of its next `limit` bytes), each cut to at most `max_line_bytes + 1`
+    bytes (the rest is skipped), so that an overlong line is detectable without holding it in memory."""
+    while limit > 0 and (line := stream.readline(min(max_line_bytes + 1, limit))):
+        limit -= len(line)
         if len(line) > max_line_bytes and not line.endswith(b"\n"):
-            while (rest := stream.readline(max_line_bytes)) and not rest.endswith(b"\n"):
-                pass
+            while limit > 0 and (rest := stream.readline(min(max_line_bytes, limit))):
+                limit -= len(rest)
+                if rest.endswith(b"\n"):
+                    break
         yield line
 
 
@@ -102,10 +110,25 @@ def validate_lines(
     checks, several times faster); only a line it does not pass as valid goes through `load_line` and the
     record models, which tell what is wrong with it. `fast=False` sends every line to the models (the
     tests compare both ways)."""
+    return check_not_empty(validate_part(lines, max_line_bytes, fast=fast, at_start=True))
+
+
+def check_not_empty(report: Report) -> Report:
+    """The whole file's report: a file without examples and without other problems is `empty_file`."""
+    if report.examples == 0 and report.ok:
+        report.add_problem(Problem(None, "empty_file", "The file has no examples (it is empty or blank)"))
+    return report
+
+
+def validate_part(
+    lines: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES, *, fast: bool = True, at_start: bool
+) -> Report:
+    """`validate_lines` of a part of a file, its lines numbered from 1 (only a part `at_start` may begin
+    with a byte-order mark); the whole file's report is `check_not_empty`'s."""
     report = Report()
     check: Callable[[bytes], RecordStats | None] | None = None
     # The fast path's lines are counted here and added to the report's at the end (fewer lookups a line).
-    examples = messages = trained = characters = longest = 0
+    examples = messages = trained = characters = longest = number = 0
     for number, raw in enumerate(lines, start=1):
         if check is not None and len(raw) <= max_line_bytes and (stats := check(raw)) is not None:
             examples += 1
@@ -115,25 +138,24 @@ def validate_lines(
             if stats[2] > longest:
                 longest = stats[2]
             continue
-        _validate_line(report, number, raw, max_line_bytes)
+        _validate_line(report, number, raw, max_line_bytes, first=at_start and number == 1)
         if fast and check is None and report.format is not None:
             check = line_checker(report.format)
+    report.lines = number
     report.examples += examples
     report.messages += messages
     report.assistant_turns += trained
     report.characters += characters
     report.max_example_characters = max(report.max_example_characters, longest)
-    if report.examples == 0 and report.ok:
-        report.add_problem(Problem(None, "empty_file", "The file has no examples (it is empty or blank)"))
     return report
 
 
-def _validate_line(report: Report, number: int, raw: bytes, max_line_bytes: int) -> None:
+def _validate_line(report: Report, number: int, raw: bytes, max_line_bytes: int, *, first: bool) -> None:
     """One line through the record models: counted when valid, else its problem added."""
     try:
         if len(raw) > max_line_bytes:
             raise RecordError("line_too_long", f"The line is longer than {max_line_bytes} bytes")
-        obj = load_line(raw, first=number == 1)
+        obj = load_line(raw, first=first)
         if obj is None:
             return
         line_format = detect_format(obj)
@@ -141,7 +163,7 @@ def _validate_line(report: Report, number: int, raw: bytes, max_line_bytes: int)
             report.format, report.format_line = line_format, number
         elif line_format != report.format:
             raise RecordError(
-                "format_mismatch",
+                FORMAT_MISMATCH,
                 f"This line is in {line_format} format but the file is in {report.format} format "
                 f"(detected on line {report.format_line}); use one format per file",
             )

@@ -1,0 +1,112 @@
+"""A large upload validated in two processes (app.files.split_validation): the report is the one a single
+pass makes, wherever the file is cut; a file in more than one format is validated in one pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from app.files import split_validation
+from app.files.split_validation import _joined, _line_start_at_or_after, _validate_range, validate_path
+from app.files.validation import MAX_PROBLEMS, check_not_empty
+from tests.api.test_format_fast_path import ODD_LINES, mutated, records
+
+BOM = b"\xef\xbb\xbf"
+CHAT_LINE = b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
+
+
+def one_pass(path: Path):
+    return check_not_empty(_validate_range(path, 0, path.stat().st_size))
+
+
+def joined_at(path: Path, cut: int):
+    return _joined(_validate_range(path, 0, cut), _validate_range(path, cut, path.stat().st_size))
+
+
+def line_starts(data: bytes) -> list[int]:
+    return [0] + [i + 1 for i, byte in enumerate(data) if byte == 0x0A and i + 1 < len(data)]
+
+
+def generated(path: Path, seed: int, *, one_format: bool) -> Path:
+    """Records (some mutated), the fast path's odd lines, blank lines and a BOM mid-file: chat records and
+    lines in no format when `one_format`, else records of every format too."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [BOM + CHAT_LINE]
+    for record in records(120, seed=seed):
+        if one_format and "messages" not in record:
+            continue
+        line = orjson.dumps(record) + b"\n"
+        lines.append(mutated(rng, line) if rng.random() < 0.3 else line)
+    odd = [line for line in ODD_LINES if not (one_format and (b'"text"' in line or b'"prompt"' in line))]
+    lines += odd + [b"\n", BOM + CHAT_LINE, b"not json\n"]
+    rng.shuffle(lines)
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("one_format", [True, False])
+def test_cut_at_any_line_the_joined_report_is_the_one_pass_report(
+    tmp_path: Path, seed: int, one_format: bool
+) -> None:
+    path = generated(tmp_path / "mixed.jsonl", seed, one_format=one_format)
+    expected = one_pass(path)
+    assert expected.problem_count > 0 and expected.examples > 0
+    cuts = line_starts(path.read_bytes())[1:]
+    joined = [(cut, joined_at(path, cut)) for cut in cuts]
+    if one_format:
+        assert all(report is not None for _, report in joined)
+    for cut, report in joined:
+        if report is None:  # a file in more than one format: validated again in one pass
+            assert any(p.code == "format_mismatch" for p in expected.problems)
+            continue
+        assert check_not_empty(report) == expected, f"cut at byte {cut}"
+
+
+def test_problems_past_the_listed_hundred_and_line_numbers_carry_over_the_cut(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(CHAT_LINE + b"oops\n" * 150 + CHAT_LINE * 10 + b"{\n" * 70)
+    expected = one_pass(path)
+    assert expected.problem_count == 220 and len(expected.problems) == MAX_PROBLEMS
+    for cut in line_starts(path.read_bytes())[1::7]:
+        assert check_not_empty(joined_at(path, cut)) == expected
+
+
+def test_an_empty_part_or_a_blank_file(tmp_path: Path) -> None:
+    blank = tmp_path / "blank.jsonl"
+    blank.write_bytes(b"\n\n   \n")
+    assert [p.code for p in validate_path(blank, 6, split_min_bytes=0).problems] == ["empty_file"]
+    assert _line_start_at_or_after(blank, 2) == 2 and _line_start_at_or_after(blank, 3) == 6
+    assert _line_start_at_or_after(blank, 0) == 0
+
+
+def test_a_large_file_is_validated_by_a_second_process_with_the_one_pass_report(tmp_path: Path) -> None:
+    path = generated(tmp_path / "chat.jsonl", 4, one_format=True)
+    data = path.read_bytes()
+    path.write_bytes(data + CHAT_LINE * 2000)  # the second part: chat records, the file's format
+    expected = one_pass(path)
+    split_validation._forget_pool()
+    try:
+        assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected
+        pool = split_validation._pool
+        assert pool is not None and len(pool._processes) == 1  # the second part's process
+        [process] = pool._processes.values()
+        assert process.pid is not None and process.is_alive()
+    finally:
+        split_validation._forget_pool()
+
+
+def test_parts_in_different_formats_are_validated_in_one_pass(tmp_path: Path) -> None:
+    path = tmp_path / "two-formats.jsonl"
+    path.write_bytes(CHAT_LINE * 100 + b'{"text": "t"}\n' * 400)
+    expected = one_pass(path)
+    assert expected.problem_count == 400 and expected.problems[0].code == "format_mismatch"
+    split_validation._forget_pool()
+    try:
+        assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected
+    finally:
+        split_validation._forget_pool()
