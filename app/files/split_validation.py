@@ -39,9 +39,11 @@ _pool: ProcessPoolExecutor | None = None
 _pool_lock = Lock()
 
 
-def validate_path(path: Path, size: int, *, split_min_bytes: int = SPLIT_MIN_BYTES) -> Report:
-    """The report of the file at `path` (`size` bytes), from two processes when it is large enough."""
-    cut = _line_start_at_or_after(path, int(size * (1 - SECOND_PART_SHARE))) if size >= split_min_bytes else 0
+def validate_path(path: Path, size: int, *, split_min_bytes: int | None = None) -> Report:
+    """The report of the file at `path` (`size` bytes), from two processes when it is large enough
+    (`split_min_bytes`, by default SPLIT_MIN_BYTES)."""
+    large = size >= (SPLIT_MIN_BYTES if split_min_bytes is None else split_min_bytes)
+    cut = _line_start_at_or_after(path, int(size * (1 - SECOND_PART_SHARE))) if large else 0
     if not 0 < cut < size:
         return check_not_empty(_validate_range(path, 0, size))
     try:

@@ -110,3 +110,29 @@ def test_parts_in_different_formats_are_validated_in_one_pass(tmp_path: Path) ->
         assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected
     finally:
         split_validation._forget_pool()
+
+
+def test_an_upload_validated_in_two_processes_names_its_bad_lines_as_one_pass_would(
+    client, auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(split_validation, "SPLIT_MIN_BYTES", 0)
+    split_validation._forget_pool()
+    try:
+        content = CHAT_LINE * 300 + b"oops\n" + CHAT_LINE * 300 + b'{"text": "t"}\n' + CHAT_LINE * 100
+        files = {"file": ("big.jsonl", content)}
+        refused = client.post("/v1/files", headers=auth, files=files, data={"purpose": "fine-tune"})
+        assert refused.status_code == 422, refused.text
+        assert [(d["line"], d["code"]) for d in refused.json()["error"]["details"]] == [
+            (301, "invalid_json"),
+            (602, "format_mismatch"),
+        ]
+        accepted = client.post(
+            "/v1/files",
+            headers=auth,
+            files={"file": ("ok.jsonl", CHAT_LINE * 700)},
+            data={"purpose": "fine-tune"},
+        )
+        assert accepted.status_code == 200 and accepted.json()["stats"]["examples"] == 700
+        assert split_validation._pool is not None  # the second part went to its process
+    finally:
+        split_validation._forget_pool()
