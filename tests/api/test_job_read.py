@@ -247,6 +247,28 @@ def postgres_reader(database_url: str) -> db._RawReads:
     return db._RawReads(get_engine(database_url), db.READ_CONNECTIONS)
 
 
+def held(reader: db._RawReads, release: asyncio.Event, *, first_only: bool = False) -> list[dict]:
+    """Make `reader`'s round trips (only its first if `first_only`) wait for `release` before they start;
+    the parameters of each round trip are listed in the list returned."""
+    fetch, round_trips = reader._fetch, []
+
+    async def held_fetch(sql: str, params: dict, *, many: bool):
+        round_trips.append(params)
+        if len(round_trips) == 1 or not first_only:
+            await release.wait()
+        return await fetch(sql, params, many=many)
+
+    reader._fetch = held_fetch  # type: ignore[method-assign]
+    return round_trips
+
+
+def reader_of_a_job(client: TestClient, auth: dict[str, str], database_url: str) -> tuple:
+    """A PostgreSQL reader, a new job and the job's key (tenant id, job id)."""
+    reader = postgres_reader(database_url)
+    job = create_job(client, auth)
+    return reader, job, (job["organization_id"], job["id"])
+
+
 def test_concurrent_reads_share_round_trips_each_answered_with_its_own_row(
     client: TestClient, tenant_auth, other_auth, database_url
 ) -> None:
@@ -322,20 +344,9 @@ def test_with_the_database_down_a_shared_round_trip_fails_every_read_once() -> N
 def test_a_read_arriving_while_the_next_round_trip_waits_is_answered_by_it(
     client: TestClient, tenant_auth, database_url
 ) -> None:
-    reader = postgres_reader(database_url)
-    job = create_job(client, tenant_auth)
-    key = (job["organization_id"], job["id"])
+    reader, job, key = reader_of_a_job(client, tenant_auth, database_url)
     release = asyncio.Event()
-    fetch = reader._fetch
-    round_trips = []
-
-    async def first_held(sql: str, params: dict, *, many: bool):
-        round_trips.append(params)
-        if len(round_trips) == 1:
-            await release.wait()
-        return await fetch(sql, params, many=many)
-
-    reader._fetch = first_held  # type: ignore[method-assign]
+    round_trips = held(reader, release, first_only=True)
 
     async def race() -> list:
         try:
@@ -360,9 +371,7 @@ def test_a_read_never_shares_a_round_trip_that_began_before_it(
 ) -> None:
     # A write acknowledged while a read of the row is in flight: a read asked for after the write waits for a
     # round trip of its own, even though the one in flight reads the same row.
-    reader = postgres_reader(database_url)
-    job = create_job(client, tenant_auth)
-    key = (job["organization_id"], job["id"])
+    reader, job, key = reader_of_a_job(client, tenant_auth, database_url)
     answered, release = asyncio.Event(), asyncio.Event()
     fetch = reader._fetch
 
@@ -395,17 +404,9 @@ def test_a_read_never_shares_a_round_trip_that_began_before_it(
 def test_a_caller_that_goes_away_leaves_the_shared_read_to_the_others(
     client: TestClient, tenant_auth, database_url
 ) -> None:
-    reader = postgres_reader(database_url)
-    job = create_job(client, tenant_auth)
-    key = (job["organization_id"], job["id"])
+    reader, job, key = reader_of_a_job(client, tenant_auth, database_url)
     release = asyncio.Event()
-    fetch = reader._fetch
-
-    async def held(sql: str, params: dict, *, many: bool):
-        await release.wait()
-        return await fetch(sql, params, many=many)
-
-    reader._fetch = held  # type: ignore[method-assign]
+    held(reader, release)
 
     async def leave() -> list:
         try:
