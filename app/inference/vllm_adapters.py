@@ -16,7 +16,7 @@ from pathlib import Path
 from app.adapter_format import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from app.config import Settings
 from app.db import session_scope
-from app.errors import APIError, NotFound
+from app.errors import APIError, NotFound, ServiceUnavailable
 from app.internal.service import servable_artifact
 from app.repositories import jobs
 from app.storage.base import Storage
@@ -24,6 +24,10 @@ from app.storage.base import Storage
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")  # job and checkpoint ids: one path component
 MAX_MEMBERS = 64  # a packed format holds a handful of files
 MAX_FILE_BYTES = 8 * 1024**3  # far above any LoRA vLLM could hold
+UNPACK_TRIES = 3  # an archive replaced while it is unpacked, each time
+SOURCE_FILE = (
+    ".phitune-source"  # the storage key of the archive a directory holds (vLLM reads only its files)
+)
 
 
 class UnservableAdapter(APIError):
@@ -45,10 +49,25 @@ def adapter_path(settings: Settings, adapter_id: str) -> Path:
 
 
 def unpack(settings: Settings, storage: Storage, adapter_id: str) -> Path:
-    """The adapter's directory for vLLM, unpacked from storage unless it already is (blocking)."""
+    """The adapter's directory for vLLM, unpacked from storage unless it already is (blocking).
+
+    An archive replaced while it was unpacked (a resumed attempt uploads a checkpoint's adapter again) is
+    unpacked again: the replacement's unload (`remove`, after its commit) may have run before this directory
+    existed, so once it is in place the archive is looked up again, and the directory kept only if it holds
+    that archive (the storage key it came from is written beside its files)."""
     target = adapter_path(settings, adapter_id)
     if target.is_dir():
         return target
+    for _ in range(UNPACK_TRIES):
+        _unpack_into(storage, _servable_key(settings, adapter_id), target)
+        if _unpacked_key(target) == _servable_key(settings, adapter_id):
+            return target
+        remove(settings, adapter_id)
+    raise ServiceUnavailable(f"The adapter of '{adapter_id}' changed while it was being loaded; try again")
+
+
+def _servable_key(settings: Settings, adapter_id: str) -> str:
+    """The storage key of the adapter's PEFT archive; 404 or 422 when there is none."""
     with session_scope(settings.resolved_database_url) as session:
         artifact = servable_artifact(session, adapter_id)
         if artifact.format != "peft":
@@ -60,16 +79,21 @@ def unpack(settings: Settings, storage: Storage, adapter_id: str) -> Path:
                 + "; vLLM serves PEFT adapters only. Serve it with PHITUNE_INFERENCE_ENGINE=phitune.",
                 param="model",
             )
-        key = artifact.storage_key
+        return artifact.storage_key
+
+
+def _unpack_into(storage: Storage, key: str, target: Path) -> None:
+    """The archive at `key`, extracted beside `target` and renamed into place in one step."""
     target.parent.mkdir(parents=True, exist_ok=True)
     archive = storage.temp_path()
-    partial = target.parent / f".{adapter_id}.{secrets.token_hex(4)}"
+    partial = target.parent / f".{target.name}.{secrets.token_hex(4)}"
     try:
         with archive.open("wb") as out:
             for chunk in storage.read(key, 0, storage.size(key)):
                 out.write(chunk)
         partial.mkdir()
         _extract_peft(archive, partial)
+        (partial / SOURCE_FILE).write_text(key)
         try:
             partial.rename(target)
         except OSError:  # another request unpacked it meanwhile
@@ -78,7 +102,13 @@ def unpack(settings: Settings, storage: Storage, adapter_id: str) -> Path:
     finally:
         archive.unlink(missing_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
-    return target
+
+
+def _unpacked_key(target: Path) -> str | None:
+    try:
+        return (target / SOURCE_FILE).read_text()
+    except OSError:  # removed meanwhile
+        return None
 
 
 def remove(settings: Settings, adapter_id: str) -> None:

@@ -108,7 +108,7 @@ async def upload_checkpoint_adapter(
     """A checkpoint's adapter archive; the checkpoint is listed once published (POST …/checkpoints). A
     re-upload (a resumed attempt trains the step again) replaces it, and the inference engine drops the copy
     it may have loaded of the one replaced once the new one has committed, so the next load fetches the new
-    one. (A load already reading the replaced archive at that moment still installs it, until evicted.)"""
+    one (a load already under way finishes for the requests waiting on it, then is dropped)."""
     record = _artifact(session, storage, artifacts.checkpoint_scope(step), format)
 
     def record_and_unload(job: Job, temp: Path, sha256: str, size: int) -> tuple[AdapterReceipt, list[str]]:

@@ -5,6 +5,8 @@ with vLLM."""
 from __future__ import annotations
 
 import json
+import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.inference import vllm_adapters
 from app.main import create_app
 from tests.api.test_internal import claim
 from tests.api.test_jobs import assert_error
@@ -59,17 +62,17 @@ def client(vllm_settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
-def adapter_archive(tmp_path: Path, fmt: str) -> bytes:
+def adapter_archive(tmp_path: Path, fmt: str, weights: bytes = b"weights") -> bytes:
     """A packed adapter directory of one format (vLLM reads the files, the stand-in checks they are there)."""
-    directory = tmp_path / f"adapter-{fmt}"
+    directory = tmp_path / f"adapter-{fmt}-{secrets.token_hex(4)}"
     directory.mkdir()
     if fmt == "peft":
         (directory / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
-        (directory / "adapter_model.safetensors").write_bytes(b"weights")
+        (directory / "adapter_model.safetensors").write_bytes(weights)
     else:
         (directory / "loralib_config.json").write_text("{}")
-        (directory / "lora_state_dict.safetensors").write_bytes(b"weights")
-    return pack(directory, tmp_path / f"{fmt}.tar.gz").read_bytes()
+        (directory / "lora_state_dict.safetensors").write_bytes(weights)
+    return pack(directory, directory.with_suffix(".tar.gz")).read_bytes()
 
 
 def fine_tune(client, auth, tmp_path: Path, fmt: str = "peft") -> tuple[str, str]:
@@ -116,7 +119,9 @@ def test_a_fine_tuned_model_is_loaded_once_under_its_adapter_id_and_reused(clien
     assert load["lora_name"] == job_id
     shared = Path(load["lora_path"])
     assert shared.parent == client.app.state.settings.vllm_adapter_dir.resolve()
-    assert sorted(p.name for p in shared.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # The two files vLLM reads, and the storage key of the archive they came from (vllm_adapters).
+    names = [".phitune-source", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in shared.iterdir()) == names
 
     with client.stream(
         "POST",
@@ -217,13 +222,10 @@ def test_a_checkpoint_re_uploaded_by_a_resumed_attempt_is_not_served_from_the_re
         "/v1/fine_tuning/jobs", json={"model": BASE, "training_file": file_id}, headers=auth
     ).json()["id"]
     _, attempt = claim(client, job_id)
-    first, again = (tmp_path / "first", tmp_path / "again")
-    for directory, weights in ((first, b"first weights"), (again, b"weights trained again")):
-        directory.mkdir()
-        (directory / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
-        (directory / "adapter_model.safetensors").write_bytes(weights)
+    first = adapter_archive(tmp_path, "peft", b"first weights")
+    again = adapter_archive(tmp_path, "peft", b"weights trained again")
     adapter_url = f"/internal/v1/jobs/{job_id}/checkpoints/5/adapter"
-    assert client.put(adapter_url, content=pack(first, tmp_path / "1.tar.gz").read_bytes(), headers=attempt)
+    assert client.put(adapter_url, content=first, headers=attempt)
     published = client.post(
         f"/internal/v1/jobs/{job_id}/checkpoints", json={"step": 5, "metrics": {"step": 5}}, headers=attempt
     ).json()
@@ -232,7 +234,50 @@ def test_a_checkpoint_re_uploaded_by_a_resumed_attempt_is_not_served_from_the_re
     loaded = Path(vllm.loads[0]["lora_path"]) / "adapter_model.safetensors"
     assert vllm.loads[0]["lora_name"] == published["id"] and loaded.read_bytes() == b"first weights"
 
-    assert client.put(adapter_url, content=pack(again, tmp_path / "2.tar.gz").read_bytes(), headers=attempt)
+    assert client.put(adapter_url, content=again, headers=attempt)
     assert vllm.unloads == [published["id"]]
     assert client.post("/v1/chat/completions", json=chat(model), headers=auth).status_code == 200
     assert len(vllm.loads) == 2 and loaded.read_bytes() == b"weights trained again"
+
+
+def test_a_load_racing_a_re_upload_of_its_checkpoint_unpacks_the_new_archive(
+    client, auth, vllm, tmp_path, monkeypatch
+):
+    # A chat's load has read the replaced archive when the re-upload commits and unloads (nothing is unpacked
+    # yet): the load finds its archive replaced once its directory is in place, and unpacks the new one.
+    file_id = upload_file(client, auth, CHAT_LINES)
+    job_id = client.post(
+        "/v1/fine_tuning/jobs", json={"model": BASE, "training_file": file_id}, headers=auth
+    ).json()["id"]
+    _, attempt = claim(client, job_id)
+    first, again = adapter_archive(tmp_path, "peft", b"first"), adapter_archive(tmp_path, "peft", b"again")
+    adapter_url = f"/internal/v1/jobs/{job_id}/checkpoints/5/adapter"
+    assert client.put(adapter_url, content=first, headers=attempt).status_code == 200
+    published = client.post(
+        f"/internal/v1/jobs/{job_id}/checkpoints", json={"step": 5, "metrics": {"step": 5}}, headers=attempt
+    ).json()
+    extracted, go_on = threading.Event(), threading.Event()
+    extract = vllm_adapters._extract_peft
+
+    def slow_extract(archive: Path, directory: Path) -> None:
+        extract(archive, directory)
+        if not extracted.is_set():
+            extracted.set()
+            go_on.wait(10)
+
+    monkeypatch.setattr(vllm_adapters, "_extract_peft", slow_extract)
+    settings, storage = client.app.state.settings, client.app.state.storage
+    unpacked: list[Path] = []
+    loading = threading.Thread(
+        target=lambda: unpacked.append(vllm_adapters.unpack(settings, storage, published["id"]))
+    )
+    loading.start()
+    assert extracted.wait(10)
+    assert client.put(adapter_url, content=again, headers=attempt).status_code == 200
+    go_on.set()
+    loading.join()
+    assert (unpacked[0] / "adapter_model.safetensors").read_bytes() == b"again"
+    assert client.post(
+        "/v1/chat/completions", json=chat(published["fine_tuned_model_checkpoint"]), headers=auth
+    )
+    assert (Path(vllm.loads[-1]["lora_path"]) / "adapter_model.safetensors").read_bytes() == b"again"
