@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from threading import Lock
+from typing import Any
 
 from app.files.validation import (
     FORMAT_MISMATCH,
@@ -35,40 +39,103 @@ SPLIT_MIN_BYTES = 64 * 1024 * 1024  # below this, a second process costs more th
 SECOND_PART_SHARE = 0.7
 READ_BUFFER_BYTES = 1024 * 1024  # a few lines per read() would spend more in system calls than in parsing
 
-_pool: ProcessPoolExecutor | None = None
-_pool_lock = Lock()
-
 
 def validate_path(path: Path, size: int, *, split_min_bytes: int | None = None) -> Report:
     """The report of the file at `path` (`size` bytes), from two processes when it is large enough
-    (`split_min_bytes`, by default SPLIT_MIN_BYTES)."""
+    (`split_min_bytes`, by default SPLIT_MIN_BYTES) and the second process is free."""
     large = size >= (SPLIT_MIN_BYTES if split_min_bytes is None else split_min_bytes)
     cut = _line_start_at_or_after(path, int(size * (1 - SECOND_PART_SHARE))) if large else 0
-    if not 0 < cut < size:
-        return check_not_empty(_validate_range(path, 0, size))
-    try:
-        second: Future[Report] = _validator().submit(_validate_range, path, cut, size)
-    except (BrokenProcessPool, RuntimeError, OSError) as error:  # the pool is gone, or cannot start one
-        log.warning("validating %s in one process: %s", path.name, error)
-        _forget_pool()
+    second = _SECOND.submit(_validate_range, path, cut, size) if 0 < cut < size else None
+    if second is None:
         return check_not_empty(_validate_range(path, 0, size))
     first = _validate_range(path, 0, cut)
     try:
         joined = _joined(first, second.result())
-    except BrokenProcessPool as error:  # the process died (killed, out of memory)
-        log.warning("validating %s in one process: %s", path.name, error)
-        _forget_pool()
+    except (Exception, KeyboardInterrupt) as error:  # the process died, was stopped or interrupted
+        log.warning("validating %s again in one process: %r", path.name, error)
+        _SECOND.forget(second)
         joined = None
     return check_not_empty(joined or _validate_range(path, 0, size))
 
 
 def warm_up() -> None:
     """Start the second process now (it takes about a second), e.g. while a large upload arrives."""
-    try:
-        _validator().submit(int)
-    except (BrokenProcessPool, RuntimeError, OSError) as error:
-        log.warning("no second validating process: %s", error)
-        _forget_pool()
+    _SECOND.start()
+
+
+class _SecondProcess:
+    """One spawned process that validates second parts, one at a time: while it is busy, another upload is
+    validated in one pass rather than wait behind it (a large bad file can take minutes)."""
+
+    def __init__(self) -> None:
+        self._lock = Lock()
+        self._pool: ProcessPoolExecutor | None = None
+        self._busy = False
+        self._pools: dict[int, ProcessPoolExecutor] = {}  # a submitted future's id → its pool
+
+    def start(self) -> ProcessPoolExecutor | None:
+        with self._lock:
+            return self._started()
+
+    def submit(self, *call: Any) -> Future[Report] | None:
+        """The call's future in the second process; None when it is busy or cannot be had."""
+        with self._lock:
+            if self._busy or (pool := self._started()) is None:
+                return None
+            try:
+                future = pool.submit(*call)
+            except (BrokenProcessPool, RuntimeError) as error:  # died while idle
+                log.warning("no second validating process: %r", error)
+                self._drop(pool)
+                return None
+            self._busy = True
+            self._pools[id(future)] = pool
+        future.add_done_callback(self._done)
+        return future
+
+    def forget(self, future: Future) -> None:
+        """Stop using the process that ran `future` (it died or was interrupted); a later call starts one."""
+        with self._lock:
+            if (pool := self._pools.get(id(future))) is not None:
+                self._drop(pool)
+
+    def _done(self, future: Future) -> None:
+        with self._lock:
+            self._busy = False
+            self._pools.pop(id(future), None)
+
+    def _started(self) -> ProcessPoolExecutor | None:
+        if self._pool is None:
+            try:
+                # Spawned, not forked: the API process has threads (and an event loop) a fork would copy.
+                context = multiprocessing.get_context("spawn")
+                self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=_second_process_start)
+                self._pool.submit(int)  # starts the process now
+            except (OSError, RuntimeError) as error:
+                log.warning("no second validating process: %r", error)
+                self._pool = None
+        return self._pool
+
+    def _drop(self, pool: ProcessPoolExecutor) -> None:
+        if self._pool is pool:  # not a newer one, started since
+            self._pool = None
+            pool.shutdown(wait=False)
+
+
+_SECOND = _SecondProcess()
+
+
+def _second_process_start() -> None:
+    """In the second process: Ctrl-C is the API's to handle, and the process ends with the API's, even a
+    SIGKILLed one (it holds both ends of its call queue, so it would never read an end of file)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if (parent := multiprocessing.parent_process()) is not None:
+        threading.Thread(target=_exit_after, args=(parent,), daemon=True).start()
+
+
+def _exit_after(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()
+    os._exit(1)
 
 
 def _validate_range(path: Path, start: int, end: int) -> Report:
@@ -117,20 +184,3 @@ def _joined(first: Report, second: Report) -> Report | None:
     joined.problems = (first.problems + shifted)[:MAX_PROBLEMS]
     joined.problem_count = first.problem_count + second.problem_count
     return joined
-
-
-def _validator() -> ProcessPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            # Spawned, not forked: the API process has threads (and an event loop) a fork would copy mid-use.
-            _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        return _pool
-
-
-def _forget_pool() -> None:
-    global _pool
-    with _pool_lock:
-        if _pool is not None:
-            _pool.shutdown(wait=False, cancel_futures=True)
-        _pool = None

@@ -3,9 +3,17 @@ pass makes, wherever the file is cut; a file in more than one format is validate
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
 
 from app.files import split_validation
@@ -84,55 +92,122 @@ def test_an_empty_part_or_a_blank_file(tmp_path: Path) -> None:
     assert _line_start_at_or_after(blank, 0) == 0
 
 
-def test_a_large_file_is_validated_by_a_second_process_with_the_one_pass_report(tmp_path: Path) -> None:
+@pytest.fixture
+def second(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """A second process of the test's own; the list of what was handed to it (None: validated in one pass)."""
+    process = split_validation._SecondProcess()
+    handed: list = []
+    submit = process.submit
+
+    def counted(*call):
+        handed.append(future := submit(*call))
+        return future
+
+    monkeypatch.setattr(process, "submit", counted)
+    monkeypatch.setattr(split_validation, "_SECOND", process)
+    yield handed
+    if process._pool is not None:
+        process._pool.shutdown()
+
+
+def the_process(second: list) -> psutil.Process:
+    [child] = split_validation._SECOND._pool._processes.values()
+    return psutil.Process(child.pid)
+
+
+def large_chat_file(tmp_path: Path) -> Path:
     path = generated(tmp_path / "chat.jsonl", 4, one_format=True)
-    data = path.read_bytes()
-    path.write_bytes(data + CHAT_LINE * 2000)  # the second part: chat records, the file's format
+    path.write_bytes(path.read_bytes() + CHAT_LINE * 2000)  # the second part: chat records, the file's format
+    return path
+
+
+def test_a_large_file_is_validated_by_a_second_process_with_the_one_pass_report(
+    tmp_path: Path, second
+) -> None:
+    path = large_chat_file(tmp_path)
     expected = one_pass(path)
-    split_validation._forget_pool()
-    try:
-        assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected
-        pool = split_validation._pool
-        assert pool is not None and len(pool._processes) == 1  # the second part's process
-        [process] = pool._processes.values()
-        assert process.pid is not None and process.is_alive()
-    finally:
-        split_validation._forget_pool()
+    assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected
+    assert len(second) == 1 and second[0] is not None and the_process(second).is_running()
 
 
-def test_parts_in_different_formats_are_validated_in_one_pass(tmp_path: Path) -> None:
+def test_a_second_process_that_died_or_was_interrupted_leaves_the_file_to_one_pass(
+    tmp_path: Path, second
+) -> None:
+    path = large_chat_file(tmp_path)
+    expected = one_pass(path)
+    split_validation.warm_up()
+    split_validation._SECOND.start().submit(int).result()  # started
+    dead = the_process(second)
+    dead.send_signal(signal.SIGINT)  # Ctrl-C in the API's terminal reaches it too: ignored
+    time.sleep(0.5)
+    assert dead.is_running()
+    dead.kill()
+    dead.wait(10)
+    assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected  # in one pass
+    assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected  # a new process
+    assert second[-1] is not None and the_process(second).pid != dead.pid
+
+    # The process dies during a second part.
+    process = split_validation._SECOND
+    submit = process.submit
+    process.submit = lambda *call: submit(os._exit, 1)  # type: ignore[method-assign]
+    assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected
+    assert isinstance(second[-1].exception(), BrokenProcessPool)
+
+
+def test_while_the_second_process_is_busy_another_file_is_validated_in_one_pass(
+    tmp_path: Path, second
+) -> None:
+    path = large_chat_file(tmp_path)
+    expected = one_pass(path)
+    busy = split_validation._SECOND.submit(time.sleep, 2)
+    assert busy is not None
+    assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected
+    assert second[-1] is None  # not handed over: it would have waited
+    busy.result()
+
+
+def test_the_second_process_ends_with_a_killed_api_process() -> None:
+    code = (
+        "import os, signal\n"
+        "from app.files import split_validation\n"
+        "pool = split_validation._SECOND.start()\n"
+        "pool.submit(int).result()\n"
+        "[child] = pool._processes.values()\n"
+        "print(child.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    child = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the second process outlived the API process"
+        time.sleep(0.1)
+
+
+def test_parts_in_different_formats_are_validated_in_one_pass(tmp_path: Path, second) -> None:
     path = tmp_path / "two-formats.jsonl"
     path.write_bytes(CHAT_LINE * 100 + b'{"text": "t"}\n' * 400)
     expected = one_pass(path)
     assert expected.problem_count == 400 and expected.problems[0].code == "format_mismatch"
-    split_validation._forget_pool()
-    try:
-        assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected
-    finally:
-        split_validation._forget_pool()
+    assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected
+    assert second[0] is not None  # validated again in one pass once the parts were seen
 
 
 def test_an_upload_validated_in_two_processes_names_its_bad_lines_as_one_pass_would(
-    client, auth, monkeypatch: pytest.MonkeyPatch
+    client, auth, monkeypatch: pytest.MonkeyPatch, second
 ) -> None:
     monkeypatch.setattr(split_validation, "SPLIT_MIN_BYTES", 0)
-    split_validation._forget_pool()
-    try:
-        content = CHAT_LINE * 300 + b"oops\n" + CHAT_LINE * 300 + b'{"text": "t"}\n' + CHAT_LINE * 100
-        files = {"file": ("big.jsonl", content)}
-        refused = client.post("/v1/files", headers=auth, files=files, data={"purpose": "fine-tune"})
-        assert refused.status_code == 422, refused.text
-        assert [(d["line"], d["code"]) for d in refused.json()["error"]["details"]] == [
-            (301, "invalid_json"),
-            (602, "format_mismatch"),
-        ]
-        accepted = client.post(
-            "/v1/files",
-            headers=auth,
-            files={"file": ("ok.jsonl", CHAT_LINE * 700)},
-            data={"purpose": "fine-tune"},
-        )
-        assert accepted.status_code == 200 and accepted.json()["stats"]["examples"] == 700
-        assert split_validation._pool is not None  # the second part went to its process
-    finally:
-        split_validation._forget_pool()
+    content = CHAT_LINE * 300 + b"oops\n" + CHAT_LINE * 300 + b'{"text": "t"}\n' + CHAT_LINE * 100
+    files = {"file": ("big.jsonl", content)}
+    refused = client.post("/v1/files", headers=auth, files=files, data={"purpose": "fine-tune"})
+    assert refused.status_code == 422, refused.text
+    assert [(d["line"], d["code"]) for d in refused.json()["error"]["details"]] == [
+        (301, "invalid_json"),
+        (602, "format_mismatch"),
+    ]
+    ok = {"file": ("ok.jsonl", CHAT_LINE * 700)}
+    accepted = client.post("/v1/files", headers=auth, files=ok, data={"purpose": "fine-tune"})
+    assert accepted.status_code == 200 and accepted.json()["stats"]["examples"] == 700
+    assert len(second) == 2 and all(second)  # both second parts went to the second process
