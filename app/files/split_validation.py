@@ -51,9 +51,8 @@ def validate_path(path: Path, size: int, *, split_min_bytes: int | None = None) 
     first = _validate_range(path, 0, cut)
     try:
         joined = _joined(first, second.result())
-    except (Exception, KeyboardInterrupt) as error:  # the process died, was stopped or interrupted
+    except (Exception, KeyboardInterrupt) as error:  # the process died (the next submit replaces it)
         log.warning("validating %s again in one process: %r", path.name, error)
-        _SECOND.forget(second)
         joined = None
     return check_not_empty(joined or _validate_range(path, 0, size))
 
@@ -71,7 +70,6 @@ class _SecondProcess:
         self._lock = Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._busy = False
-        self._pools: dict[int, ProcessPoolExecutor] = {}  # a submitted future's id → its pool
 
     def start(self) -> ProcessPoolExecutor | None:
         with self._lock:
@@ -84,25 +82,17 @@ class _SecondProcess:
                 return None
             try:
                 future = pool.submit(*call)
-            except (BrokenProcessPool, RuntimeError) as error:  # died while idle
+            except (BrokenProcessPool, RuntimeError) as error:  # it died, idle or during a part
                 log.warning("no second validating process: %r", error)
                 self._drop(pool)
                 return None
             self._busy = True
-            self._pools[id(future)] = pool
         future.add_done_callback(self._done)
         return future
 
-    def forget(self, future: Future) -> None:
-        """Stop using the process that ran `future` (it died or was interrupted); a later call starts one."""
-        with self._lock:
-            if (pool := self._pools.get(id(future))) is not None:
-                self._drop(pool)
-
-    def _done(self, future: Future) -> None:
+    def _done(self, _: Future) -> None:
         with self._lock:
             self._busy = False
-            self._pools.pop(id(future), None)
 
     def _started(self) -> ProcessPoolExecutor | None:
         if self._pool is None:

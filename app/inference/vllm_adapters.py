@@ -25,9 +25,7 @@ SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")  # job and checkpoint
 MAX_MEMBERS = 64  # a packed format holds a handful of files
 MAX_FILE_BYTES = 8 * 1024**3  # far above any LoRA vLLM could hold
 UNPACK_TRIES = 3  # an archive replaced while it is unpacked, each time
-SOURCE_FILE = (
-    ".phitune-source"  # the storage key of the archive a directory holds (vLLM reads only its files)
-)
+SOURCE_FILE = ".phitune-source"  # the storage key of the archive a directory holds (vLLM ignores it)
 
 
 class UnservableAdapter(APIError):

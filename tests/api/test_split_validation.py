@@ -153,6 +153,10 @@ def test_a_second_process_that_died_or_was_interrupted_leaves_the_file_to_one_pa
     process.submit = lambda *call: submit(os._exit, 1)  # type: ignore[method-assign]
     assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected
     assert isinstance(second[-1].exception(), BrokenProcessPool)
+    process.submit = submit  # type: ignore[method-assign]
+    assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected  # dropped, in one pass
+    assert validate_path(path, path.stat().st_size, split_min_bytes=0) == expected  # a new process
+    assert second[-1] is not None and second[-1].exception() is None
 
 
 def test_while_the_second_process_is_busy_another_file_is_validated_in_one_pass(
